@@ -1,0 +1,338 @@
+//! The TOML configuration: serde types (shape), [`validate`] (meaning), and [`load`], which turns
+//! every problem into a message naming the file, line and column.
+//!
+//! Config types are separate from runtime types: the engine builds its operators from a validated
+//! [`Config`] (see `engine::Plan`).
+
+mod error;
+mod validate;
+
+pub use error::{ConfigError, Located};
+pub use validate::Problem;
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Inputs by name; each names a topic pattern and a payload format.
+    pub inputs: BTreeMap<String, InputConfig>,
+    /// Rules by name; the name appears in events, topics and metrics.
+    #[serde(default)]
+    pub rules: BTreeMap<String, RuleConfig>,
+}
+
+/// How to reach the MQTT broker. weir opens two connections with it: `<client_id>` subscribes,
+/// `<client_id>-out` publishes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: String,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "default_keep_alive", deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// false keeps the broker-side session (subscriptions, queued QoS 1 messages) across reconnects.
+    #[serde(default = "yes")]
+    pub clean_session: bool,
+    /// Largest MQTT packet accepted or sent; rumqttc's own default (10 KiB) is too small for CBOR batches.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// PEM file with the CA certificates that sign the broker's certificate (mqtts only);
+    /// the system's roots are used when absent.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The HTTP endpoint for `/metrics` and `/healthz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// Sizes of the stages between source and sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Worker tasks that run operators; devices are sharded across them by key hash.
+    /// 0 means one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Capacity of each bounded channel between stages (messages). When full, the stage before
+    /// waits: backpressure reaches the broker connection rather than growing memory.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Devices tracked per worker; readings of further devices are refused and counted
+    /// (`reason="device_limit"`) until weir restarts.
+    #[serde(default = "default_max_devices")]
+    pub max_devices_per_worker: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            queue_capacity: default_queue_capacity(),
+            max_devices_per_worker: default_max_devices(),
+        }
+    }
+}
+
+/// Payload encodings weir reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+    Cbor,
+}
+
+/// One subscribed topic pattern and how to read its payloads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Topic pattern with named segments, e.g. `sensors/{site}/{device}/telemetry`.
+    pub topic: String,
+    /// The named segment that identifies the device (the key of all per-device state).
+    #[serde(default = "default_device_segment")]
+    pub device: String,
+    #[serde(default = "default_format")]
+    pub format: Format,
+    /// QoS of the subscription (0 or 1).
+    #[serde(default)]
+    pub qos: u8,
+    /// Where the event time is in the payload; arrival time is used when absent.
+    pub time: Option<TimeConfig>,
+    /// Payload field with a per-device sequence number, copied into each event's `cause`.
+    pub seq_field: Option<String>,
+}
+
+/// The payload field carrying the event time, and its unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    pub field: String,
+    pub unit: TimeUnit,
+}
+
+/// Unit of a timestamp field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeUnit {
+    S,
+    Ms,
+    Us,
+    Ns,
+    /// An RFC 3339 string such as `2024-11-26T05:46:40.5Z`.
+    Rfc3339,
+}
+
+/// A rule: exactly one operator kind (a sub-table named after it) and where its events go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// The input whose readings this rule sees; optional when there is only one input.
+    pub input: Option<String>,
+    pub hysteresis: Option<HysteresisConfig>,
+    pub tumbling: Option<TumblingConfig>,
+    pub output: OutputConfig,
+}
+
+/// Two-state hysteresis on one numeric metric.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HysteresisConfig {
+    pub metric: String,
+    /// The state becomes `active` when the value rises strictly above this.
+    pub enter_above: f64,
+    /// The state returns to `inactive` when the value falls strictly below this.
+    pub exit_below: f64,
+    #[serde(default = "default_active")]
+    pub active: String,
+    #[serde(default = "default_inactive")]
+    pub inactive: String,
+    /// The state a device starts in; `inactive` when absent.
+    pub initial: Option<String>,
+}
+
+/// A tumbling (fixed, non-overlapping) event-time window per device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TumblingConfig {
+    #[serde(deserialize_with = "duration")]
+    pub size: Duration,
+    pub metrics: Vec<String>,
+    #[serde(default = "default_aggregates")]
+    pub aggregates: Vec<Aggregate>,
+    /// How far behind the newest reading of a device its watermark trails.
+    #[serde(default, deserialize_with = "duration")]
+    pub max_out_of_orderness: Duration,
+}
+
+/// Aggregates a window can compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+/// Where a rule's derived events are published.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Topic template over the input's named segments and `{rule}`.
+    pub topic: String,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+    #[serde(default = "default_format")]
+    pub format: Format,
+}
+
+/// Values from the command line or environment that replace the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--broker` / `WEIR_BROKER`.
+    pub broker_url: Option<String>,
+    /// `--metrics-addr` / `WEIR_METRICS_ADDR`.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// The input a rule reads: its `input`, or the only input there is.
+    pub fn input_of<'a>(&'a self, rule: &'a RuleConfig) -> Option<(&'a str, &'a InputConfig)> {
+        match &rule.input {
+            Some(name) => self
+                .inputs
+                .get_key_value(name)
+                .map(|(k, v)| (k.as_str(), v)),
+            None if self.inputs.len() == 1 => {
+                self.inputs.iter().next().map(|(k, v)| (k.as_str(), v))
+            }
+            None => None,
+        }
+    }
+
+    /// Worker count after resolving 0 to the number of cores.
+    pub fn worker_count(&self) -> usize {
+        match self.pipeline.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    fn apply(&mut self, overrides: &Overrides) {
+        if let Some(url) = &overrides.broker_url {
+            self.broker.url.clone_from(url);
+        }
+        if let Some(addr) = overrides.metrics_addr {
+            self.http.listen = addr;
+        }
+    }
+}
+
+/// Reads, parses and validates a config file, applying `overrides` before validation.
+///
+/// # Errors
+/// [`ConfigError`] lists every problem found, each with file, line and column.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path, overrides)
+}
+
+/// Parses and validates config text; `file` is only used in messages.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(text: &str, file: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let mut config: Config =
+        toml::from_str(text).map_err(|err| ConfigError::from_toml(file, text, &err))?;
+    config.apply(overrides);
+    let problems = validate::validate(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::invalid(file, text, overrides, problems))
+    }
+}
+
+/// Deserializes `"10s"`, `"500ms"`, `"1m 30s"` into a [`Duration`].
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|err| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({err}); write it with a unit, like \"10s\", \"500ms\" or \"2m\""
+        ))
+    })
+}
+
+fn default_client_id() -> String {
+    "weir".into()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_packet_bytes() -> usize {
+    256 * 1024
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_queue_capacity() -> usize {
+    4096
+}
+fn default_max_devices() -> usize {
+    100_000
+}
+fn default_device_segment() -> String {
+    "device".into()
+}
+fn default_format() -> Format {
+    Format::Json
+}
+fn default_active() -> String {
+    "active".into()
+}
+fn default_inactive() -> String {
+    "inactive".into()
+}
+fn default_aggregates() -> Vec<Aggregate> {
+    vec![
+        Aggregate::Count,
+        Aggregate::Min,
+        Aggregate::Max,
+        Aggregate::Avg,
+    ]
+}

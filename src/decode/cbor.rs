@@ -1,0 +1,234 @@
+//! CBOR payloads (RFC 8949): a small reader for the top-level map that decodes only planned fields
+//! and skips everything else in place.
+//!
+//! Why not ciborium here: it only exposes `DeserializeOwned` entry points, so a plan-dependent seed
+//! cannot be passed and every key would be copied. ciborium still encodes weir's CBOR output.
+
+use super::{DecodeError, FieldSink, FieldValue};
+
+/// Nesting deeper than this is rejected as malformed rather than risking the stack.
+const MAX_DEPTH: usize = 64;
+
+/// Feeds the planned top-level fields of a CBOR map to `sink`.
+pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), DecodeError> {
+    let mut reader = Reader {
+        bytes: payload,
+        pos: 0,
+    };
+    let head = reader.head_skipping_tags()?;
+    let len = match head {
+        Head { major: 5, arg, .. } => arg,
+        _ => {
+            // Consume the item so trailing garbage is still told apart from a non-map.
+            reader.skip_from(head, 0)?;
+            return Err(DecodeError::NotAnObject);
+        }
+    };
+    let mut remaining = len;
+    loop {
+        match remaining {
+            Some(0) => break,
+            Some(ref mut n) => *n -= 1,
+            None => {
+                if reader.peek()? == 0xff {
+                    reader.pos += 1;
+                    break;
+                }
+            }
+        }
+        let key_head = reader.head_skipping_tags()?;
+        let key = match key_head {
+            Head {
+                major: 3,
+                arg: Some(len),
+                ..
+            } => Some(reader.text(len)?),
+            other => {
+                reader.skip_from(other, 1)?;
+                None
+            }
+        };
+        let wanted = key.and_then(|k| sink.plan.wanted_key(k));
+        let value_head = reader.head_skipping_tags()?;
+        match wanted {
+            Some(key) => {
+                let value = reader.scalar(value_head)?;
+                if !sink.field(key, value) {
+                    return Ok(());
+                }
+            }
+            None => reader.skip_from(value_head, 1)?,
+        }
+    }
+    if reader.pos == payload.len() {
+        Ok(())
+    } else {
+        Err(DecodeError::Malformed)
+    }
+}
+
+/// An item's major type and argument (`None` for indefinite length).
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    major: u8,
+    /// The low five bits of the initial byte: for major type 7 they tell float width.
+    info: u8,
+    arg: Option<u64>,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn peek(&self) -> Result<u8, DecodeError> {
+        self.bytes
+            .get(self.pos)
+            .copied()
+            .ok_or(DecodeError::Malformed)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Malformed)?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(DecodeError::Malformed)?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn head(&mut self) -> Result<Head, DecodeError> {
+        let initial = self.take(1)?[0];
+        let major = initial >> 5;
+        let info = initial & 0x1f;
+        let arg = match info {
+            0..=23 => Some(u64::from(info)),
+            24 => Some(u64::from(self.take(1)?[0])),
+            25 => Some(u64::from(u16::from_be_bytes(
+                self.take(2)?.try_into().unwrap_or_default(),
+            ))),
+            26 => Some(u64::from(u32::from_be_bytes(
+                self.take(4)?.try_into().unwrap_or_default(),
+            ))),
+            27 => Some(u64::from_be_bytes(
+                self.take(8)?.try_into().unwrap_or_default(),
+            )),
+            31 if matches!(major, 2..=5 | 7) => None,
+            _ => return Err(DecodeError::Malformed),
+        };
+        Ok(Head { major, info, arg })
+    }
+
+    fn head_skipping_tags(&mut self) -> Result<Head, DecodeError> {
+        for _ in 0..MAX_DEPTH {
+            let head = self.head()?;
+            if head.major != 6 {
+                return Ok(head);
+            }
+        }
+        Err(DecodeError::Malformed)
+    }
+
+    fn text(&mut self, len: u64) -> Result<&'a str, DecodeError> {
+        let len = usize::try_from(len).map_err(|_| DecodeError::Malformed)?;
+        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::Malformed)
+    }
+
+    /// Reads a value whose head was just read; arrays, maps and chunked strings are skipped and
+    /// reported as [`FieldValue::Nested`] / unusable text.
+    fn scalar(&mut self, head: Head) -> Result<FieldValue<'a>, DecodeError> {
+        Ok(match (head.major, head.arg) {
+            (0, Some(n)) => FieldValue::Number(n as f64),
+            (1, Some(n)) => FieldValue::Number(-1.0 - n as f64),
+            (3, Some(len)) => FieldValue::Text(self.text(len)?),
+            (7, Some(arg)) => Self::float_or_simple(head, arg),
+            _ => {
+                self.skip_from(head, 1)?;
+                FieldValue::Nested
+            }
+        })
+    }
+
+    /// Major type 7: floats (by the width in `info`) and the simple values.
+    fn float_or_simple(head: Head, arg: u64) -> FieldValue<'a> {
+        match (head.info, arg) {
+            (20, _) => FieldValue::Bool(false),
+            (21, _) => FieldValue::Bool(true),
+            (22 | 23, _) => FieldValue::Null,
+            (25, bits) => FieldValue::Number(half_to_f64(bits as u16)),
+            (26, bits) => FieldValue::Number(f64::from(f32::from_bits(bits as u32))),
+            (27, bits) => FieldValue::Number(f64::from_bits(bits)),
+            _ => FieldValue::Nested,
+        }
+    }
+
+    /// Skips the rest of an item whose head was just read.
+    fn skip_from(&mut self, head: Head, depth: usize) -> Result<(), DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::Malformed);
+        }
+        match (head.major, head.arg) {
+            (0 | 1 | 7, Some(_)) => Ok(()),
+            (2 | 3, Some(len)) => {
+                self.take(usize::try_from(len).map_err(|_| DecodeError::Malformed)?)?;
+                Ok(())
+            }
+            (4, Some(n)) => {
+                for _ in 0..n {
+                    let inner = self.head()?;
+                    self.skip_from(inner, depth + 1)?;
+                }
+                Ok(())
+            }
+            (5, Some(n)) => {
+                for _ in 0..n.saturating_mul(2) {
+                    let inner = self.head()?;
+                    self.skip_from(inner, depth + 1)?;
+                }
+                Ok(())
+            }
+            (6, Some(_)) => {
+                let inner = self.head()?;
+                self.skip_from(inner, depth + 1)
+            }
+            (2..=5, None) => loop {
+                if self.peek()? == 0xff {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                let inner = self.head()?;
+                self.skip_from(inner, depth + 1)?;
+            },
+            // A lone break (0xff) outside an indefinite item.
+            _ => Err(DecodeError::Malformed),
+        }
+    }
+}
+
+/// IEEE 754 half precision to f64.
+fn half_to_f64(bits: u16) -> f64 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exponent = i32::from((bits >> 10) & 0x1f);
+    let fraction = f64::from(bits & 0x3ff);
+    sign * match exponent {
+        0 => fraction * 2f64.powi(-24),
+        31 if fraction == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + fraction / 1024.0) * 2f64.powi(e - 15),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_floats_convert() {
+        assert_eq!(half_to_f64(0x3c00), 1.0);
+        assert_eq!(half_to_f64(0xc000), -2.0);
+        assert_eq!(half_to_f64(0x7bff), 65504.0);
+        assert!(half_to_f64(0x7e00).is_nan());
+    }
+}

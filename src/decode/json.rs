@@ -1,0 +1,133 @@
+//! JSON payloads: walks the top-level object with serde_json, decoding only planned fields and
+//! skipping the rest with `IgnoredAny` (no allocation for skipped values).
+
+use super::{DecodeError, FieldSink, FieldValue};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+
+/// Feeds the planned top-level fields of a JSON object to `sink`.
+pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), DecodeError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    let result = de::Deserializer::deserialize_any(&mut deserializer, TopLevel { sink })
+        .and_then(|()| deserializer.end());
+    match result {
+        Ok(()) => Ok(()),
+        Err(err) if err.is_data() => Err(DecodeError::NotAnObject),
+        Err(_) => Err(DecodeError::Malformed),
+    }
+}
+
+struct TopLevel<'s, 'p, 'o> {
+    sink: &'s mut FieldSink<'p, 'o>,
+}
+
+impl<'de> Visitor<'de> for TopLevel<'_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let plan = self.sink.plan;
+        while let Some(key) = map.next_key_seed(KeySeed { plan })? {
+            match key {
+                Some(key) => map.next_value_seed(ValueSeed {
+                    sink: &mut *self.sink,
+                    key,
+                })?,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves a key to the plan's own copy of it (so no key is allocated), or `None` to skip.
+struct KeySeed<'p> {
+    plan: &'p super::FieldPlan,
+}
+
+impl<'de, 'p> DeserializeSeed<'de> for KeySeed<'p> {
+    type Value = Option<&'p str>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'p> Visitor<'_> for KeySeed<'p> {
+    type Value = Option<&'p str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.plan.wanted_key(key))
+    }
+}
+
+/// Decodes one wanted value and hands it to the sink under `key`.
+struct ValueSeed<'s, 'p, 'o> {
+    sink: &'s mut FieldSink<'p, 'o>,
+    key: &'p str,
+}
+
+impl ValueSeed<'_, '_, '_> {
+    fn give<E: de::Error>(self, value: FieldValue<'_>) -> Result<(), E> {
+        if self.sink.field(self.key, value) {
+            Ok(())
+        } else {
+            // The sink kept the precise error; this one only stops the walk.
+            Err(E::custom("field rejected"))
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_, '_, '_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.give(FieldValue::Number(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.give(FieldValue::Number(v as f64))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.give(FieldValue::Number(v as f64))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.give(FieldValue::Bool(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.give(FieldValue::Text(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.give(FieldValue::Null)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        self.give(FieldValue::Nested)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.give(FieldValue::Nested)
+    }
+}

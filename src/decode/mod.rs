@@ -1,0 +1,437 @@
+//! Payload decoding: bytes + topic -> [`Reading`]. Only the fields some rule needs are read; the
+//! rest are skipped without allocating. Bad input yields a [`DecodeError`] with a reason label.
+
+mod cbor;
+mod json;
+
+use crate::config::{Format, InputConfig, TimeUnit};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Who a stream of readings comes from: the topic, the device, and the topic's named segments.
+/// Built once per topic and shared by every reading and event from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: Arc<str>,
+    pub device: Arc<str>,
+    /// Names of the pattern's segments (shared by all origins of an input).
+    pub names: Arc<[String]>,
+    /// Captured values, in the order of `names`.
+    pub segments: Box<[Arc<str>]>,
+    /// Which segment is the device.
+    pub device_index: usize,
+}
+
+impl Origin {
+    /// The topic's named segments other than the device: the event's `labels`.
+    pub fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.names
+            .iter()
+            .zip(self.segments.iter())
+            .enumerate()
+            .filter(move |(i, _)| *i != self.device_index)
+            .map(|(_, (name, value))| (name.as_str(), &**value))
+    }
+}
+
+/// One decoded reading of one device, as operators see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading<'a> {
+    pub origin: &'a Arc<Origin>,
+    /// Event time, ms since the epoch (arrival time when the input has no time field).
+    pub ts: i64,
+    pub seq: Option<u64>,
+    /// Metric values by slot of the input's [`FieldPlan`].
+    pub values: &'a [Option<f64>],
+    pub arrival: Instant,
+}
+
+/// A scalar payload value, borrowed from the payload where it is text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FieldValue<'a> {
+    Number(f64),
+    Text(&'a str),
+    Bool(bool),
+    Null,
+    /// An array or a map: never a valid metric, named in errors.
+    Nested,
+}
+
+impl FieldValue<'_> {
+    fn type_name(&self) -> &'static str {
+        match self {
+            FieldValue::Number(_) => "a number",
+            FieldValue::Text(_) => "a string",
+            FieldValue::Bool(_) => "a boolean",
+            FieldValue::Null => "null",
+            FieldValue::Nested => "an array or object",
+        }
+    }
+}
+
+/// Why a payload could not become a reading. Cheap to build: it is on the hot path when a device
+/// floods garbage. The field, where there is one, is an index into the input's [`FieldPlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not valid JSON / CBOR at all, or trailing bytes after the value.
+    Malformed,
+    /// Valid, but the top level is not an object / map.
+    NotAnObject,
+    /// A field has the wrong type (e.g. a string where a number is needed).
+    WrongType { field: Field, found: &'static str },
+    /// A number that is NaN or infinite (CBOR can carry them).
+    NotFinite { field: Field },
+    /// None of the metrics the input's rules use is present.
+    NoMetrics,
+    /// The time field is absent, or its value cannot be read as a time in the configured unit.
+    BadTimestamp,
+    /// The topic is not valid UTF-8 or does not match the input's pattern.
+    BadTopic,
+}
+
+/// Which field of a [`FieldPlan`] an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Metric(u16),
+    Time,
+    Seq,
+}
+
+impl DecodeError {
+    /// The bounded `reason` label of `weir_decode_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Malformed => "malformed",
+            DecodeError::NotAnObject => "not_an_object",
+            DecodeError::WrongType { .. } => "wrong_type",
+            DecodeError::NotFinite { .. } => "not_finite",
+            DecodeError::NoMetrics => "missing_field",
+            DecodeError::BadTimestamp => "bad_timestamp",
+            DecodeError::BadTopic => "bad_topic",
+        }
+    }
+
+    /// Every reason label, so metrics can be pre-registered at zero.
+    pub const REASONS: [&'static str; 7] = [
+        "malformed",
+        "not_an_object",
+        "wrong_type",
+        "not_finite",
+        "missing_field",
+        "bad_timestamp",
+        "bad_topic",
+    ];
+
+    /// A sentence for logs and dead letters.
+    pub fn describe(&self, plan: &FieldPlan) -> String {
+        let name = |field: &Field| match field {
+            Field::Metric(i) => plan.metrics[*i as usize].clone(),
+            Field::Time => plan.time.as_ref().map_or_else(String::new, |t| t.0.clone()),
+            Field::Seq => plan.seq.clone().unwrap_or_default(),
+        };
+        match self {
+            DecodeError::Malformed => format!("the payload is not valid {}", plan.format_name()),
+            DecodeError::NotAnObject => "the payload is not an object of named fields".into(),
+            DecodeError::WrongType { field, found } => {
+                format!("field `{}` is {found}, expected a number", name(field))
+            }
+            DecodeError::NotFinite { field } => {
+                format!("field `{}` is NaN or infinite", name(field))
+            }
+            DecodeError::NoMetrics => format!(
+                "the payload has none of the fields the rules use ({})",
+                plan.metrics.join(", ")
+            ),
+            DecodeError::BadTimestamp => match &plan.time {
+                Some((field, unit)) => {
+                    format!("field `{field}` is missing or is not a timestamp in unit {unit:?}")
+                }
+                None => "bad timestamp".into(),
+            },
+            DecodeError::BadTopic => "the topic does not match the input's pattern".into(),
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// What to read from an input's payloads: the metrics its rules use, the time and sequence fields.
+#[derive(Debug, Clone)]
+pub struct FieldPlan {
+    pub format: Format,
+    /// Metric fields, indexed by slot; operators refer to metrics by slot.
+    pub metrics: Vec<String>,
+    pub time: Option<(String, TimeUnit)>,
+    pub seq: Option<String>,
+}
+
+/// The decoded content of one payload, before it is joined with its topic's device and labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Event time, ms since the Unix epoch; `None` when the input has no time field.
+    pub ts: Option<i64>,
+    pub seq: Option<u64>,
+    /// One slot per [`FieldPlan::metrics`]; `None` where the payload lacks the field.
+    pub values: Vec<Option<f64>>,
+}
+
+impl Decoded {
+    /// An empty buffer sized for `plan`, reused across payloads to avoid allocating.
+    pub fn for_plan(plan: &FieldPlan) -> Self {
+        Self {
+            ts: None,
+            seq: None,
+            values: vec![None; plan.metrics.len()],
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ts = None;
+        self.seq = None;
+        self.values.iter_mut().for_each(|v| *v = None);
+    }
+}
+
+impl FieldPlan {
+    /// The plan for an input whose rules use `metrics`.
+    pub fn new(input: &InputConfig, metrics: Vec<String>) -> Self {
+        Self {
+            format: input.format,
+            metrics,
+            time: input.time.as_ref().map(|t| (t.field.clone(), t.unit)),
+            seq: input.seq_field.clone(),
+        }
+    }
+
+    fn format_name(&self) -> &'static str {
+        match self.format {
+            Format::Json => "JSON",
+            Format::Cbor => "CBOR",
+        }
+    }
+
+    /// The plan's own copy of `key` when the plan reads that field (so walkers need not copy keys).
+    pub(crate) fn wanted_key(&self, key: &str) -> Option<&str> {
+        self.metrics
+            .iter()
+            .map(String::as_str)
+            .chain(self.time.as_ref().map(|t| t.0.as_str()))
+            .chain(self.seq.as_deref())
+            .find(|wanted| *wanted == key)
+    }
+
+    /// Slot of a metric field.
+    pub fn metric_slot(&self, name: &str) -> Option<usize> {
+        self.metrics.iter().position(|m| m == name)
+    }
+
+    /// Decodes `payload` into `out` (cleared first).
+    ///
+    /// # Errors
+    /// A [`DecodeError`] naming the reason; `out` is then unspecified.
+    pub fn decode(&self, payload: &[u8], out: &mut Decoded) -> Result<(), DecodeError> {
+        out.clear();
+        let mut sink = FieldSink {
+            plan: self,
+            out,
+            error: None,
+        };
+        let parsed = match self.format {
+            Format::Json => json::walk(payload, &mut sink),
+            Format::Cbor => cbor::walk(payload, &mut sink),
+        };
+        if let Some(error) = sink.error {
+            return Err(error);
+        }
+        parsed?;
+        if self.time.is_some() && out.ts.is_none() {
+            return Err(DecodeError::BadTimestamp);
+        }
+        if !self.metrics.is_empty() && out.values.iter().all(Option::is_none) {
+            return Err(DecodeError::NoMetrics);
+        }
+        Ok(())
+    }
+}
+
+/// Receives the top-level fields of a payload from a format walker and keeps the planned ones.
+struct FieldSink<'p, 'o> {
+    plan: &'p FieldPlan,
+    out: &'o mut Decoded,
+    /// The first semantic error; the walker stops at it.
+    error: Option<DecodeError>,
+}
+
+impl FieldSink<'_, '_> {
+    /// Takes one wanted field. Returns false to stop the walk on an error.
+    fn field(&mut self, key: &str, value: FieldValue<'_>) -> bool {
+        if let Some((field, unit)) = &self.plan.time {
+            if field == key {
+                match timestamp_ms(value, *unit) {
+                    Some(ts) => self.out.ts = Some(ts),
+                    None => {
+                        self.error = Some(DecodeError::BadTimestamp);
+                        return false;
+                    }
+                }
+                // A field may be both the time and a metric; fall through.
+            }
+        }
+        if self.plan.seq.as_deref() == Some(key) {
+            match value {
+                FieldValue::Number(n) if n >= 0.0 && n.fract() == 0.0 && n < 1.8e19 => {
+                    self.out.seq = Some(n as u64)
+                }
+                other => {
+                    self.error = Some(DecodeError::WrongType {
+                        field: Field::Seq,
+                        found: other.type_name(),
+                    });
+                    return false;
+                }
+            }
+        }
+        if let Some(slot) = self.plan.metric_slot(key) {
+            let field = Field::Metric(slot as u16);
+            match value {
+                FieldValue::Number(n) if n.is_finite() => self.out.values[slot] = Some(n),
+                FieldValue::Number(_) => {
+                    self.error = Some(DecodeError::NotFinite { field });
+                    return false;
+                }
+                other => {
+                    self.error = Some(DecodeError::WrongType {
+                        field,
+                        found: other.type_name(),
+                    });
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Converts a time field to ms since the epoch.
+fn timestamp_ms(value: FieldValue<'_>, unit: TimeUnit) -> Option<i64> {
+    let ms = match (value, unit) {
+        (FieldValue::Number(n), TimeUnit::S) => n * 1e3,
+        (FieldValue::Number(n), TimeUnit::Ms) => n,
+        (FieldValue::Number(n), TimeUnit::Us) => n / 1e3,
+        (FieldValue::Number(n), TimeUnit::Ns) => n / 1e6,
+        (FieldValue::Text(text), TimeUnit::Rfc3339) => {
+            let time = humantime::parse_rfc3339_weak(text).ok()?;
+            return match time.duration_since(std::time::UNIX_EPOCH) {
+                Ok(after) => i64::try_from(after.as_millis()).ok(),
+                Err(before) => i64::try_from(before.duration().as_millis())
+                    .ok()
+                    .map(|ms| -ms),
+            };
+        }
+        _ => return None,
+    };
+    // Reject values that cannot be a time in ms as i64 (and NaN).
+    (ms.is_finite() && ms.abs() < 9.2e18).then(|| ms.floor() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TimeUnit;
+
+    fn plan(format: Format) -> FieldPlan {
+        FieldPlan {
+            format,
+            metrics: vec!["temperature".into(), "humidity".into()],
+            time: Some(("ts".into(), TimeUnit::Ms)),
+            seq: Some("seq".into()),
+        }
+    }
+
+    fn decode(format: Format, payload: &[u8]) -> Result<Decoded, DecodeError> {
+        let plan = plan(format);
+        let mut out = Decoded::for_plan(&plan);
+        plan.decode(payload, &mut out).map(|()| out)
+    }
+
+    fn cbor_of(value: &serde_json::Value) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(value, &mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn reads_planned_fields_and_skips_the_rest() {
+        let payload = br#"{"ts": 1732600000000, "seq": 17, "temperature": 24.5, "humidity": 40.1,
+            "battery": 3.9, "meta": {"fw": "1.2", "tags": [1, 2, {"x": null}]}}"#;
+        for (format, bytes) in [
+            (Format::Json, payload.to_vec()),
+            (
+                Format::Cbor,
+                cbor_of(&serde_json::from_slice(payload).unwrap()),
+            ),
+        ] {
+            let decoded = decode(format, &bytes).unwrap();
+            assert_eq!(decoded.ts, Some(1_732_600_000_000), "{format:?}");
+            assert_eq!(decoded.seq, Some(17));
+            assert_eq!(decoded.values, vec![Some(24.5), Some(40.1)]);
+        }
+    }
+
+    #[test]
+    fn names_the_reason_for_bad_payloads() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"{\"ts\": 1, \"temperature\": ", "malformed"),
+            (b"[1, 2]", "not_an_object"),
+            (br#"{"ts": 1, "temperature": "hot"}"#, "wrong_type"),
+            (br#"{"ts": 1, "battery": 3.9}"#, "missing_field"),
+            (br#"{"temperature": 20}"#, "bad_timestamp"),
+            (
+                br#"{"ts": "yesterday", "temperature": 20}"#,
+                "bad_timestamp",
+            ),
+        ];
+        for (payload, reason) in cases {
+            let err = decode(Format::Json, payload).unwrap_err();
+            assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(payload));
+        }
+    }
+
+    #[test]
+    fn cbor_nan_is_not_finite() {
+        let mut bytes = Vec::new();
+        let value: Vec<(&str, f64)> = vec![("ts", 1.0), ("temperature", f64::NAN)];
+        let map: std::collections::BTreeMap<&str, f64> = value.into_iter().collect();
+        ciborium::into_writer(&map, &mut bytes).unwrap();
+        assert_eq!(
+            decode(Format::Cbor, &bytes).unwrap_err().reason(),
+            "not_finite"
+        );
+    }
+
+    #[test]
+    fn converts_time_units() {
+        assert_eq!(
+            timestamp_ms(FieldValue::Number(1.5), TimeUnit::S),
+            Some(1500)
+        );
+        assert_eq!(
+            timestamp_ms(FieldValue::Number(2e6), TimeUnit::Us),
+            Some(2000)
+        );
+        assert_eq!(timestamp_ms(FieldValue::Number(3e6), TimeUnit::Ns), Some(3));
+        assert_eq!(
+            timestamp_ms(
+                FieldValue::Text("2024-11-26T05:46:40.5Z"),
+                TimeUnit::Rfc3339
+            ),
+            Some(1_732_600_000_500)
+        );
+        assert_eq!(timestamp_ms(FieldValue::Text("1"), TimeUnit::Ms), None);
+    }
+}

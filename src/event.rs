@@ -1,0 +1,118 @@
+//! Derived events: what operators emit and what weir publishes (schema v1, see the README).
+
+use crate::config::Aggregate;
+use crate::decode::Origin;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Version of the published event schema; bumped only on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One derived event, before routing and encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DerivedEvent {
+    /// Deterministic: the same input stream yields the same ids, so consumers can deduplicate.
+    pub id: EventId,
+    /// Index of the rule in the engine's plan (for routing).
+    pub rule_index: usize,
+    pub rule: Arc<str>,
+    /// The device and the topic segments of the reading stream it came from.
+    pub origin: Arc<Origin>,
+    /// Event time, ms since the epoch: the reading's for a state change, the window's end for a
+    /// window.
+    pub ts: i64,
+    pub body: EventBody,
+    /// The reading that caused the event; absent for windows flushed at shutdown.
+    pub cause: Option<Cause>,
+    /// When the causing reading arrived, for the arrival-to-publish latency histogram.
+    pub arrival: Option<Instant>,
+}
+
+/// The kind-specific part of an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventBody {
+    StateChange {
+        metric: Arc<str>,
+        from: Arc<str>,
+        to: Arc<str>,
+        value: f64,
+    },
+    Window {
+        start: i64,
+        end: i64,
+        metrics: Vec<WindowMetric>,
+        /// Which aggregates the rule asked for, in its order.
+        aggregates: Arc<[Aggregate]>,
+        /// True when the window was emitted before its end passed (at shutdown).
+        partial: bool,
+    },
+}
+
+impl EventBody {
+    /// The `kind` field of the schema.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventBody::StateChange { .. } => "state_change",
+            EventBody::Window { .. } => "window",
+        }
+    }
+}
+
+/// Aggregates of one metric over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowMetric {
+    pub name: Arc<str>,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl WindowMetric {
+    pub fn avg(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+
+    pub fn aggregate(&self, aggregate: Aggregate) -> f64 {
+        match aggregate {
+            Aggregate::Count => self.count as f64,
+            Aggregate::Sum => self.sum,
+            Aggregate::Min => self.min,
+            Aggregate::Max => self.max,
+            Aggregate::Avg => self.avg(),
+        }
+    }
+}
+
+/// The reading that caused an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cause {
+    pub topic: Arc<str>,
+    pub ts: i64,
+    pub seq: Option<u64>,
+}
+
+/// A deterministic 64-bit event id, written as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId(pub u64);
+
+impl EventId {
+    /// FNV-1a over the parts that identify an event. Stable across versions and platforms
+    /// (unlike `std`'s hasher), which is what lets a replay reproduce ids.
+    pub fn derive(parts: &[&[u8]]) -> Self {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for part in parts {
+            for byte in part.iter().chain(&[0xff]) {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        EventId(hash)
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}

@@ -1,0 +1,32 @@
+//! weir: an event stream processor for IoT telemetry on edge gateways.
+//!
+//! A reading travels through the modules in this order:
+//!
+//! - [`source`]: subscribes over MQTT (rumqttc), matches the topic to an input and hands the raw
+//!   payload to the worker that owns its device, through a bounded channel.
+//! - [`decode`]: payload bytes (JSON or CBOR) + topic -> [`decode::Reading`]; bad input becomes a
+//!   [`decode::DecodeError`] with a reason, counted and logged, never fatal.
+//! - [`engine`]: the worker loop; keeps per-device operator state and runs every rule of the input.
+//! - [`operators`]: one file per operator kind (hysteresis, tumbling window); synchronous state
+//!   machines that turn readings (and watermarks) into [`event::DerivedEvent`]s.
+//! - [`route`]: derived event -> output topic (template) and payload (JSON or CBOR).
+//! - [`sink`]: publishes over its own MQTT connection, so a slow publish never stalls intake.
+//!
+//! Around the path: [`config`] (TOML types and validation), [`topic`] (patterns and templates),
+//! [`metrics`] (every metric defined once, plus the HTTP endpoints), [`mqtt`] (connection options
+//! and reconnect backoff shared by source and sink), [`app`] (wires the stages together),
+//! [`demo`] (embedded broker and device simulator).
+
+pub mod app;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod engine;
+pub mod event;
+pub mod metrics;
+pub mod mqtt;
+pub mod operators;
+pub mod route;
+pub mod sink;
+pub mod source;
+pub mod topic;

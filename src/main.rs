@@ -1,0 +1,214 @@
+//! The `weir` command: parse the CLI, load and validate the config, set up logging, and run the
+//! chosen job (run, check, demo, simulate) until a shutdown signal.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use weir::config::{self, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "Event stream processor for IoT telemetry: MQTT in, state changes and rollups out."
+)]
+struct Cli {
+    /// Log format: human-readable lines or JSON objects.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "WEIR_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the broker and process telemetry until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Broker URL (mqtt://host:port or mqtts://host:port); overrides broker.url.
+        #[arg(long, env = "WEIR_BROKER")]
+        broker: Option<String>,
+        /// Address for /metrics and /healthz; overrides http.listen.
+        #[arg(long, env = "WEIR_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
+    },
+    /// Validate a config file without connecting; exit status 0 when valid.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the pipeline against an embedded broker and simulated devices (no broker needed).
+    Demo {
+        #[arg(long, short, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))]
+        config: PathBuf,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Readings per second over all devices.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// Address for /metrics; overrides http.listen.
+        #[arg(long, env = "WEIR_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
+        /// Stop after this long (e.g. "30s"); runs until Ctrl-C when absent.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Publish simulated telemetry (the demo's devices) to any broker.
+    Simulate {
+        #[arg(long, env = "WEIR_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Readings per second over all devices.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Sites the devices are spread over (the {site} topic segment).
+        #[arg(long, default_value_t = 4)]
+        sites: usize,
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("`{text}`: {err}; write e.g. 30s or 2m"))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    if let Command::Check { config } = &cli.command {
+        return match config::load(config, &Overrides::default()) {
+            Ok(loaded) => {
+                println!(
+                    "{}: valid ({} input{}, {} rule{})",
+                    config.display(),
+                    loaded.inputs.len(),
+                    if loaded.inputs.len() == 1 { "" } else { "s" },
+                    loaded.rules.len(),
+                    if loaded.rules.len() == 1 { "" } else { "s" },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            config,
+            broker,
+            metrics_addr,
+        } => {
+            let overrides = Overrides {
+                broker_url: broker,
+                metrics_addr,
+            };
+            let loaded = config::load(&config, &overrides)?;
+            weir::app::run(loaded, shutdown_signal()).await
+        }
+        Command::Demo {
+            config,
+            devices,
+            rate,
+            metrics_addr,
+            duration,
+        } => {
+            let options = weir::demo::DemoOptions {
+                config,
+                devices,
+                rate,
+                metrics_addr,
+                duration,
+            };
+            weir::demo::run(options, shutdown_signal()).await
+        }
+        Command::Simulate {
+            broker,
+            devices,
+            rate,
+            sites,
+            duration,
+        } => {
+            let options = weir::demo::simulator::SimulatorOptions {
+                broker_url: broker,
+                devices,
+                rate,
+                duration,
+                sites,
+                client_id: format!("weir-simulator-{}", std::process::id()),
+            };
+            let stats = weir::demo::simulator::run(options, shutdown_signal()).await?;
+            println!("published {} readings", stats.published);
+            Ok(())
+        }
+        Command::Check { .. } => unreachable!("handled before the runtime starts"),
+    }
+}

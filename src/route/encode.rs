@@ -1,0 +1,186 @@
+//! Schema v1 encoding. One `Serialize` impl serves JSON and CBOR, so both carry the same fields.
+
+use crate::config::Format;
+use crate::event::{DerivedEvent, EventBody, SCHEMA_VERSION};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
+/// Encodes an event in `format`.
+pub fn encode(event: &DerivedEvent, format: Format) -> Vec<u8> {
+    let view = EventView(event);
+    match format {
+        // Serializing plain maps, strings and numbers into a Vec cannot fail.
+        Format::Json => serde_json::to_vec(&view).unwrap_or_default(),
+        Format::Cbor => {
+            let mut out = Vec::with_capacity(256);
+            let _ = ciborium::into_writer(&view, &mut out);
+            out
+        }
+    }
+}
+
+/// Serializes a [`DerivedEvent`] as schema v1.
+pub struct EventView<'a>(pub &'a DerivedEvent);
+
+struct Labels<'a>(&'a DerivedEvent);
+
+impl Serialize for Labels<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in self.0.origin.labels() {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+struct CauseView<'a>(&'a crate::event::Cause);
+
+impl Serialize for CauseView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let cause = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("topic", &*cause.topic)?;
+        map.serialize_entry("ts", &cause.ts)?;
+        if let Some(seq) = cause.seq {
+            map.serialize_entry("seq", &seq)?;
+        }
+        map.end()
+    }
+}
+
+struct WindowMetrics<'a>(
+    &'a [crate::event::WindowMetric],
+    &'a [crate::config::Aggregate],
+);
+
+impl Serialize for WindowMetrics<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for metric in self.0 {
+            map.serialize_entry(&*metric.name, &Aggregates(metric, self.1))?;
+        }
+        map.end()
+    }
+}
+
+struct Aggregates<'a>(
+    &'a crate::event::WindowMetric,
+    &'a [crate::config::Aggregate],
+);
+
+impl Serialize for Aggregates<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use crate::config::Aggregate;
+        let mut map = serializer.serialize_map(Some(self.1.len()))?;
+        for aggregate in self.1 {
+            match aggregate {
+                Aggregate::Count => map.serialize_entry("count", &self.0.count)?,
+                Aggregate::Sum => map.serialize_entry("sum", &self.0.sum)?,
+                Aggregate::Min => map.serialize_entry("min", &self.0.min)?,
+                Aggregate::Max => map.serialize_entry("max", &self.0.max)?,
+                Aggregate::Avg => map.serialize_entry("avg", &self.0.avg())?,
+            }
+        }
+        map.end()
+    }
+}
+
+impl Serialize for EventView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let event = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("v", &SCHEMA_VERSION)?;
+        map.serialize_entry("id", &event.id.to_string())?;
+        map.serialize_entry("kind", event.body.kind())?;
+        map.serialize_entry("rule", &*event.rule)?;
+        map.serialize_entry("device", &*event.origin.device)?;
+        map.serialize_entry("labels", &Labels(event))?;
+        map.serialize_entry("ts", &event.ts)?;
+        match &event.body {
+            EventBody::StateChange {
+                metric,
+                from,
+                to,
+                value,
+            } => {
+                map.serialize_entry("metric", &**metric)?;
+                map.serialize_entry("from", &**from)?;
+                map.serialize_entry("to", &**to)?;
+                map.serialize_entry("value", value)?;
+            }
+            EventBody::Window {
+                start,
+                end,
+                metrics,
+                aggregates,
+                partial,
+            } => {
+                map.serialize_entry("start", start)?;
+                map.serialize_entry("end", end)?;
+                map.serialize_entry("metrics", &WindowMetrics(metrics, aggregates))?;
+                if *partial {
+                    map.serialize_entry("partial", &true)?;
+                }
+            }
+        }
+        if let Some(cause) = &event.cause {
+            map.serialize_entry("cause", &CauseView(cause))?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Cause, EventId};
+    use crate::operators::test_support::origin;
+
+    fn state_change() -> DerivedEvent {
+        let origin = origin("d1");
+        DerivedEvent {
+            id: EventId(0xabc),
+            rule_index: 0,
+            rule: "overheat".into(),
+            ts: 1_732_600_000_000,
+            body: EventBody::StateChange {
+                metric: "temperature".into(),
+                from: "normal".into(),
+                to: "hot".into(),
+                value: 31.0,
+            },
+            cause: Some(Cause {
+                topic: origin.topic.clone(),
+                ts: 1_732_600_000_000,
+                seq: Some(17),
+            }),
+            origin,
+            arrival: None,
+        }
+    }
+
+    #[test]
+    fn json_carries_schema_v1_fields() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode(&state_change(), Format::Json)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "v": 1, "id": "0000000000000abc", "kind": "state_change", "rule": "overheat",
+                "device": "d1", "labels": {"site": "s1"}, "ts": 1_732_600_000_000_i64,
+                "metric": "temperature", "from": "normal", "to": "hot", "value": 31.0,
+                "cause": {"topic": "sensors/s1/d1/telemetry", "ts": 1_732_600_000_000_i64, "seq": 17}
+            })
+        );
+    }
+
+    #[test]
+    fn cbor_carries_the_same_fields_as_json() {
+        let event = state_change();
+        let from_cbor: serde_json::Value =
+            ciborium::from_reader(encode(&event, Format::Cbor).as_slice()).unwrap();
+        let from_json: serde_json::Value =
+            serde_json::from_slice(&encode(&event, Format::Json)).unwrap();
+        assert_eq!(from_cbor, from_json);
+    }
+}

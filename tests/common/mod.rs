@@ -1,0 +1,555 @@
+//! Shared harness for the integration tests: a real Mosquitto per test (rumqttd in-process only
+//! when no mosquitto binary exists), rumqttc test clients, weir started in-process, a raw HTTP GET,
+//! and a deadline-bound poll helper. Nothing here mocks MQTT.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How long any awaited condition may take before the test fails. Generous on purpose: a slow
+/// CI machine should pass; nothing here measures speed.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long a negative check ("no further message") waits after the last expected one.
+pub const GRACE: Duration = Duration::from_millis(500);
+
+/// The canonical scenario file; tests load it as shipped.
+pub const EXAMPLE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+
+/// An event time aligned to a 10 s window boundary (1732600000000 % 10000 == 0).
+pub const T0: i64 = 1_732_600_000_000;
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// A name unique within this test run: `tag-pid-n`.
+pub fn unique(tag: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A fresh, empty directory under the system temp dir; the caller removes it.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(&format!("weir-test-{tag}")));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
+    dir
+}
+
+/// A loopback port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+/// Use with `assert!(wait_until(..).await, "what we waited for")`.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One MQTT broker on 127.0.0.1, owned by one test. Killed (and its temp dir removed) on drop.
+pub struct Mosquitto {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// True when running the in-process rumqttd fallback, which cannot be stopped.
+    embedded: bool,
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free loopback port and returns once the port accepts TCP.
+    pub fn start() -> Self {
+        let dir = temp_dir("mosquitto");
+        if !Path::new(MOSQUITTO).exists() {
+            println!("no {MOSQUITTO} binary: falling back to an in-process rumqttd broker");
+            let port = free_port();
+            start_rumqttd(port);
+            wait_for_port(port, None);
+            return Self {
+                port,
+                dir,
+                child: None,
+                embedded: true,
+            };
+        }
+        // The port may be taken between probing and binding; try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = spawn_mosquitto(&dir, port) {
+                return Self {
+                    port,
+                    dir,
+                    child: Some(child),
+                    embedded: false,
+                };
+            }
+        }
+        panic!(
+            "mosquitto did not start after 5 attempts; see {}",
+            dir.join("mosquitto.log").display()
+        );
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether [`stop`](Self::stop) and [`restart`](Self::restart) work (not with rumqttd).
+    pub fn can_restart(&self) -> bool {
+        !self.embedded
+    }
+
+    /// Kills the broker (SIGKILL, like a crash) and waits for it to exit.
+    pub fn stop(&mut self) {
+        assert!(!self.embedded, "the rumqttd fallback cannot be stopped");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = spawn_mosquitto(&self.dir, self.port).unwrap_or_else(|| {
+            panic!(
+                "mosquitto did not restart on port {}; see {}",
+                self.port,
+                self.dir.join("mosquitto.log").display()
+            )
+        });
+        self.child = Some(child);
+    }
+}
+
+/// Runs mosquitto on 127.0.0.1:`port` with a generated config in `dir`; `None` if it exited
+/// before accepting connections (port taken).
+fn spawn_mosquitto(dir: &Path, port: u16) -> Option<Child> {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+        ),
+    )
+    .expect("write mosquitto.conf");
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .expect("open mosquitto.log");
+    let mut child = Command::new(MOSQUITTO)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run {MOSQUITTO}: {err}"));
+    if wait_for_port(port, Some(&mut child)) {
+        Some(child)
+    } else {
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until 127.0.0.1:`port` accepts TCP; false if `child` exits first. Blocking, but only
+/// for the broker's start-up (milliseconds), and tests run on a multi-threaded runtime.
+fn wait_for_port(port: u16, mut child: Option<&mut Child>) -> bool {
+    let deadline = Instant::now() + DEADLINE;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if let Some(child) = child.as_deref_mut() {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the broker did not accept connections on {addr} within {DEADLINE:?}");
+}
+
+/// The fallback broker: rumqttd in-process. It has no shutdown API, so it lives until the test
+/// binary exits; tests that need to kill the broker skip themselves (see `can_restart`).
+fn start_rumqttd(port: u16) {
+    use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+    let server = ServerSettings {
+        name: "v4".into(),
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 256 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        router: RouterConfig {
+            max_connections: 64,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            ..RouterConfig::default()
+        },
+        v4: Some([("1".to_owned(), server)].into_iter().collect()),
+        ..Config::default()
+    };
+    let mut broker = Broker::new(config);
+    std::thread::spawn(move || {
+        if let Err(err) = broker.start() {
+            eprintln!("rumqttd stopped: {err}");
+        }
+    });
+}
+
+fn client_options(port: u16, tag: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(unique(tag), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    options
+}
+
+/// A message seen by a [`Subscriber`].
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// The payload as JSON; panics (failing the test) when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|err| {
+            panic!(
+                "payload on {} is not JSON ({err}): {}",
+                self.topic,
+                String::from_utf8_lossy(&self.payload)
+            )
+        })
+    }
+}
+
+/// A test client subscribed (QoS 1) to one filter, collecting every message into a channel.
+///
+/// It does not resubscribe after losing the broker; create a new one after a broker restart.
+pub struct Subscriber {
+    rx: mpsc::UnboundedReceiver<Message>,
+    _client: AsyncClient,
+    task: JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connects, subscribes and returns once the broker has acknowledged the subscription.
+    pub async fn start(broker: &Mosquitto, filter: &str) -> Self {
+        let (client, mut eventloop) = AsyncClient::new(client_options(broker.port(), "sub"), 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ack_tx, ack_rx) = oneshot::channel();
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queue the subscribe request");
+        // rumqttc only makes progress (keep-alives included) while its event loop is polled.
+        let task = tokio::spawn(async move {
+            let mut ack_tx = Some(ack_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let _ = tx.send(Message {
+                            topic: publish.topic,
+                            payload: publish.payload.to_vec(),
+                        });
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if let Some(ack_tx) = ack_tx.take() {
+                            let _ = ack_tx.send(ack.return_codes);
+                        }
+                    }
+                    Ok(_) => {}
+                    // rumqttc reconnects on the next poll at once; do not spin while the broker is away.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        let codes = tokio::time::timeout(DEADLINE, ack_rx)
+            .await
+            .unwrap_or_else(|_| panic!("no SubAck for {filter} within {DEADLINE:?}"))
+            .expect("subscriber task ended");
+        assert!(
+            codes
+                .iter()
+                .all(|code| !matches!(code, SubscribeReasonCode::Failure)),
+            "the broker refused the subscription to {filter}: {codes:?}"
+        );
+        Self {
+            rx,
+            _client: client,
+            task,
+        }
+    }
+
+    /// The next message, or `None` if none arrives within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Message> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Exactly the next `n` messages, all within [`DEADLINE`]; fails the test with what did arrive
+    /// otherwise.
+    pub async fn take(&mut self, n: usize) -> Vec<Message> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut messages = Vec::with_capacity(n);
+        while messages.len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(message)) => messages.push(message),
+                _ => panic!(
+                    "expected {n} messages within {DEADLINE:?}, got {}: {:#?}",
+                    messages.len(),
+                    messages
+                        .iter()
+                        .map(|m| (m.topic.clone(), String::from_utf8_lossy(&m.payload)))
+                        .collect::<Vec<_>>()
+                ),
+            }
+        }
+        messages
+    }
+
+    /// Fails the test if any message arrives within [`GRACE`]. A negative check: call it only
+    /// after the input that could have caused the message was processed.
+    pub async fn assert_quiet(&mut self) {
+        if let Some(extra) = self.next(GRACE).await {
+            panic!(
+                "unexpected message on {}: {}",
+                extra.topic,
+                String::from_utf8_lossy(&extra.payload)
+            );
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A test client that publishes at QoS 1 and waits for each PubAck, so a returned `publish`
+/// means the broker has the message (and per-client order is kept).
+pub struct Publisher {
+    client: AsyncClient,
+    acks: watch::Receiver<usize>,
+    sent: usize,
+    task: JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects and returns once the broker has accepted the connection.
+    pub async fn start(broker: &Mosquitto) -> Self {
+        let (client, mut eventloop) = AsyncClient::new(client_options(broker.port(), "pub"), 64);
+        let (acks_tx, acks) = watch::channel(0usize);
+        let (conn_tx, conn_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut conn_tx = Some(conn_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(conn_tx) = conn_tx.take() {
+                            let _ = conn_tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks_tx.send_modify(|n| *n += 1);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, conn_rx)
+            .await
+            .unwrap_or_else(|_| panic!("no ConnAck within {DEADLINE:?}"))
+            .expect("publisher task ended");
+        Self {
+            client,
+            acks,
+            sent: 0,
+            task,
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the broker's PubAck.
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("queue the publish request");
+        self.sent += 1;
+        let sent = self.sent;
+        tokio::time::timeout(DEADLINE, self.acks.wait_for(|acked| *acked >= sent))
+            .await
+            .unwrap_or_else(|_| panic!("no PubAck for a publish to {topic} within {DEADLINE:?}"))
+            .expect("publisher task ended");
+    }
+
+    /// Publishes one reading of the reference scenario for `site`/`device`.
+    pub async fn reading(&mut self, site: &str, device: &str, payload: serde_json::Value) {
+        self.publish(&telemetry_topic(site, device), payload.to_string())
+            .await;
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The input topic of the reference scenario.
+pub fn telemetry_topic(site: &str, device: &str) -> String {
+    format!("sensors/{site}/{device}/telemetry")
+}
+
+/// `config/example.toml` pointed at `broker`, /metrics on a free port, with a client id of its
+/// own so concurrent tests never share a session.
+pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
+    let overrides = weir::config::Overrides {
+        broker_url: Some(broker.url()),
+        metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+    };
+    let mut config = weir::config::load(Path::new(EXAMPLE_CONFIG), &overrides)
+        .unwrap_or_else(|err| panic!("{err}"));
+    config.broker.client_id = unique(&format!("weir-{tag}"));
+    config
+}
+
+/// Starts weir in-process against `broker` and returns once it is connected and subscribed.
+pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
+    let running = weir::app::start(example_config(broker, tag))
+        .await
+        .unwrap_or_else(|err| panic!("weir did not start: {err:#}"));
+    let metrics = running.metrics.clone();
+    assert!(
+        wait_until(DEADLINE, || metrics.is_ready()).await,
+        "weir did not connect and subscribe within {DEADLINE:?}"
+    );
+    running
+}
+
+/// GET `path` over a raw HTTP/1.0 connection: (status, body).
+///
+/// # Errors
+/// The connection failed or the response was not HTTP.
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .map_err(|_| std::io::Error::other(format!("GET {path} timed out")))??;
+    let text = String::from_utf8(response).map_err(std::io::Error::other)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end in: {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in: {head:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// As [`try_http_get`], failing the test on a connection error.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|err| panic!("GET http://{addr}{path} failed: {err}"))
+}
+
+/// Checks an exposition with `promtool check metrics` when promtool is installed (Debian package
+/// `prometheus`); prints that the check was skipped otherwise.
+pub fn promtool_check(body: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            println!("promtool not on PATH: skipped `promtool check metrics`");
+            return;
+        }
+        Err(err) => panic!("cannot run promtool: {err}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("wait for promtool");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
