@@ -336,3 +336,183 @@ fn default_aggregates() -> Vec<Aggregate> {
         Aggregate::Avg,
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/example.toml");
+
+    /// Parses the example with `from` replaced by `to`, expecting exactly one problem.
+    fn problem_after(from: &str, to: &str) -> (Located, String) {
+        assert!(EXAMPLE.contains(from), "the example has no `{from}`");
+        let text = EXAMPLE.replacen(from, to, 1);
+        let err = parse(&text, Path::new("example.toml"), &Overrides::default())
+            .expect_err("the edited config should be rejected");
+        let problems = err.problems();
+        assert_eq!(problems.len(), 1, "{err}");
+        (problems[0].clone(), text)
+    }
+
+    /// The 1-based line of the first occurrence of `needle` in `text`.
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines()
+            .position(|line| line.contains(needle))
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("no `{needle}`"))
+    }
+
+    #[test]
+    fn the_example_is_valid() {
+        let config = parse(EXAMPLE, Path::new("example.toml"), &Overrides::default()).unwrap();
+        assert_eq!(config.rules.len(), 2);
+        assert_eq!(config.broker.keep_alive, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn exit_below_above_enter_names_its_line() {
+        let (problem, text) = problem_after("exit_below = 28.0", "exit_below = 31.0");
+        assert_eq!(problem.path, "rules.overheat.hysteresis.exit_below");
+        assert_eq!(
+            problem.line_col,
+            Some((line_of(&text, "exit_below = 31.0"), 1))
+        );
+        assert!(problem.message.contains("must be below enter_above (30.0)"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_listing_the_valid_keys() {
+        let (problem, text) = problem_after("exit_below = 28.0", "exit_belo = 28.0");
+        assert_eq!(problem.line_col, Some((line_of(&text, "exit_belo ="), 1)));
+        assert!(
+            problem.message.contains("unknown field `exit_belo`"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("exit_below"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_value() {
+        let (problem, text) = problem_after("enter_above = 30.0", "enter_above = \"hot\"");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "enter_above"))
+        );
+        assert!(
+            problem.message.contains("invalid type"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let (problem, _) = problem_after("metric = \"temperature\"\n", "");
+        assert!(
+            problem.message.contains("missing field `metric`"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn template_segment_missing_from_the_pattern_is_named() {
+        let (problem, text) = problem_after("alerts/{site}/", "alerts/{zone}/");
+        assert_eq!(problem.path, "rules.overheat.output.topic");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "alerts/{zone}"))
+        );
+        assert!(problem.message.contains("{zone}"));
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        let (problem, text) = problem_after("size = \"10s\"", "size = \"10\"");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "size = \"10\""))
+        );
+        assert!(
+            problem.message.contains("with a unit"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn keep_alive_under_a_second_is_rejected() {
+        let (problem, _) = problem_after("keep_alive = \"30s\"", "keep_alive = \"500ms\"");
+        assert_eq!(problem.path, "broker.keep_alive");
+    }
+
+    #[test]
+    fn broker_url_needs_an_mqtt_scheme() {
+        let (problem, _) = problem_after("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883");
+        assert_eq!(problem.path, "broker.url");
+        assert!(problem.message.contains("mqtt://host:port"));
+    }
+
+    #[test]
+    fn a_bad_broker_override_says_where_it_came_from() {
+        let overrides = Overrides {
+            broker_url: Some("tcp://x".into()),
+            metrics_addr: None,
+        };
+        let err = parse(EXAMPLE, Path::new("example.toml"), &overrides).unwrap_err();
+        let problem = &err.problems()[0];
+        assert_eq!(problem.line_col, None);
+        assert!(problem.message.contains("--broker"));
+    }
+
+    #[test]
+    fn device_segment_must_be_in_the_pattern() {
+        let (problem, _) = problem_after("device = \"device\"", "device = \"sensor\"");
+        assert_eq!(problem.path, "inputs.telemetry.device");
+    }
+
+    #[test]
+    fn rule_input_must_exist() {
+        let (problem, _) = problem_after("input = \"telemetry\"", "input = \"telemetri\"");
+        assert_eq!(problem.path, "rules.overheat.input");
+        assert!(problem.message.contains("known inputs: telemetry"));
+    }
+
+    #[test]
+    fn a_rule_needs_exactly_one_operator() {
+        let (problem, _) = problem_after("[rules.climate.tumbling]", "[rules.climate.other]");
+        assert!(
+            problem.message.contains("unknown field `other`"),
+            "{}",
+            problem.message
+        );
+        let text = EXAMPLE.replace(
+            "[rules.overheat.output]",
+            "[rules.overheat.tumbling]\nsize = \"1s\"\nmetrics = [\"x\"]\n\n[rules.overheat.output]",
+        );
+        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("has 2 operators"), "{err}");
+    }
+
+    #[test]
+    fn qos_2_is_refused() {
+        let (problem, _) = problem_after("qos = 1\nseq_field", "qos = 2\nseq_field");
+        assert_eq!(problem.path, "inputs.telemetry.qos");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = EXAMPLE
+            .replace("exit_below = 28.0", "exit_below = 31.0")
+            .replace("alerts/{site}/", "alerts/{zone}/")
+            .replace("keep_alive = \"30s\"", "keep_alive = \"0s\"");
+        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        assert_eq!(err.problems().len(), 3, "{err}");
+        assert!(err.to_string().starts_with("x.toml has 3 problems:"));
+    }
+}

@@ -1,0 +1,112 @@
+//! Criterion benches of the in-process hot path: each decoder, and the whole engine (decode +
+//! hysteresis + tumbling window + routing) over the reference scenario with 1,000 devices.
+//!
+//! Run: `cargo bench --bench pipeline`. Targets (issue 7): >= 3M readings/s per core through the
+//! engine, CBOR decode faster than JSON.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use weir::config::{self, Format, Overrides};
+use weir::decode::{Decoded, FieldPlan};
+use weir::engine::{Plan, RawMessage, Worker};
+use weir::metrics::Metrics;
+
+const DEVICES: usize = 1000;
+const READINGS: usize = 10_000;
+
+fn example_plan() -> Plan {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"));
+    let config = config::load(path, &Overrides::default()).expect("example config is valid");
+    Plan::build(&config).expect("example plan builds")
+}
+
+/// Reference payloads: a random-ish walk around the overheat thresholds, 1 s apart per device.
+fn payloads(format: Format) -> Vec<(String, Vec<u8>)> {
+    (0..READINGS)
+        .map(|i| {
+            let device = i % DEVICES;
+            let step = (i / DEVICES) as i64;
+            let temperature = 26.0 + ((i * 7919) % 60) as f64 / 10.0;
+            let value = serde_json::json!({
+                "ts": 1_732_600_000_000_i64 + step * 1000,
+                "seq": step,
+                "temperature": temperature,
+                "humidity": 40.0 + (i % 10) as f64,
+                "battery": 3.9,
+            });
+            let payload = match format {
+                Format::Json => serde_json::to_vec(&value).expect("json"),
+                Format::Cbor => {
+                    let mut out = Vec::new();
+                    ciborium::into_writer(&value, &mut out).expect("cbor");
+                    out
+                }
+            };
+            (
+                format!("sensors/plant-1/dev-{device:04}/telemetry"),
+                payload,
+            )
+        })
+        .collect()
+}
+
+fn decoders(c: &mut Criterion) {
+    let plan = example_plan();
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(READINGS as u64));
+    for format in [Format::Json, Format::Cbor] {
+        let mut fields: FieldPlan = plan.inputs[0].fields.clone();
+        fields.format = format;
+        let inputs = payloads(format);
+        let mut decoded = Decoded::for_plan(&fields);
+        group.bench_function(format!("{format:?}").to_lowercase(), |b| {
+            b.iter(|| {
+                for (_, payload) in &inputs {
+                    let _ = black_box(fields.decode(payload, &mut decoded));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let plan = Arc::new(example_plan());
+    let metrics = Arc::new(Metrics::new());
+    let messages: Vec<RawMessage> = payloads(Format::Json)
+        .into_iter()
+        .map(|(topic, payload)| RawMessage {
+            input: 0,
+            topic,
+            payload: payload.into(),
+            arrival: Instant::now(),
+            arrival_ms: 0,
+        })
+        .collect();
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(READINGS as u64));
+    group.bench_function("json_hysteresis_tumbling", |b| {
+        b.iter_batched_ref(
+            || {
+                (
+                    Worker::new(plan.clone(), metrics.clone()),
+                    Vec::with_capacity(1024),
+                )
+            },
+            |(worker, out)| {
+                for message in &messages {
+                    worker.process(message, out);
+                    out.clear();
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decoders, engine);
+criterion_main!(benches);
