@@ -25,12 +25,17 @@ pub struct RawMessage {
     pub arrival_ms: i64,
 }
 
+/// How often processing-time timers run ([`Worker::tick`]).
+pub const TICK_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Dense per-worker device number; indexes the rules' state vectors.
 type DeviceId = usize;
 
 /// A rule's operator with the per-device states of this worker's devices.
 trait RuleRunner: Send {
     fn on_reading(&mut self, device: DeviceId, reading: &Reading<'_>, out: &mut Output);
+    fn wants_ticks(&self) -> bool;
+    fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output);
     fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output);
 }
 
@@ -47,6 +52,16 @@ impl<O: Operator> RuleRunner for Keyed<O> {
         }
         self.operator
             .on_reading(&mut self.states[device], reading, out);
+    }
+
+    fn wants_ticks(&self) -> bool {
+        self.operator.wants_ticks()
+    }
+
+    fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output) {
+        if let Some(state) = self.states.get_mut(device) {
+            self.operator.on_tick(state, origin, now_ms, out);
+        }
     }
 
     fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output) {
@@ -270,6 +285,19 @@ impl Worker {
         }
     }
 
+    /// Runs the processing-time timers of every rule that has them, for every device.
+    pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
+        for rule in 0..self.runners.len() {
+            if !self.runners[rule].wants_ticks() {
+                continue;
+            }
+            for (device, origin) in self.device_origins.iter().enumerate() {
+                self.runners[rule].on_tick(device, origin, now_ms, &mut self.output);
+            }
+            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+        }
+    }
+
     /// Flushes every device's open state (windows) as input ends.
     pub fn close(&mut self, out: &mut Vec<Outgoing>) {
         for rule in 0..self.runners.len() {
@@ -308,12 +336,19 @@ impl Worker {
     ) {
         let mut batch = Vec::with_capacity(256);
         let mut out = Vec::with_capacity(256);
+        let mut ticks = tokio::time::interval(TICK_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if input.recv_many(&mut batch, 256).await == 0 {
-                break;
-            }
-            for message in batch.drain(..) {
-                self.process(&message, &mut out);
+            tokio::select! {
+                received = input.recv_many(&mut batch, 256) => {
+                    if received == 0 {
+                        break;
+                    }
+                    for message in batch.drain(..) {
+                        self.process(&message, &mut out);
+                    }
+                }
+                _ = ticks.tick() => self.tick(crate::source::wall_clock_ms(), &mut out),
             }
             for message in out.drain(..) {
                 if sink.send(message).await.is_err() {

@@ -6,6 +6,7 @@ use super::{Operator, Output, RuleMeta};
 use crate::config::HysteresisConfig;
 use crate::decode::Reading;
 use crate::event::{Cause, DerivedEvent, EventBody, EventId};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// A built hysteresis rule.
@@ -22,7 +23,7 @@ pub struct Hysteresis {
 }
 
 /// Per-device state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HysteresisState {
     /// `None` until the device's first reading with this metric.
     active: Option<bool>,

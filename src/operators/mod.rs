@@ -13,6 +13,8 @@ pub use tumbling::Tumbling;
 
 use crate::decode::{Origin, Reading};
 use crate::event::DerivedEvent;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::sync::Arc;
 
 /// Where operators put what they produce.
@@ -35,11 +37,29 @@ pub struct RuleMeta {
 /// A rule's logic. Time comes in only through readings' timestamps and explicit arguments;
 /// operators never read the clock.
 pub trait Operator: Send + 'static {
-    /// Per-device state; `Default` is the state of a device never seen.
-    type State: Default + Send;
+    /// Per-device state; `Default` is the state of a device never seen. Serializable so that
+    /// state can be snapshotted and restored across restarts.
+    type State: Default + Send + Serialize + DeserializeOwned;
 
     /// Handles one reading of the device whose state is `state`.
     fn on_reading(&self, state: &mut Self::State, reading: &Reading<'_>, out: &mut Output);
+
+    /// Whether [`on_tick`](Self::on_tick) does anything; the engine skips ticking otherwise.
+    fn wants_ticks(&self) -> bool {
+        false
+    }
+
+    /// Processing-time timer, called periodically for every device with `now_ms` (wall clock,
+    /// ms since the epoch, or the virtual clock in replay). Drives what must happen when no
+    /// reading arrives at all: idle windows closing, devices going offline.
+    fn on_tick(
+        &self,
+        _state: &mut Self::State,
+        _origin: &Arc<Origin>,
+        _now_ms: i64,
+        _out: &mut Output,
+    ) {
+    }
 
     /// Flushes what should flush when input ends (shutdown): called once per device.
     fn on_close(&self, _state: &mut Self::State, _origin: &Arc<Origin>, _out: &mut Output) {}

@@ -6,6 +6,7 @@ use super::{Operator, Output, RuleMeta};
 use crate::config::{Aggregate, TumblingConfig};
 use crate::decode::{Origin, Reading};
 use crate::event::{Cause, DerivedEvent, EventBody, EventId, WindowMetric};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// A built tumbling-window rule.
@@ -20,7 +21,7 @@ pub struct Tumbling {
 }
 
 /// Running aggregates of one metric.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Accumulator {
     count: u64,
     sum: f64,
@@ -48,7 +49,7 @@ impl Accumulator {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OpenWindow {
     start: i64,
     /// One per rule metric, in the rule's order.
@@ -56,7 +57,7 @@ struct OpenWindow {
 }
 
 /// Per-device state: the open windows (ordered by start) and the watermark.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TumblingState {
     windows: Vec<OpenWindow>,
     /// Newest event time seen minus the allowed out-of-orderness; `None` before any reading.
