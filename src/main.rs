@@ -40,6 +40,9 @@ enum Command {
         /// Address for /metrics and /healthz; overrides http.listen.
         #[arg(long, env = "WEIR_METRICS_ADDR")]
         metrics_addr: Option<SocketAddr>,
+        /// Directory for operator state, the input log and the outbox; overrides delivery.state_dir.
+        #[arg(long, env = "WEIR_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Validate a config file without connecting; exit status 0 when valid.
     Check {
@@ -48,8 +51,9 @@ enum Command {
     },
     /// Run the pipeline against an embedded broker and simulated devices (no broker needed).
     Demo {
-        #[arg(long, short, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))]
-        config: PathBuf,
+        /// Config to run; the built-in config/example.toml when absent.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// Simulated devices.
         #[arg(long, default_value_t = 1000)]
         devices: usize,
@@ -85,8 +89,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn init_tracing(format: LogFormat) {
+    // rumqttd (the demo's embedded broker) logs ordinary client disconnects as errors.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -166,10 +171,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             broker,
             metrics_addr,
+            state_dir,
         } => {
             let overrides = Overrides {
                 broker_url: broker,
                 metrics_addr,
+                state_dir,
             };
             let loaded = config::load(&config, &overrides)?;
             weir::app::run(loaded, shutdown_signal()).await

@@ -30,6 +30,85 @@ pub struct Config {
     /// Rules by name; the name appears in events, topics and metrics.
     #[serde(default)]
     pub rules: BTreeMap<String, RuleConfig>,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// What weir promises about each reading and event, and where it keeps state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// Where operator state, the input log and the outbox survive restarts. Required by
+    /// `at_least_once`; optional (state snapshots only) with `at_most_once`.
+    pub state_dir: Option<PathBuf>,
+    /// How often the input log is flushed to disk; inputs are acknowledged to the broker only
+    /// after the flush that made them durable.
+    #[serde(default = "default_fsync_interval", deserialize_with = "duration")]
+    pub fsync_interval: Duration,
+    /// How often operator state is snapshotted (which also bounds the input log replayed at start).
+    #[serde(default = "default_snapshot_interval", deserialize_with = "duration")]
+    pub snapshot_interval: Duration,
+    /// Recent (device, sequence number or payload hash) keys remembered per worker to drop
+    /// redelivered inputs.
+    #[serde(default = "default_dedup_horizon")]
+    pub dedup_horizon: usize,
+    /// Derived events held while the broker is away (or has not acknowledged them yet).
+    #[serde(default = "default_outbox_max")]
+    pub outbox_max_messages: usize,
+    #[serde(default)]
+    pub outbox_when_full: OutboxPolicy,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            mode: DeliveryMode::default(),
+            state_dir: None,
+            fsync_interval: default_fsync_interval(),
+            snapshot_interval: default_snapshot_interval(),
+            dedup_horizon: default_dedup_horizon(),
+            outbox_max_messages: default_outbox_max(),
+            outbox_when_full: OutboxPolicy::default(),
+        }
+    }
+}
+
+/// The delivery guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// QoS 0 in and out: fastest; a reading or event in flight during a crash or outage may be lost.
+    #[default]
+    AtMostOnce,
+    /// QoS 1 in and out, persistent session, inputs acknowledged only once logged to the state
+    /// dir: nothing acknowledged is lost; duplicates carry the same event id.
+    AtLeastOnce,
+}
+
+/// What the outbox does when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxPolicy {
+    /// Stop taking events from the workers: backpressure reaches intake, nothing is dropped.
+    #[default]
+    Block,
+    /// Drop the oldest queued event to make room (counted).
+    DropOldest,
+    /// Drop the new event (counted).
+    DropNewest,
+}
+
+/// Where inputs that cannot become readings are published.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Topic for dead letters; `{input}` and `{reason}` are replaced. Dead letters are only
+    /// counted and logged when absent.
+    pub topic: Option<String>,
 }
 
 /// How to reach the MQTT broker. weir opens two connections with it: `<client_id>` subscribes,
@@ -119,13 +198,16 @@ pub struct InputConfig {
     pub device: String,
     #[serde(default = "default_format")]
     pub format: Format,
-    /// QoS of the subscription (0 or 1).
-    #[serde(default)]
-    pub qos: u8,
+    /// QoS of the subscription (0 or 1); 1 under `at_least_once`, 0 otherwise, when absent.
+    pub qos: Option<u8>,
     /// Where the event time is in the payload; arrival time is used when absent.
     pub time: Option<TimeConfig>,
-    /// Payload field with a per-device sequence number, copied into each event's `cause`.
+    /// Payload field with a per-device sequence number, copied into each event's `cause` and used
+    /// to recognise redelivered inputs.
     pub seq_field: Option<String>,
+    /// Larger payloads are dead-lettered (reason `too_large`) without being decoded.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
 }
 
 /// The payload field carrying the event time, and its unit.
@@ -207,8 +289,8 @@ pub enum Aggregate {
 pub struct OutputConfig {
     /// Topic template over the input's named segments and `{rule}`.
     pub topic: String,
-    #[serde(default)]
-    pub qos: u8,
+    /// 0 or 1; 1 under `at_least_once`, 0 otherwise, when absent.
+    pub qos: Option<u8>,
     #[serde(default)]
     pub retain: bool,
     #[serde(default = "default_format")]
@@ -222,6 +304,8 @@ pub struct Overrides {
     pub broker_url: Option<String>,
     /// `--metrics-addr` / `WEIR_METRICS_ADDR`.
     pub metrics_addr: Option<SocketAddr>,
+    /// `--state-dir` / `WEIR_STATE_DIR`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -254,8 +338,22 @@ impl Config {
         if let Some(addr) = overrides.metrics_addr {
             self.http.listen = addr;
         }
+        if let Some(dir) = &overrides.state_dir {
+            self.delivery.state_dir = Some(dir.clone());
+        }
+    }
+
+    /// The QoS an input subscribes with, or an output publishes with, under the delivery mode.
+    pub fn effective_qos(&self, configured: Option<u8>) -> u8 {
+        configured.unwrap_or(match self.delivery.mode {
+            DeliveryMode::AtLeastOnce => 1,
+            DeliveryMode::AtMostOnce => 0,
+        })
     }
 }
+
+/// The reference scenario `config/example.toml`, built in so `weir demo` runs from anywhere.
+pub const EXAMPLE: &str = include_str!("../../config/example.toml");
 
 /// Reads, parses and validates a config file, applying `overrides` before validation.
 ///
@@ -295,6 +393,21 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
     })
 }
 
+fn default_fsync_interval() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_dedup_horizon() -> usize {
+    65_536
+}
+fn default_outbox_max() -> usize {
+    100_000
+}
+fn default_max_payload_bytes() -> usize {
+    64 * 1024
+}
 fn default_client_id() -> String {
     "weir".into()
 }
@@ -340,8 +453,6 @@ fn default_aggregates() -> Vec<Aggregate> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const EXAMPLE: &str = include_str!("../../config/example.toml");
 
     /// Parses the example with `from` replaced by `to`, expecting exactly one problem.
     fn problem_after(from: &str, to: &str) -> (Located, String) {
@@ -462,7 +573,7 @@ mod tests {
     fn a_bad_broker_override_says_where_it_came_from() {
         let overrides = Overrides {
             broker_url: Some("tcp://x".into()),
-            metrics_addr: None,
+            ..Overrides::default()
         };
         let err = parse(EXAMPLE, Path::new("example.toml"), &overrides).unwrap_err();
         let problem = &err.problems()[0];

@@ -1,7 +1,9 @@
 //! Semantic checks on a parsed config: every problem is collected with its path, so one run of
 //! `weir check` reports them all.
 
-use super::{BrokerConfig, Config, HysteresisConfig, InputConfig, RuleConfig, TumblingConfig};
+use super::{
+    BrokerConfig, Config, DeliveryMode, HysteresisConfig, InputConfig, RuleConfig, TumblingConfig,
+};
 use crate::mqtt::BrokerEndpoint;
 use crate::topic::{TopicPattern, TopicTemplate};
 use std::time::Duration;
@@ -44,6 +46,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     if config.pipeline.max_devices_per_worker == 0 {
         problems.add("pipeline.max_devices_per_worker", "must be at least 1");
     }
+    check_delivery(config, &mut problems);
     if config.inputs.is_empty() {
         problems.add(
             "inputs",
@@ -51,7 +54,12 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     for (name, input) in &config.inputs {
-        check_input(&format!("inputs.{name}"), input, &mut problems);
+        check_input(
+            &format!("inputs.{name}"),
+            input,
+            config.broker.max_packet_bytes,
+            &mut problems,
+        );
     }
     if config.rules.is_empty() {
         problems.add(
@@ -63,6 +71,60 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         check_rule(config, name, rule, &mut problems);
     }
     problems.0
+}
+
+fn check_delivery(config: &Config, problems: &mut Problems) {
+    let delivery = &config.delivery;
+    if delivery.mode == DeliveryMode::AtLeastOnce {
+        if delivery.state_dir.is_none() {
+            problems.add(
+                "delivery.mode",
+                "at_least_once acknowledges inputs only once they are on disk; set delivery.state_dir (or pass --state-dir)",
+            );
+        }
+        if config.broker.clean_session {
+            problems.add(
+                "broker.clean_session",
+                "must be false under at_least_once, so the broker keeps unacknowledged messages across reconnects",
+            );
+        }
+        for (name, input) in &config.inputs {
+            if input.qos == Some(0) {
+                problems.add(
+                    format!("inputs.{name}.qos"),
+                    "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
+                );
+            }
+        }
+        for (name, rule) in &config.rules {
+            if rule.output.qos == Some(0) {
+                problems.add(
+                    format!("rules.{name}.output.qos"),
+                    "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
+                );
+            }
+        }
+    }
+    if delivery.fsync_interval > Duration::from_secs(10) {
+        problems.add(
+            "delivery.fsync_interval",
+            "must be at most 10s: inputs wait this long for their acknowledgement",
+        );
+    }
+    if delivery.snapshot_interval < Duration::from_secs(1) {
+        problems.add("delivery.snapshot_interval", "must be at least 1s");
+    }
+    if delivery.outbox_max_messages == 0 {
+        problems.add("delivery.outbox_max_messages", "must be at least 1");
+    }
+    if let Some(topic) = &config.dead_letter.topic {
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            problems.add(
+                "dead_letter.topic",
+                "must be a topic without wildcards, e.g. \"weir/dead-letter/{input}/{reason}\"",
+            );
+        }
+    }
 }
 
 fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
@@ -108,7 +170,7 @@ fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
     }
 }
 
-fn check_input(path: &str, input: &InputConfig, problems: &mut Problems) {
+fn check_input(path: &str, input: &InputConfig, max_packet_bytes: usize, problems: &mut Problems) {
     match TopicPattern::parse(&input.topic) {
         Ok(pattern) => {
             if pattern.name_index(&input.device).is_none() {
@@ -123,7 +185,18 @@ fn check_input(path: &str, input: &InputConfig, problems: &mut Problems) {
         }
         Err(err) => problems.add(format!("{path}.topic"), err.0),
     }
-    if input.qos > 1 {
+    if input.max_payload_bytes == 0 {
+        problems.add(format!("{path}.max_payload_bytes"), "must be at least 1");
+    }
+    if input.max_payload_bytes >= max_packet_bytes {
+        problems.add(
+            format!("{path}.max_payload_bytes"),
+            format!(
+                "must be below broker.max_packet_bytes ({max_packet_bytes}): a larger packet breaks the connection instead of being dead-lettered"
+            ),
+        );
+    }
+    if input.qos.is_some_and(|qos| qos > 1) {
         problems.add(
             format!("{path}.qos"),
             "must be 0 or 1; weir deduplicates itself, so QoS 2 buys nothing",
@@ -197,7 +270,7 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
     }
 
     let output = &rule.output;
-    if output.qos > 1 {
+    if output.qos.is_some_and(|qos| qos > 1) {
         problems.add(format!("{path}.output.qos"), "must be 0 or 1");
     }
     if let Some(input) = input {

@@ -26,7 +26,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     /// The pipeline's config; its broker URL is replaced by the embedded broker's.
-    pub config: PathBuf,
+    /// The config to run; the built-in copy of `config/example.toml` when absent.
+    pub config: Option<PathBuf>,
     pub devices: usize,
     /// Readings per second over all devices.
     pub rate: f64,
@@ -58,11 +59,21 @@ pub async fn run(
     let broker = tokio::task::spawn_blocking(EmbeddedBroker::start).await??;
     simulator_options.broker_url = broker.url();
     simulator_options.validate()?;
+    // The demo's state lives in a fresh temp dir, so a demo never resumes an earlier one.
+    let state_dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
     let overrides = Overrides {
         broker_url: Some(broker.url()),
         metrics_addr: options.metrics_addr,
+        state_dir: Some(state_dir),
     };
-    let config = crate::config::load(&options.config, &overrides)?;
+    let config = match &options.config {
+        Some(path) => crate::config::load(path, &overrides)?,
+        None => crate::config::parse(
+            crate::config::EXAMPLE,
+            std::path::Path::new("config/example.toml (built in)"),
+            &overrides,
+        )?,
+    };
     let running = crate::app::start(config).await?;
     let metrics = std::sync::Arc::clone(&running.metrics);
 
@@ -122,7 +133,11 @@ fn print_banner(options: &DemoOptions, broker: EmbeddedBroker, http_addr: Socket
         "weir demo: {} simulated devices over {DEMO_SITES} sites, {} readings/s, config {}",
         options.devices,
         grouped(options.rate.round() as u64),
-        options.config.display()
+        options
+            .config
+            .as_deref()
+            .unwrap_or(std::path::Path::new("config/example.toml (built in)"))
+            .display()
     );
     println!(
         "  broker   {} (embedded rumqttd, loopback only)",

@@ -9,6 +9,8 @@ use crate::config::BrokerConfig;
 use crate::mqtt::{Backoff, BrokerEndpoint};
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -47,7 +49,8 @@ pub struct SimulatorOptions {
 /// What a simulator run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SimulatorStats {
-    /// Readings handed to the MQTT client (QoS 0: sent, not acknowledged).
+    /// Readings written to the broker connection (QoS 0: sent, not acknowledged). Readings
+    /// still queued in the client when the broker was unreachable at the end are not counted.
     pub published: u64,
 }
 
@@ -66,7 +69,8 @@ pub async fn run(
     options.validate()?;
     let mqtt_options = crate::mqtt::options(&broker_config(&options), "")?;
     let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CAPACITY);
-    let poller = tokio::spawn(poll(eventloop));
+    let link = Arc::new(Link::default());
+    let poller = tokio::spawn(poll(eventloop, Arc::clone(&link)));
 
     let mut fleet = Fleet::new(options.devices, options.sites, options.rate, seed());
     let mut pacer = Pacer::new(options.rate, MAX_BACKLOG);
@@ -84,7 +88,7 @@ pub async fn run(
         "simulator publishing"
     );
 
-    let mut published = 0u64;
+    let mut queued = 0u64;
     loop {
         tokio::select! {
             biased;
@@ -105,31 +109,40 @@ pub async fn run(
             }
             fleet.advance();
             pacer.record(1);
-            published += 1;
+            queued += 1;
         }
     }
 
     // The disconnect queues behind the readings already handed over, so they go out first.
-    if tokio::time::timeout(DISCONNECT_TIMEOUT, client.disconnect())
-        .await
-        .is_err()
-    {
-        tracing::warn!("simulator could not queue its disconnect; closing the connection");
-    }
+    // With no connection (the poller is in its backoff sleep) there is nothing to flush.
     let abort = poller.abort_handle();
-    if tokio::time::timeout(DISCONNECT_TIMEOUT, poller)
-        .await
-        .is_err()
-    {
-        abort.abort();
+    if link.connected.load(Ordering::Relaxed) {
+        let disconnect = async { client.disconnect().await.is_ok() && poller.await.is_ok() };
+        if !matches!(
+            tokio::time::timeout(DISCONNECT_TIMEOUT, disconnect).await,
+            Ok(true)
+        ) {
+            tracing::warn!("simulator's disconnect did not complete; closing the connection");
+        }
     }
+    abort.abort();
+    let published = link.sent.load(Ordering::Relaxed);
     tracing::info!(
         published,
+        unsent = queued.saturating_sub(published),
         skipped = pacer.skipped,
         seconds = start.elapsed().as_secs_f64(),
         "simulator stopped"
     );
     Ok(SimulatorStats { published })
+}
+
+/// What the poller tells the publisher.
+#[derive(Debug, Default)]
+struct Link {
+    connected: AtomicBool,
+    /// Publishes written to the connection.
+    sent: AtomicU64,
 }
 
 impl SimulatorOptions {
@@ -176,24 +189,30 @@ fn broker_config(options: &SimulatorOptions) -> BrokerConfig {
 /// Drives the connection: polled continuously and doing nothing else, so keep-alives and
 /// writes never wait on the publisher. rumqttc reconnects on the next poll after an error,
 /// so errors are followed by a backoff sleep (100 ms doubling to 5 s) instead.
-async fn poll(mut eventloop: EventLoop) {
+async fn poll(mut eventloop: EventLoop, link: Arc<Link>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match eventloop.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                link.sent.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
+                link.connected.store(true, Ordering::Relaxed);
                 tracing::info!("simulator connected to the broker");
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(rumqttc::ConnectionError::RequestsDone) => return,
             Err(err) => {
+                let was_connected = link.connected.swap(false, Ordering::Relaxed);
                 let delay = backoff.next_delay();
-                tracing::warn!(
-                    error = %err,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "simulator lost its broker connection; retrying"
-                );
+                let retry_in_ms = delay.as_millis() as u64;
+                if was_connected {
+                    tracing::warn!(error = %err, retry_in_ms, "simulator lost its broker connection; reconnecting");
+                } else {
+                    tracing::warn!(error = %err, retry_in_ms, "simulator cannot reach the broker; retrying");
+                }
                 tokio::time::sleep(delay).await;
             }
         }

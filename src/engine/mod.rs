@@ -117,7 +117,7 @@ impl Plan {
                 pattern,
                 device_index,
                 fields: FieldPlan::new(input, std::mem::take(&mut metrics[index])),
-                qos: qos(input.qos),
+                qos: qos(config.effective_qos(input.qos)),
                 rules: Vec::new(),
             });
         }
@@ -157,7 +157,7 @@ impl Plan {
                 operator,
                 route: Route {
                     template,
-                    qos: qos(rule.output.qos),
+                    qos: qos(config.effective_qos(rule.output.qos)),
                     retain: rule.output.retain,
                     format: rule.output.format,
                 },
