@@ -458,12 +458,13 @@ pub fn telemetry_topic(site: &str, device: &str) -> String {
     format!("sensors/{site}/{device}/telemetry")
 }
 
-/// `config/example.toml` pointed at `broker`, /metrics on a free port, with a client id of its
-/// own so concurrent tests never share a session.
+/// `config/example.toml` pointed at `broker`, /metrics on a free port, a fresh state dir, and a
+/// client id of its own so concurrent tests never share a session.
 pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
     let overrides = weir::config::Overrides {
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        state_dir: Some(temp_dir(&format!("state-{tag}"))),
     };
     let mut config = weir::config::load(Path::new(EXAMPLE_CONFIG), &overrides)
         .unwrap_or_else(|err| panic!("{err}"));
