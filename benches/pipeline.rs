@@ -78,7 +78,9 @@ fn engine(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new());
     let messages: Vec<RawMessage> = payloads(Format::Json)
         .into_iter()
-        .map(|(topic, payload)| RawMessage {
+        .enumerate()
+        .map(|(lsn, (topic, payload))| RawMessage {
+            lsn: lsn as u64,
             input: 0,
             topic,
             payload: payload.into(),

@@ -3,13 +3,19 @@
 //! Shutdown flows downstream: only the source watches the signal; each worker ends when its input
 //! channel closes (flushing open windows), then the sink publishes what is left and disconnects.
 
-use crate::config::Config;
-use crate::engine::{Plan, Worker};
+use crate::config::{Config, DeliveryMode};
+use crate::engine::{Plan, RawMessage, Worker};
 use crate::metrics::{http, Metrics};
+use crate::route::Outgoing;
+use crate::sink::SinkOptions;
+use crate::source::SourceOptions;
+use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer};
+use crate::store::{snapshot, StateDir};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -56,6 +62,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let source_options = crate::mqtt::options(&config.broker, "")?;
     let sink_options = crate::mqtt::options(&config.broker, "-out")?;
+    let delivery = &config.delivery;
+    let state_dir = delivery
+        .state_dir
+        .as_deref()
+        .map(StateDir::open)
+        .transpose()?;
+    let logged = delivery.mode == DeliveryMode::AtLeastOnce && state_dir.is_some();
+
+    let worker_count = config.worker_count();
+    let mut workers: Vec<Worker> = (0..worker_count)
+        .map(|_| Worker::new(plan.clone(), metrics.clone()))
+        .collect();
+    let recovery = match &state_dir {
+        Some(dir) => recover(dir, &plan, &mut workers, logged)?,
+        None => Recovery::default(),
+    };
 
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), async {
@@ -65,28 +87,62 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server = tokio::spawn(server);
 
     let capacity = config.pipeline.queue_capacity;
+    let (log_tx, ack_rx, log_thread) = if let (true, Some(dir)) = (logged, &state_dir) {
+        let (log_tx, log_rx) = mpsc::channel(capacity);
+        let (ack_tx, ack_rx) = mpsc::channel(1024);
+        let thread = spawn_log_writer(
+            dir,
+            recovery.next_lsn,
+            delivery.fsync_interval,
+            log_rx,
+            ack_tx,
+        )?;
+        (Some(log_tx), Some(ack_rx), Some(thread))
+    } else {
+        (None, None, None)
+    };
+    let (snapshot_tx, snapshot_task) = match &state_dir {
+        Some(dir) => {
+            let (tx, task) = spawn_snapshot_writer(dir.clone(), metrics.clone(), log_tx.clone());
+            (Some(tx), Some(task))
+        }
+        None => (None, None),
+    };
+
     let (sink_tx, sink_rx) = mpsc::channel(capacity);
     let mut worker_txs = Vec::new();
     let mut worker_tasks = Vec::new();
-    for _ in 0..config.worker_count() {
+    for worker in workers {
         let (tx, rx) = mpsc::channel(capacity);
         worker_txs.push(tx);
-        let worker = Worker::new(plan.clone(), metrics.clone());
         worker_tasks.push(tokio::spawn(worker.run(rx, sink_tx.clone())));
     }
     let depth = spawn_queue_gauges(metrics.clone(), worker_txs.clone(), sink_tx.clone());
     drop(sink_tx);
     let sink = tokio::spawn(crate::sink::run(
-        sink_options,
+        SinkOptions {
+            mqtt: sink_options,
+            request_capacity: capacity,
+            outbox_max: delivery.outbox_max_messages,
+            policy: delivery.outbox_when_full,
+            workers: worker_count,
+            snapshots: snapshot_tx,
+            restored: recovery.outbox,
+        },
         plan.clone(),
         sink_rx,
         metrics.clone(),
-        capacity,
     ));
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let source = crate::source::run(
-        source_options,
+        SourceOptions {
+            mqtt: source_options,
+            next_lsn: recovery.next_lsn,
+            log: log_tx,
+            acks: ack_rx,
+            snapshot_interval: state_dir.as_ref().map(|_| delivery.snapshot_interval),
+        },
         plan.clone(),
         worker_txs,
         metrics.clone(),
@@ -99,6 +155,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         workers = worker_tasks.len(),
         inputs = plan.inputs.len(),
         rules = plan.rules.len(),
+        mode = ?delivery.mode,
+        state_dir = ?delivery.state_dir,
         "weir started"
     );
     let task = tokio::spawn(async move {
@@ -107,6 +165,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = task.await;
         }
         let _ = sink.await;
+        if let Some(task) = snapshot_task {
+            let _ = task.await;
+        }
+        if let Some(thread) = log_thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         depth.abort();
         let _ = http_stop_tx.send(());
         let _ = server.await;
@@ -118,6 +182,86 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop: stop_tx,
         task,
     })
+}
+
+/// What recovery hands to the running pipeline.
+#[derive(Default)]
+struct Recovery {
+    next_lsn: u64,
+    /// The snapshot's outbox, then the events replaying the log produced.
+    outbox: Vec<Outgoing>,
+}
+
+/// Restores the newest snapshot into the workers and replays the input log after it. Damage
+/// (a torn log tail, a corrupt snapshot) is reported and skipped, never fatal.
+fn recover(
+    dir: &StateDir,
+    plan: &Arc<Plan>,
+    workers: &mut [Worker],
+    logged: bool,
+) -> anyhow::Result<Recovery> {
+    let mut recovery = Recovery::default();
+    let loaded = snapshot::load(dir.path());
+    for damage in &loaded.damage {
+        tracing::error!(%damage, "a snapshot was unusable; falling back");
+    }
+    if let Some(snapshot) = loaded.snapshot {
+        recovery.next_lsn = snapshot.lsn;
+        for device in &snapshot.devices {
+            let shard = Plan::shard(usize::from(device.input), &device.device, workers.len());
+            workers[shard].restore(device);
+        }
+        tracing::info!(
+            lsn = snapshot.lsn,
+            devices = snapshot.devices.len(),
+            outbox = snapshot.outbox.len(),
+            from = ?loaded.from,
+            "restored state from the snapshot"
+        );
+        recovery.outbox = snapshot
+            .outbox
+            .into_iter()
+            .map(|m| crate::sink::restore(m, plan))
+            .collect();
+    }
+    if logged {
+        let recovered = crate::store::log::recover(&dir.log_dir(), recovery.next_lsn)?;
+        for damage in &recovered.damage {
+            tracing::error!(%damage, "the input log was damaged; what follows the damage in that segment is lost");
+        }
+        let replayed = recovered.records.len();
+        for record in recovered.records {
+            let input = usize::from(record.input);
+            if input >= plan.inputs.len() {
+                continue;
+            }
+            let Some(device) = plan.inputs[input]
+                .pattern
+                .capture(&record.topic, plan.inputs[input].device_index)
+            else {
+                continue;
+            };
+            let shard = Plan::shard(input, device, workers.len());
+            let message = RawMessage {
+                input,
+                topic: record.topic,
+                payload: record.payload.into(),
+                arrival: Instant::now(),
+                arrival_ms: record.arrival_ms,
+                lsn: record.lsn,
+            };
+            workers[shard].process(&message, &mut recovery.outbox);
+        }
+        recovery.next_lsn = recovery.next_lsn.max(recovered.next_lsn);
+        if replayed > 0 {
+            tracing::info!(
+                replayed,
+                events = recovery.outbox.len(),
+                "replayed the input log after the snapshot"
+            );
+        }
+    }
+    Ok(recovery)
 }
 
 /// Runs until `shutdown` resolves, then stops within [`SHUTDOWN_TIMEOUT`].
@@ -134,8 +278,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// Samples the depth of the bounded channels four times a second into `weir_queue_depth`.
 fn spawn_queue_gauges(
     metrics: Arc<Metrics>,
-    workers: Vec<mpsc::Sender<crate::engine::RawMessage>>,
-    sink: mpsc::Sender<crate::route::Outgoing>,
+    workers: Vec<mpsc::Sender<crate::engine::WorkerInput>>,
+    sink: mpsc::Sender<crate::sink::SinkInput>,
 ) -> JoinHandle<()> {
     let weak_workers: Vec<_> = workers.iter().map(|tx| tx.downgrade()).collect();
     let weak_sink = sink.downgrade();

@@ -15,7 +15,8 @@
 //! Around the path: [`config`] (TOML types and validation), [`topic`] (patterns and templates),
 //! [`metrics`] (every metric defined once, plus the HTTP endpoints), [`mqtt`] (connection options
 //! and reconnect backoff shared by source and sink), [`app`] (wires the stages together),
-//! [`demo`] (embedded broker and device simulator).
+//! [`store`] (input log and snapshots in the state dir), [`demo`] (embedded broker and device
+//! simulator).
 
 pub mod app;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod operators;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod store;
 pub mod topic;

@@ -147,6 +147,8 @@ impl WeirProcess {
             .arg(broker.url())
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .stdout(stdout)
             .stderr(stderr)
             .spawn()

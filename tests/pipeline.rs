@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    http_get, promtool_check, start_weir, telemetry_topic, wait_until, Message, Mosquitto,
-    Publisher, Subscriber, DEADLINE, T0,
+    at_most_once_config, example_config, http_get, promtool_check, start_weir, start_weir_with,
+    telemetry_topic, wait_until, Message, Mosquitto, Publisher, Subscriber, DEADLINE, T0,
 };
 use serde_json::{json, Value};
 
@@ -171,9 +171,9 @@ async fn readings_in_one_window_yield_one_exact_rollup() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_publishes_open_windows_as_partial_without_cause() {
+async fn without_a_state_dir_stop_publishes_open_windows_as_partial_without_cause() {
     let broker = Mosquitto::start();
-    let weir = start_weir(&broker, "partial").await;
+    let weir = start_weir_with(at_most_once_config(&broker, "partial")).await;
     let mut rollups = Subscriber::start(&broker, ROLLUPS).await;
     let mut device = Publisher::start(&broker).await;
 
@@ -367,5 +367,47 @@ async fn metrics_endpoint_serves_valid_prometheus_text_and_health_checks() {
         );
     }
     promtool_check(&body);
+    weir.stop().await.expect("weir stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_windows_survive_a_restart_with_the_state_dir() {
+    let broker = Mosquitto::start();
+    let config = example_config(&broker, "survive");
+    let weir = start_weir_with(config.clone()).await;
+    let mut rollups = Subscriber::start(&broker, ROLLUPS).await;
+    let mut device = Publisher::start(&broker).await;
+
+    device.reading("s1", "d1", reading(T0, 1, 20.0, 40.0)).await;
+    device
+        .reading("s1", "d1", reading(T0 + 3_000, 2, 22.0, 42.0))
+        .await;
+    let decoded = weir.metrics.clone();
+    assert!(
+        wait_until(DEADLINE, || decoded
+            .readings_decoded
+            .with_label_values(&["telemetry"])
+            .get()
+            == 2)
+        .await
+    );
+    // The window is open at shutdown: with a state dir it is saved, not flushed as partial.
+    weir.stop().await.expect("weir stops cleanly");
+    rollups.assert_quiet().await;
+
+    let weir = start_weir_with(config).await;
+    device
+        .reading("s1", "d1", reading(T0 + 6_000, 3, 24.0, 44.0))
+        .await;
+    device
+        .reading("s1", "d1", reading(T0 + 10_000, 4, 30.0, 50.0))
+        .await;
+    let closed = rollups.take(1).await;
+    let (_, event) = split_id(&closed[0]);
+    assert_eq!(
+        event["metrics"]["temperature"],
+        json!({"count": 3, "min": 20.0, "max": 24.0, "avg": 22.0}),
+        "the rollup must include the readings from before the restart: {event}"
+    );
     weir.stop().await.expect("weir stops cleanly");
 }

@@ -52,8 +52,8 @@ pub struct DeliveryConfig {
     /// How often operator state is snapshotted (which also bounds the input log replayed at start).
     #[serde(default = "default_snapshot_interval", deserialize_with = "duration")]
     pub snapshot_interval: Duration,
-    /// Recent (device, sequence number or payload hash) keys remembered per worker to drop
-    /// redelivered inputs.
+    /// Recent readings remembered per device (by sequence number, or payload hash without one) to
+    /// drop redelivered inputs.
     #[serde(default = "default_dedup_horizon")]
     pub dedup_horizon: usize,
     /// Derived events held while the broker is away (or has not acknowledged them yet).
@@ -400,7 +400,7 @@ fn default_snapshot_interval() -> Duration {
     Duration::from_secs(30)
 }
 fn default_dedup_horizon() -> usize {
-    65_536
+    32
 }
 fn default_outbox_max() -> usize {
     100_000
@@ -612,8 +612,28 @@ mod tests {
 
     #[test]
     fn qos_2_is_refused() {
-        let (problem, _) = problem_after("qos = 1\nseq_field", "qos = 2\nseq_field");
+        let (problem, _) = problem_after("seq_field = \"seq\"", "qos = 2\nseq_field = \"seq\"");
         assert_eq!(problem.path, "inputs.telemetry.qos");
+    }
+
+    #[test]
+    fn at_least_once_needs_a_state_dir_and_a_persistent_session() {
+        let text = EXAMPLE
+            .replace("state_dir = \"/var/lib/weir\"", "")
+            .replace("clean_session = false", "clean_session = true");
+        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["delivery.mode", "broker.clean_session"], "{err}");
+    }
+
+    #[test]
+    fn at_least_once_refuses_an_explicit_qos_0() {
+        let (problem, _) = problem_after(
+            "format = \"json\"\nseq_field",
+            "format = \"json\"\nqos = 0\nseq_field",
+        );
+        assert_eq!(problem.path, "inputs.telemetry.qos");
+        assert!(problem.message.contains("at_least_once"));
     }
 
     #[test]

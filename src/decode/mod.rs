@@ -88,6 +88,8 @@ pub enum DecodeError {
     BadTimestamp,
     /// The topic is not valid UTF-8 or does not match the input's pattern.
     BadTopic,
+    /// The payload exceeds the input's `max_payload_bytes`; it was not decoded.
+    TooLarge,
 }
 
 /// Which field of a [`FieldPlan`] an error is about.
@@ -109,11 +111,12 @@ impl DecodeError {
             DecodeError::NoMetrics => "missing_field",
             DecodeError::BadTimestamp => "bad_timestamp",
             DecodeError::BadTopic => "bad_topic",
+            DecodeError::TooLarge => "too_large",
         }
     }
 
     /// Every reason label, so metrics can be pre-registered at zero.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "malformed",
         "not_an_object",
         "wrong_type",
@@ -121,6 +124,7 @@ impl DecodeError {
         "missing_field",
         "bad_timestamp",
         "bad_topic",
+        "too_large",
     ];
 
     /// A sentence for logs and dead letters.
@@ -150,6 +154,9 @@ impl DecodeError {
                 None => "bad timestamp".into(),
             },
             DecodeError::BadTopic => "the topic does not match the input's pattern".into(),
+            DecodeError::TooLarge => {
+                "the payload is larger than the input's max_payload_bytes".into()
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod worker;
 
-pub use worker::{RawMessage, Worker};
+pub use worker::{RawMessage, Worker, WorkerInput};
 
 use crate::config::Config;
 use crate::decode::FieldPlan;
@@ -23,6 +23,13 @@ pub struct Plan {
     pub rules: Vec<RulePlan>,
     /// Devices a worker tracks before refusing new ones.
     pub max_devices_per_worker: usize,
+    /// Recent readings remembered per device to drop redeliveries.
+    pub dedup_horizon: usize,
+    /// Dead-letter topic (`{input}` and `{reason}` replaced), if dead letters are published.
+    pub dead_letter_topic: Option<String>,
+    pub dead_letter_qos: rumqttc::QoS,
+    /// True with a state dir: open state is snapshotted at shutdown instead of flushed as partial.
+    pub durable_state: bool,
 }
 
 /// One input: its pattern, how to decode its payloads, and the rules that read it.
@@ -35,6 +42,7 @@ pub struct InputPlan {
     pub device_index: usize,
     pub fields: FieldPlan,
     pub qos: rumqttc::QoS,
+    pub max_payload_bytes: usize,
     /// Indexes into [`Plan::rules`].
     pub rules: Vec<usize>,
 }
@@ -118,6 +126,7 @@ impl Plan {
                 device_index,
                 fields: FieldPlan::new(input, std::mem::take(&mut metrics[index])),
                 qos: qos(config.effective_qos(input.qos)),
+                max_payload_bytes: input.max_payload_bytes,
                 rules: Vec::new(),
             });
         }
@@ -167,6 +176,10 @@ impl Plan {
             inputs,
             rules,
             max_devices_per_worker: config.pipeline.max_devices_per_worker,
+            dedup_horizon: config.delivery.dedup_horizon,
+            dead_letter_topic: config.dead_letter.topic.clone(),
+            dead_letter_qos: qos(config.effective_qos(None)),
+            durable_state: config.delivery.state_dir.is_some(),
         })
     }
 

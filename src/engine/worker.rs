@@ -4,12 +4,15 @@
 
 use super::{OperatorPlan, Plan};
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
+use crate::event::EventId;
 use crate::metrics::Metrics;
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
+use crate::sink::SinkInput;
+use crate::store::DeviceSnapshot;
 use bytes::Bytes;
 use prometheus::IntCounter;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -23,6 +26,16 @@ pub struct RawMessage {
     pub arrival: Instant,
     /// Arrival as wall-clock ms since the epoch: the event time when the payload has none.
     pub arrival_ms: i64,
+    /// Position in receive order (the input log's sequence number).
+    pub lsn: u64,
+}
+
+/// What flows from the source to a worker.
+#[derive(Debug)]
+pub enum WorkerInput {
+    Message(RawMessage),
+    /// Snapshot this worker's state as of every message before `lsn`, and pass it to the sink.
+    Barrier(u64),
 }
 
 /// How often processing-time timers run ([`Worker::tick`]).
@@ -37,6 +50,10 @@ trait RuleRunner: Send {
     fn wants_ticks(&self) -> bool;
     fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output);
     fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output);
+    /// The device's state as CBOR, if it has any.
+    fn save(&self, device: DeviceId) -> Option<Vec<u8>>;
+    /// Replaces the device's state with a saved one.
+    fn restore(&mut self, device: DeviceId, saved: &[u8]) -> Result<(), String>;
 }
 
 struct Keyed<O: Operator> {
@@ -69,6 +86,22 @@ impl<O: Operator> RuleRunner for Keyed<O> {
             self.operator.on_close(state, origin, out);
         }
     }
+
+    fn save(&self, device: DeviceId) -> Option<Vec<u8>> {
+        let state = self.states.get(device)?;
+        let mut bytes = Vec::new();
+        ciborium::into_writer(state, &mut bytes).ok()?;
+        Some(bytes)
+    }
+
+    fn restore(&mut self, device: DeviceId, saved: &[u8]) -> Result<(), String> {
+        let state: O::State = ciborium::from_reader(saved).map_err(|err| err.to_string())?;
+        if self.states.len() <= device {
+            self.states.resize_with(device + 1, Default::default);
+        }
+        self.states[device] = state;
+        Ok(())
+    }
 }
 
 /// Counters of one rule, resolved once so the hot path does no label lookups.
@@ -82,6 +115,7 @@ struct RuleCounters {
 struct InputCounters {
     decoded: IntCounter,
     refused_device_limit: IntCounter,
+    duplicates: IntCounter,
 }
 
 /// Rate limit for repeated warnings: at most one line per interval, saying how many were folded.
@@ -127,6 +161,10 @@ pub struct Worker {
     devices: HashMap<(usize, Box<str>), DeviceId>,
     /// The latest origin of each device, for flushing at close.
     device_origins: Vec<Arc<Origin>>,
+    /// The input of each device.
+    device_inputs: Vec<usize>,
+    /// Dedup keys of each device's recent readings, oldest first, at most `dedup_horizon`.
+    recent: Vec<VecDeque<u64>>,
     /// One reusable decode buffer per input.
     decoded: Vec<Decoded>,
     output: Output,
@@ -175,6 +213,7 @@ impl Worker {
                 refused_device_limit: metrics
                     .readings_refused
                     .with_label_values(&[&input.name, "device_limit"]),
+                duplicates: metrics.duplicates_dropped.with_label_values(&[&input.name]),
             })
             .collect();
         let decoded = plan
@@ -187,6 +226,8 @@ impl Worker {
             origins: HashMap::new(),
             devices: HashMap::new(),
             device_origins: Vec::new(),
+            device_inputs: Vec::new(),
+            recent: Vec::new(),
             decoded,
             output: Output::default(),
             rule_counters,
@@ -235,6 +276,8 @@ impl Worker {
         });
         if device == self.device_origins.len() {
             self.device_origins.push(origin.clone());
+            self.device_inputs.push(input);
+            self.recent.push(VecDeque::new());
         } else {
             self.device_origins[device] = origin.clone();
         }
@@ -249,9 +292,12 @@ impl Worker {
     pub fn process(&mut self, message: &RawMessage, out: &mut Vec<Outgoing>) {
         let input = message.input;
         let topic = message.topic.as_str();
+        if message.payload.len() > self.plan.inputs[input].max_payload_bytes {
+            return self.decode_failed(message, DecodeError::TooLarge, out);
+        }
         let (device, origin) = match self.resolve(input, topic) {
             Ok(found) => found,
-            Err(Refusal::Decode(err)) => return self.decode_failed(input, topic, err),
+            Err(Refusal::Decode(err)) => return self.decode_failed(message, err, out),
             Err(Refusal::DeviceLimit) => {
                 self.input_counters[input].refused_device_limit.inc();
                 if let Some(suppressed) = self.limit_warnings.allow(message.arrival) {
@@ -269,7 +315,26 @@ impl Worker {
         let input_plan = &self.plan.inputs[input];
         let decoded = &mut self.decoded[input];
         if let Err(err) = input_plan.fields.decode(&message.payload, decoded) {
-            return self.decode_failed(input, topic, err);
+            return self.decode_failed(message, err, out);
+        }
+        // Redelivered inputs (after a reconnect or a restart) are recognised by the device's
+        // sequence number, or by payload hash when the payload carries its own time; without
+        // either, two identical payloads may be two real readings, so nothing is dropped.
+        let dedup_key = match (decoded.seq, decoded.ts) {
+            (Some(seq), _) => Some(EventId::derive(&[b"seq", &seq.to_le_bytes()]).0),
+            (None, Some(_)) => Some(EventId::derive(&[b"payload", &message.payload]).0),
+            (None, None) => None,
+        };
+        if let Some(key) = dedup_key {
+            let recent = &mut self.recent[device];
+            if recent.contains(&key) {
+                self.input_counters[input].duplicates.inc();
+                return;
+            }
+            if recent.len() >= self.plan.dedup_horizon.max(1) {
+                recent.pop_front();
+            }
+            recent.push_back(key);
         }
         self.input_counters[input].decoded.inc();
         let reading = Reading {
@@ -308,31 +373,96 @@ impl Worker {
         }
     }
 
-    /// Counts and (rate-limited) logs a payload that could not become a reading.
-    fn decode_failed(&mut self, input: usize, topic: &str, err: DecodeError) {
-        let input_plan = &self.plan.inputs[input];
+    /// Counts, logs (rate-limited) and dead-letters an input that could not become a reading.
+    fn decode_failed(&mut self, message: &RawMessage, err: DecodeError, out: &mut Vec<Outgoing>) {
+        let input_plan = &self.plan.inputs[message.input];
+        let reason = err.reason();
+        let description = err.describe(&input_plan.fields);
         self.metrics
             .decode_errors
-            .with_label_values(&[&input_plan.name, err.reason()])
+            .with_label_values(&[&input_plan.name, reason])
             .inc();
         if let Some(suppressed) = self.decode_warnings.allow(Instant::now()) {
             tracing::warn!(
                 input = %input_plan.name,
-                topic,
-                reason = err.reason(),
+                topic = %message.topic,
+                reason,
                 suppressed,
-                "skipped a payload: {}",
-                err.describe(&input_plan.fields)
+                "skipped a payload: {description}"
             );
+        }
+        if let Some(template) = &self.plan.dead_letter_topic {
+            self.metrics
+                .dead_letters
+                .with_label_values(&[&input_plan.name, reason])
+                .inc();
+            out.push(Outgoing {
+                topic: template
+                    .replace("{input}", &input_plan.name)
+                    .replace("{reason}", reason),
+                payload: dead_letter_payload(&input_plan.name, message, reason, &description),
+                qos: self.plan.dead_letter_qos,
+                retain: false,
+                rule_index: None,
+                arrival: Some(message.arrival),
+                ts: message.arrival_ms,
+            });
         }
     }
 
-    /// The worker loop: reads batches from the source, sends routed messages to the sink, and
-    /// flushes open windows when the source closes its channel.
+    /// The state of every device as of now, for a snapshot.
+    pub fn snapshot(&self) -> Vec<DeviceSnapshot> {
+        self.device_origins
+            .iter()
+            .enumerate()
+            .map(|(device, origin)| DeviceSnapshot {
+                input: self.device_inputs[device] as u16,
+                device: origin.device.to_string(),
+                topic: origin.topic.to_string(),
+                rules: self
+                    .runners
+                    .iter()
+                    .zip(&self.plan.rules)
+                    .filter_map(|(runner, rule)| {
+                        runner
+                            .save(device)
+                            .map(|bytes| (rule.name.to_string(), bytes))
+                    })
+                    .collect(),
+                recent: self.recent[device].iter().copied().collect(),
+            })
+            .collect()
+    }
+
+    /// Restores one device from a snapshot. A rule whose saved state no longer fits (its
+    /// definition changed) starts fresh for that device, with a warning.
+    pub fn restore(&mut self, saved: &DeviceSnapshot) {
+        let input = usize::from(saved.input);
+        if input >= self.plan.inputs.len() {
+            return;
+        }
+        let Ok((device, _)) = self.resolve(input, &saved.topic) else {
+            tracing::warn!(topic = %saved.topic, "a saved device no longer matches its input; its state is dropped");
+            return;
+        };
+        for (rule_name, bytes) in &saved.rules {
+            let Some(rule) = self.plan.rules.iter().position(|r| &*r.name == rule_name) else {
+                continue;
+            };
+            if let Err(err) = self.runners[rule].restore(device, bytes) {
+                tracing::warn!(rule = %rule_name, device = %saved.device, %err, "saved state does not fit the rule any more; starting fresh");
+            }
+        }
+        self.recent[device] = saved.recent.iter().copied().collect();
+    }
+
+    /// The worker loop: reads batches from the source, sends routed messages to the sink, answers
+    /// snapshot barriers, and, when the source closes its channel, flushes open windows (or, with
+    /// a state dir, leaves them to the final snapshot).
     pub async fn run(
         mut self,
-        mut input: mpsc::Receiver<RawMessage>,
-        sink: mpsc::Sender<Outgoing>,
+        mut input: mpsc::Receiver<WorkerInput>,
+        sink: mpsc::Sender<SinkInput>,
     ) {
         let mut batch = Vec::with_capacity(256);
         let mut out = Vec::with_capacity(256);
@@ -344,25 +474,91 @@ impl Worker {
                     if received == 0 {
                         break;
                     }
-                    for message in batch.drain(..) {
-                        self.process(&message, &mut out);
+                    for item in batch.drain(..) {
+                        match item {
+                            WorkerInput::Message(message) => self.process(&message, &mut out),
+                            WorkerInput::Barrier(lsn) => {
+                                if !send_all(&sink, &mut out).await {
+                                    return;
+                                }
+                                let devices = self.snapshot();
+                                if sink.send(SinkInput::Barrier { lsn, devices }).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
                     }
                 }
                 _ = ticks.tick() => self.tick(crate::source::wall_clock_ms(), &mut out),
             }
-            for message in out.drain(..) {
-                if sink.send(message).await.is_err() {
-                    return;
-                }
-            }
-        }
-        self.close(&mut out);
-        for message in out.drain(..) {
-            if sink.send(message).await.is_err() {
+            if !send_all(&sink, &mut out).await {
                 return;
             }
         }
+        if !self.plan.durable_state {
+            self.close(&mut out);
+        }
+        send_all(&sink, &mut out).await;
     }
+}
+
+/// Sends and clears `out`; false when the sink is gone.
+async fn send_all(sink: &mpsc::Sender<SinkInput>, out: &mut Vec<Outgoing>) -> bool {
+    for message in out.drain(..) {
+        if sink.send(SinkInput::Event(message)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The JSON body of a dead letter: why, and what arrived (as text when it is UTF-8, else base64),
+/// cut to 4 KiB.
+fn dead_letter_payload(
+    input: &str,
+    message: &RawMessage,
+    reason: &str,
+    description: &str,
+) -> Vec<u8> {
+    const KEEP: usize = 4096;
+    let payload = &message.payload[..message.payload.len().min(KEEP)];
+    let mut body = serde_json::json!({
+        "v": crate::event::SCHEMA_VERSION,
+        "kind": "dead_letter",
+        "input": input,
+        "reason": reason,
+        "message": description,
+        "topic": message.topic,
+        "received": message.arrival_ms,
+        "payload_bytes": message.payload.len(),
+    });
+    match std::str::from_utf8(payload) {
+        Ok(text) => body["payload"] = text.into(),
+        Err(_) => body["payload_b64"] = base64(payload).into(),
+    }
+    if message.payload.len() > KEEP {
+        body["truncated"] = true.into();
+    }
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Standard base64 with padding (RFC 4648).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Counts what an operator reported and routes the events it produced.
@@ -391,4 +587,18 @@ fn drain_output(
 enum Refusal {
     Decode(DecodeError),
     DeviceLimit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
 }

@@ -55,6 +55,12 @@ pub struct Metrics {
     pub subscriptions_active: IntGauge,
     pub queue_depth: IntGaugeVec,
     pub devices_tracked: IntGauge,
+    pub dead_letters: IntCounterVec,
+    pub duplicates_dropped: IntCounterVec,
+    pub outbox_messages: IntGauge,
+    pub outbox_dropped: IntCounterVec,
+    pub snapshots_written: IntCounter,
+    pub inputs_acked: IntCounter,
     pub processing_latency: Histogram,
     pub event_latency: HistogramVec,
     build_info: IntGaugeVec,
@@ -124,6 +130,30 @@ impl Metrics {
         registry
             .register(Box::new(devices_tracked.clone()))
             .unwrap_or_else(|err| panic!("devices gauge: {err}"));
+        let outbox_messages = IntGauge::new(
+            "weir_outbox_messages",
+            "Derived events queued for the broker or awaiting its acknowledgement.",
+        )
+        .unwrap_or_else(|err| panic!("outbox gauge: {err}"));
+        registry
+            .register(Box::new(outbox_messages.clone()))
+            .unwrap_or_else(|err| panic!("outbox gauge: {err}"));
+        let snapshots_written = IntCounter::new(
+            "weir_snapshots_written_total",
+            "State snapshots written to the state dir.",
+        )
+        .unwrap_or_else(|err| panic!("snapshot counter: {err}"));
+        registry
+            .register(Box::new(snapshots_written.clone()))
+            .unwrap_or_else(|err| panic!("snapshot counter: {err}"));
+        let inputs_acked = IntCounter::new(
+            "weir_inputs_acked_total",
+            "QoS 1 inputs acknowledged to the broker after they were logged durably.",
+        )
+        .unwrap_or_else(|err| panic!("ack counter: {err}"));
+        registry
+            .register(Box::new(inputs_acked.clone()))
+            .unwrap_or_else(|err| panic!("ack counter: {err}"));
         let readings_unmatched = IntCounter::new(
             "weir_readings_unmatched_total",
             "Messages whose topic matched no input pattern (dropped).",
@@ -218,6 +248,24 @@ impl Metrics {
                 "Messages waiting in the bounded channel in front of a stage.",
                 &["stage"],
             ),
+            dead_letters: counter_vec(
+                r,
+                "weir_dead_letters_total",
+                "Inputs that could not become readings, sent to the dead-letter path, by input and reason.",
+                &["input", "reason"],
+            ),
+            duplicates_dropped: counter_vec(
+                r,
+                "weir_duplicates_dropped_total",
+                "Redelivered inputs recognised and not applied twice, by input.",
+                &["input"],
+            ),
+            outbox_dropped: counter_vec(
+                r,
+                "weir_outbox_dropped_total",
+                "Derived events dropped because the outbox was full, by policy (drop_oldest, drop_newest).",
+                &["policy"],
+            ),
             build_info: gauge_vec(
                 r,
                 "weir_build_info",
@@ -227,6 +275,9 @@ impl Metrics {
             registry,
             subscriptions_active,
             devices_tracked,
+            outbox_messages,
+            snapshots_written,
+            inputs_acked,
             readings_unmatched,
             processing_latency,
             event_latency,
@@ -259,8 +310,10 @@ impl Metrics {
             self.readings_received.with_label_values(&[input]);
             self.received_bytes.with_label_values(&[input]);
             self.readings_decoded.with_label_values(&[input]);
+            self.duplicates_dropped.with_label_values(&[input]);
             for reason in crate::decode::DecodeError::REASONS {
                 self.decode_errors.with_label_values(&[input, reason]);
+                self.dead_letters.with_label_values(&[input, reason]);
             }
         }
         for (rule, kind) in rules {

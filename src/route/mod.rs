@@ -26,8 +26,8 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     pub qos: rumqttc::QoS,
     pub retain: bool,
-    /// Rule index, for per-rule publish metrics.
-    pub rule_index: usize,
+    /// Rule index, for per-rule publish metrics; `None` for dead letters.
+    pub rule_index: Option<usize>,
     /// Arrival of the causing reading, for the latency histogram.
     pub arrival: Option<Instant>,
     /// Event time of the event, ms since the epoch.
@@ -45,7 +45,7 @@ impl Route {
             payload: encode(event, self.format),
             qos: self.qos,
             retain: self.retain,
-            rule_index: event.rule_index,
+            rule_index: Some(event.rule_index),
             arrival: event.arrival,
             ts: event.ts,
         }

@@ -1,34 +1,103 @@
 //! MQTT publishing on its own connection, so a slow publish never stalls intake. The event loop is
-//! polled by a dedicated task (never publish from the polling task: that deadlocks under load);
-//! the sink task hands each message to the client in the order the workers produced it.
+//! polled by a dedicated task (never publish from the polling task: that deadlocks under load).
 //!
-//! While the broker is away, rumqttc keeps queued publishes and sends them after reconnecting;
-//! when its bounded request queue is full, the sink waits, and backpressure reaches the workers.
+//! The sink owns the outbox: derived events queued for the broker, and QoS 1 events handed to the
+//! connection but not yet acknowledged (PUBACK). Its size is capped (`delivery.outbox_max_messages`)
+//! and `delivery.outbox_when_full` says what happens at the cap: `block` stops taking events from
+//! the workers (backpressure reaches intake), `drop_oldest` / `drop_newest` drop and count.
+//!
+//! The sink also completes snapshots: each worker passes its state down the same channel as its
+//! events (a barrier), so when every worker's barrier has arrived, the outbox holds every event
+//! derived before the barrier that the broker has not acknowledged.
 
+use crate::config::OutboxPolicy;
 use crate::engine::Plan;
 use crate::metrics::{Connection, Metrics};
 use crate::mqtt::Backoff;
 use crate::route::Outgoing;
 use crate::source::wall_clock_ms;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-use std::sync::Arc;
+use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// How long the sink keeps trying to hand over the last messages at shutdown.
+/// How long the sink keeps trying to hand over and get acknowledged the last events at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Publishes everything from `input` until the workers close it, then disconnects.
+/// What flows from the workers to the sink.
+#[derive(Debug)]
+pub enum SinkInput {
+    Event(Outgoing),
+    /// One worker's state as of input `lsn`.
+    Barrier {
+        lsn: u64,
+        devices: Vec<DeviceSnapshot>,
+    },
+}
+
+/// How the sink is set up.
+pub struct SinkOptions {
+    pub mqtt: MqttOptions,
+    pub request_capacity: usize,
+    pub outbox_max: usize,
+    pub policy: OutboxPolicy,
+    /// Number of workers, i.e. barriers that complete a snapshot.
+    pub workers: usize,
+    /// Where completed snapshots go (the store task); `None` without a state dir.
+    pub snapshots: Option<mpsc::Sender<Snapshot>>,
+    /// Events restored from the last snapshot's outbox, published first.
+    pub restored: Vec<Outgoing>,
+}
+
+/// QoS 1 events handed to the connection and not yet acknowledged, oldest first. Shared with the
+/// poll task, which pops one per PUBACK: a broker acknowledges one client's QoS 1 publishes in
+/// order, and rumqttc retransmits unacknowledged ones itself after a reconnect.
+type Unacked = Arc<Mutex<VecDeque<Outgoing>>>;
+
+fn stored(message: &Outgoing, plan: &Plan) -> StoredMessage {
+    StoredMessage {
+        topic: message.topic.clone(),
+        payload: message.payload.clone(),
+        qos: message.qos as u8,
+        retain: message.retain,
+        rule: message
+            .rule_index
+            .map(|i| plan.rules[i].name.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// Rebuilds a restored outbox entry.
+pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
+    Outgoing {
+        rule_index: plan.rules.iter().position(|r| *r.name == message.rule),
+        topic: message.topic,
+        payload: message.payload,
+        qos: if message.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        },
+        retain: message.retain,
+        arrival: None,
+        ts: 0,
+    }
+}
+
+/// Publishes everything from `input` until the workers close it, then drains and disconnects.
 pub async fn run(
-    options: MqttOptions,
+    options: SinkOptions,
     plan: Arc<Plan>,
-    mut input: mpsc::Receiver<Outgoing>,
+    mut input: mpsc::Receiver<SinkInput>,
     metrics: Arc<Metrics>,
-    request_capacity: usize,
 ) {
-    let (client, mut eventloop) = AsyncClient::new(options, request_capacity.max(10));
+    let (client, mut eventloop) = AsyncClient::new(options.mqtt, options.request_capacity.max(10));
+    let unacked: Unacked = Arc::default();
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let poll_metrics = metrics.clone();
+    let poll_unacked = unacked.clone();
     let poller = tokio::spawn(async move {
         let mut backoff = Backoff::default();
         let mut connected = false;
@@ -38,6 +107,11 @@ pub async fn run(
                 event = eventloop.poll() => event,
             };
             match event {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    if let Ok(mut unacked) = poll_unacked.lock() {
+                        unacked.pop_front();
+                    }
+                }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
                     backoff.reset();
@@ -73,43 +147,122 @@ pub async fn run(
         .map(|rule| {
             (
                 metrics.events_published.with_label_values(&[&rule.name]),
-                metrics.publish_errors.with_label_values(&[&rule.name]),
                 metrics.event_latency.with_label_values(&[&rule.name]),
             )
         })
         .collect();
-    while let Some(message) = input.recv().await {
-        let (published, errors, event_latency) = &counters[message.rule_index];
-        let arrival = message.arrival;
-        let ts = message.ts;
-        match client
-            .publish(message.topic, message.qos, message.retain, message.payload)
-            .await
-        {
-            Ok(()) => {
+    let mut queue: VecDeque<Outgoing> = options.restored.into();
+    let mut barriers: BTreeMap<u64, (usize, Vec<DeviceSnapshot>)> = BTreeMap::new();
+    let unacked_len = |unacked: &Unacked| unacked.lock().map_or(0, |u| u.len());
+    let mut input_open = true;
+
+    // Hands queued events to the connection until its request queue is full.
+    let hand_over = |queue: &mut VecDeque<Outgoing>| {
+        while let Some(message) = queue.front() {
+            let result = client.try_publish(
+                message.topic.clone(),
+                message.qos,
+                message.retain,
+                message.payload.clone(),
+            );
+            if result.is_err() {
+                break;
+            }
+            let Some(message) = queue.pop_front() else {
+                break;
+            };
+            if let Some(rule) = message.rule_index {
+                let (published, event_latency) = &counters[rule];
                 published.inc();
-                if let Some(arrival) = arrival {
-                    metrics.observe_latency(arrival.elapsed());
-                }
-                let behind_ms = wall_clock_ms().saturating_sub(ts);
+                let behind_ms = wall_clock_ms().saturating_sub(message.ts);
                 if behind_ms >= 0 {
                     event_latency.observe(behind_ms as f64 / 1e3);
                 }
             }
-            Err(err) => {
-                errors.inc();
-                tracing::error!(%err, "could not hand an event to the broker connection");
+            if let Some(arrival) = message.arrival {
+                metrics.observe_latency(arrival.elapsed());
+            }
+            if message.qos != QoS::AtMostOnce {
+                if let Ok(mut unacked) = unacked.lock() {
+                    unacked.push_back(message);
+                }
             }
         }
+    };
+
+    while input_open {
+        let outbox_len = queue.len() + unacked_len(&unacked);
+        metrics.outbox_messages.set(outbox_len as i64);
+        let accepting = outbox_len < options.outbox_max || options.policy != OutboxPolicy::Block;
+        tokio::select! {
+            received = input.recv(), if accepting => match received {
+                None => input_open = false,
+                Some(SinkInput::Event(message)) => {
+                    if outbox_len >= options.outbox_max {
+                        match options.policy {
+                            OutboxPolicy::DropOldest => {
+                                queue.pop_front();
+                                metrics.outbox_dropped.with_label_values(&["drop_oldest"]).inc();
+                                queue.push_back(message);
+                            }
+                            OutboxPolicy::DropNewest | OutboxPolicy::Block => {
+                                metrics.outbox_dropped.with_label_values(&["drop_newest"]).inc();
+                            }
+                        }
+                    } else {
+                        queue.push_back(message);
+                    }
+                }
+                Some(SinkInput::Barrier { lsn, devices }) => {
+                    let entry = barriers.entry(lsn).or_default();
+                    entry.0 += 1;
+                    entry.1.extend(devices);
+                    if entry.0 >= options.workers {
+                        let (_, devices) = barriers.remove(&lsn).unwrap_or_default();
+                        if let Some(snapshots) = &options.snapshots {
+                            let mut outbox: Vec<StoredMessage> = unacked
+                                .lock()
+                                .map(|u| u.iter().map(|m| stored(m, &plan)).collect())
+                                .unwrap_or_default();
+                            outbox.extend(queue.iter().map(|m| stored(m, &plan)));
+                            let snapshot = Snapshot { lsn, devices, outbox };
+                            if snapshots.send(snapshot).await.is_err() {
+                                tracing::error!("the snapshot writer is gone; state is no longer saved");
+                            }
+                        }
+                    }
+                }
+            },
+            () = tokio::time::sleep(Duration::from_millis(5)), if !queue.is_empty() || !accepting => {}
+        }
+        hand_over(&mut queue);
     }
-    // Input closed: queue the DISCONNECT behind the publishes and give the poller time to send them.
+
+    // Input closed: hand over what is queued and wait for acknowledgements, within a bound.
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        loop {
+            hand_over(&mut queue);
+            if queue.is_empty() && unacked_len(&unacked) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let left = queue.len() + unacked_len(&unacked);
+    metrics.outbox_messages.set(left as i64);
+    if drained.is_err() {
+        tracing::warn!(
+            left,
+            "sink could not publish everything within {DRAIN_TIMEOUT:?}; with a state dir, the last snapshot holds them"
+        );
+    }
     let _ = client.try_disconnect();
     let mut poller = poller;
-    if tokio::time::timeout(DRAIN_TIMEOUT, &mut poller)
+    if tokio::time::timeout(Duration::from_secs(1), &mut poller)
         .await
         .is_err()
     {
-        tracing::warn!("sink could not flush within {DRAIN_TIMEOUT:?}; the broker is unreachable");
         let _ = stop_tx.send(true);
         let _ = poller.await;
     }

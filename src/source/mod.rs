@@ -1,30 +1,67 @@
 //! MQTT intake: polls the rumqttc event loop continuously in its own task, subscribes on every
-//! (re)connect, matches each message's topic to an input, stamps its arrival, and hands it to
-//! the worker that owns its device through a bounded channel.
+//! (re)connect, matches each message's topic to an input, stamps its arrival and its log sequence
+//! number (LSN), logs it (with a state dir under `at_least_once`), and hands it to the worker that
+//! owns its device through a bounded channel.
 //!
 //! Nothing slow happens in the poll loop: rumqttc sends keep-alives only from inside `poll()`.
-//! When a worker's channel is full the loop waits for room (backpressure reaches the broker's
-//! TCP window instead of growing memory); the wait is visible as `weir_queue_depth`.
+//! When a worker's channel (or the log's) is full the loop waits for room: backpressure reaches
+//! the broker's TCP window instead of growing memory; the wait is visible as `weir_queue_depth`.
+//! Acknowledgements are sent by a separate task, only for inputs the log has made durable, in
+//! receive order, and only on the connection that delivered them.
 
-use crate::engine::{Plan, RawMessage};
+use crate::engine::{Plan, RawMessage, WorkerInput};
 use crate::metrics::{Connection, Metrics};
 use crate::mqtt::Backoff;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
+use crate::store::writer::{AckBatch, AckToken, LogCommand};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
 
-/// Runs intake until `shutdown` resolves, then disconnects and returns, dropping the worker
-/// channels so the workers flush and end.
+/// How the source is set up.
+pub struct SourceOptions {
+    /// Connection options; manual acks are on when `log` is set.
+    pub mqtt: MqttOptions,
+    /// The LSN of the first message this run receives.
+    pub next_lsn: u64,
+    /// The input log (state dir + at_least_once): inputs are acked once it has synced them.
+    pub log: Option<mpsc::Sender<LogCommand>>,
+    /// Released acks from the log writer.
+    pub acks: Option<mpsc::Receiver<AckBatch>>,
+    /// How often to ask the workers for a snapshot barrier (with a state dir).
+    pub snapshot_interval: Option<Duration>,
+}
+
+/// Runs intake until `shutdown` resolves, then takes a final snapshot barrier, flushes the log and
+/// its acks, disconnects, and returns (dropping the worker channels so the workers end).
 pub async fn run(
-    options: MqttOptions,
+    options: SourceOptions,
     plan: Arc<Plan>,
-    workers: Vec<mpsc::Sender<RawMessage>>,
+    workers: Vec<mpsc::Sender<WorkerInput>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let SourceOptions {
+        mut mqtt,
+        mut next_lsn,
+        log,
+        acks,
+        snapshot_interval,
+    } = options;
+    let manual_acks = log.is_some();
+    mqtt.set_manual_acks(manual_acks);
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
+    let generation = Arc::new(AtomicU64::new(0));
+    let acker = acks.map(|acks| {
+        tokio::spawn(run_acker(
+            acks,
+            client.clone(),
+            generation.clone(),
+            metrics.clone(),
+        ))
+    });
     let filters: Vec<SubscribeFilter> = plan
         .inputs
         .iter()
@@ -42,11 +79,22 @@ pub async fn run(
         .collect();
     let mut backoff = Backoff::default();
     let mut connected = false;
+    let mut snapshots = snapshot_interval.map(|every| {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
     tokio::pin!(shutdown);
-    loop {
+    'intake: loop {
         let event = tokio::select! {
             biased;
             () = &mut shutdown => break,
+            () = next_snapshot(&mut snapshots) => {
+                if !barrier(next_lsn, &log, &workers).await {
+                    break;
+                }
+                continue;
+            }
             event = eventloop.poll() => event,
         };
         match event {
@@ -60,19 +108,45 @@ pub async fn run(
                 count.inc();
                 bytes.inc_by(publish.payload.len() as u64);
                 let shard = Plan::shard(input, device, workers.len());
+                let lsn = next_lsn;
+                next_lsn += 1;
+                let arrival_ms = wall_clock_ms();
+                if let Some(log) = &log {
+                    let ack = (publish.qos != QoS::AtMostOnce).then(|| AckToken {
+                        generation: generation.load(Ordering::Relaxed),
+                        pkid: publish.pkid,
+                    });
+                    let command = LogCommand::Append {
+                        lsn,
+                        arrival_ms,
+                        input: input as u16,
+                        topic: publish.topic.clone(),
+                        payload: publish.payload.clone(),
+                        ack,
+                    };
+                    if log.send(command).await.is_err() {
+                        break 'intake;
+                    }
+                }
                 let message = RawMessage {
                     input,
                     topic: publish.topic,
                     payload: publish.payload,
                     arrival,
-                    arrival_ms: wall_clock_ms(),
+                    arrival_ms,
+                    lsn,
                 };
-                if workers[shard].send(message).await.is_err() {
+                if workers[shard]
+                    .send(WorkerInput::Message(message))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 connected = true;
+                generation.fetch_add(1, Ordering::Relaxed);
                 backoff.reset();
                 metrics.set_connected(Connection::Source, true);
                 tracing::info!(
@@ -121,10 +195,35 @@ pub async fn run(
             }
         }
     }
+
+    // Shutdown: a final barrier (so the last snapshot covers everything received), then make the
+    // log durable and send its acks on this connection before disconnecting.
+    if snapshots.is_some() {
+        barrier(next_lsn, &log, &workers).await;
+    }
+    drop(workers);
+    let mut acks_sent = None;
+    if let Some(log) = &log {
+        let (done_tx, done_rx) = oneshot::channel();
+        if log.send(LogCommand::Flush(done_tx)).await.is_ok() {
+            acks_sent = Some(done_rx);
+        }
+    }
+    drop(log);
     if connected {
-        let _ = client.try_disconnect();
-        // Let the event loop write the DISCONNECT; bounded, since the broker may be gone.
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        // Keep polling while the last acks are sent, so they reach the broker on this connection;
+        // messages arriving now are left unacked and the broker redelivers them after a restart.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if let Some(done) = acks_sent {
+                let mut done = std::pin::pin!(done);
+                loop {
+                    tokio::select! {
+                        _ = &mut done => break,
+                        event = eventloop.poll() => if event.is_err() { return; },
+                    }
+                }
+            }
+            let _ = client.try_disconnect();
             while let Ok(event) = eventloop.poll().await {
                 if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
                     break;
@@ -133,8 +232,65 @@ pub async fn run(
         })
         .await;
     }
+    if let Some(acker) = acker {
+        acker.abort();
+    }
     metrics.set_connected(Connection::Source, false);
     tracing::info!("source stopped");
+}
+
+/// The next snapshot tick; never, without a state dir.
+async fn next_snapshot(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Asks every worker for its state as of `lsn` (and starts a new log segment there).
+async fn barrier(
+    lsn: u64,
+    log: &Option<mpsc::Sender<LogCommand>>,
+    workers: &[mpsc::Sender<WorkerInput>],
+) -> bool {
+    if let Some(log) = log {
+        if log.send(LogCommand::Rotate(lsn)).await.is_err() {
+            return false;
+        }
+    }
+    for worker in workers {
+        if worker.send(WorkerInput::Barrier(lsn)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends released acks in order, each only on the connection that delivered its message.
+async fn run_acker(
+    mut acks: mpsc::Receiver<AckBatch>,
+    client: AsyncClient,
+    generation: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(batch) = acks.recv().await {
+        for token in batch.tokens {
+            if token.generation != generation.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+            publish.pkid = token.pkid;
+            if client.ack(&publish).await.is_err() {
+                return;
+            }
+            metrics.inputs_acked.inc();
+        }
+        if let Some(done) = batch.done {
+            let _ = done.send(());
+        }
+    }
 }
 
 /// Wall-clock ms since the epoch, the arrival time of a reading.

@@ -474,7 +474,21 @@ pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
 
 /// Starts weir in-process against `broker` and returns once it is connected and subscribed.
 pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
-    let running = weir::app::start(example_config(broker, tag))
+    start_weir_with(example_config(broker, tag)).await
+}
+
+/// The example config in at_most_once mode without a state dir (a clean session, QoS 0).
+pub fn at_most_once_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
+    let mut config = example_config(broker, tag);
+    config.delivery.mode = weir::config::DeliveryMode::AtMostOnce;
+    config.delivery.state_dir = None;
+    config.broker.clean_session = true;
+    config
+}
+
+/// Starts weir in-process with `config` and returns once it is connected and subscribed.
+pub async fn start_weir_with(config: weir::config::Config) -> weir::app::Running {
+    let running = weir::app::start(config)
         .await
         .unwrap_or_else(|err| panic!("weir did not start: {err:#}"));
     let metrics = running.metrics.clone();

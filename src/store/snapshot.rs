@@ -1,0 +1,181 @@
+//! Snapshots: operator state of every device, the dedup horizon and the outbox, as of one LSN of
+//! the input log. Written to a temp file, fsynced and renamed, so a crash leaves either the old or
+//! the new snapshot; the previous one is kept as a fallback if the newest fails its checksum.
+//!
+//! File: `WEIRSNP1 | crc32(body): u32 LE | len: u64 LE | body (CBOR)`.
+
+use super::sync_dir;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"WEIRSNP1";
+const CURRENT: &str = "snapshot.cbor";
+const PREVIOUS: &str = "snapshot.prev.cbor";
+
+/// Everything needed to resume at [`Snapshot::lsn`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The first LSN this snapshot does not cover: recovery replays the log from here.
+    pub lsn: u64,
+    pub devices: Vec<DeviceSnapshot>,
+    /// Events derived but not yet acknowledged by the broker, in publish order.
+    pub outbox: Vec<StoredMessage>,
+}
+
+/// One device's state in every rule that has some.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    pub input: u16,
+    pub device: String,
+    /// The device's latest topic (its origin is rebuilt from it).
+    pub topic: String,
+    /// (rule name, CBOR-encoded operator state).
+    pub rules: Vec<(String, Vec<u8>)>,
+    /// Dedup keys of this device's recent readings, oldest first.
+    pub recent: Vec<u64>,
+}
+
+/// A derived event not yet acknowledged by the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    pub rule: String,
+}
+
+/// Writes `snapshot` atomically into `dir`, keeping the previous one as a fallback.
+///
+/// # Errors
+/// Encoding or I/O errors; the previous snapshot is intact in that case.
+pub fn write(dir: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
+    let mut body = Vec::new();
+    ciborium::into_writer(snapshot, &mut body)?;
+    let mut bytes = Vec::with_capacity(body.len() + 20);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let temp = dir.join("snapshot.tmp");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    let current = dir.join(CURRENT);
+    if current.exists() {
+        std::fs::rename(&current, dir.join(PREVIOUS))?;
+    }
+    std::fs::rename(&temp, &current)?;
+    sync_dir(dir)?;
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<Snapshot, String> {
+    let bytes = std::fs::read(path).map_err(|err| err.to_string())?;
+    if bytes.len() < 20 || &bytes[..8] != MAGIC {
+        return Err("not a weir snapshot (bad header)".into());
+    }
+    let crc = u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| "short header")?);
+    let len = u64::from_le_bytes(bytes[12..20].try_into().map_err(|_| "short header")?);
+    let body = bytes
+        .get(20..)
+        .filter(|body| body.len() as u64 == len)
+        .ok_or("truncated")?;
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch".into());
+    }
+    ciborium::from_reader(body).map_err(|err| format!("undecodable: {err}"))
+}
+
+/// What was loaded, and from where.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub snapshot: Option<Snapshot>,
+    pub from: Option<PathBuf>,
+    /// Notes on snapshots that were unusable.
+    pub damage: Vec<String>,
+}
+
+/// Loads the newest valid snapshot: the current one, else the previous one. A bad file is moved
+/// aside (never deleted) and reported, so a restart never crash-loops on it.
+pub fn load(dir: &Path) -> Loaded {
+    let mut loaded = Loaded::default();
+    for name in [CURRENT, PREVIOUS] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        match read_file(&path) {
+            Ok(snapshot) => {
+                loaded.snapshot = Some(snapshot);
+                loaded.from = Some(path);
+                return loaded;
+            }
+            Err(reason) => {
+                let aside = dir.join(format!("{name}.corrupt"));
+                let _ = std::fs::rename(&path, &aside);
+                loaded.damage.push(format!(
+                    "{}: {reason}; moved to {}",
+                    path.display(),
+                    aside.display()
+                ));
+            }
+        }
+    }
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-snap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn snapshot(lsn: u64) -> Snapshot {
+        Snapshot {
+            lsn,
+            devices: vec![DeviceSnapshot {
+                input: 0,
+                device: "d1".into(),
+                topic: "sensors/s1/d1/telemetry".into(),
+                rules: vec![("overheat".into(), vec![1, 2, 3])],
+                recent: vec![42],
+            }],
+            outbox: vec![],
+        }
+    }
+
+    #[test]
+    fn the_newest_snapshot_wins() {
+        let dir = temp("newest");
+        write(&dir, &snapshot(1)).unwrap();
+        write(&dir, &snapshot(2)).unwrap();
+        assert_eq!(load(&dir).snapshot.unwrap().lsn, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_falls_back_to_the_previous_one() {
+        let dir = temp("corrupt");
+        write(&dir, &snapshot(1)).unwrap();
+        write(&dir, &snapshot(2)).unwrap();
+        let current = dir.join(CURRENT);
+        let mut bytes = std::fs::read(&current).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&current, bytes).unwrap();
+        let loaded = load(&dir);
+        assert_eq!(loaded.snapshot.unwrap().lsn, 1);
+        assert_eq!(loaded.damage.len(), 1);
+        assert!(dir.join("snapshot.cbor.corrupt").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
