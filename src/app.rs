@@ -61,7 +61,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .map(|r| (&*r.name, r.operator.event_kind())),
     );
     let source_options = crate::mqtt::options(&config.broker, "")?;
-    let sink_options = crate::mqtt::options(&config.broker, "-out")?;
+    let mut publish_broker = config.broker.clone();
+    if let Some(url) = &config.broker.publish_url {
+        publish_broker.url.clone_from(url);
+    }
+    let sink_options = crate::mqtt::options(&publish_broker, "-out")?;
     let delivery = &config.delivery;
     let state_dir = delivery
         .state_dir

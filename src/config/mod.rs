@@ -118,6 +118,9 @@ pub struct DeadLetterConfig {
 pub struct BrokerConfig {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
     pub url: String,
+    /// Where derived events are published, when not to the same broker (e.g. an upstream broker
+    /// while readings come from the local one). Same form as `url`, same credentials and TLS.
+    pub publish_url: Option<String>,
     #[serde(default = "default_client_id")]
     pub client_id: String,
     pub username: Option<String>,
@@ -208,6 +211,11 @@ pub struct InputConfig {
     /// Larger payloads are dead-lettered (reason `too_large`) without being decoded.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// A reading whose event time is further ahead of the gateway's clock than this is
+    /// dead-lettered (reason `future_timestamp`): one bad device clock must not push its
+    /// watermark into the future and make every later reading late.
+    #[serde(default = "default_max_clock_skew", deserialize_with = "duration")]
+    pub max_clock_skew: Duration,
 }
 
 /// The payload field carrying the event time, and its unit.
@@ -404,6 +412,9 @@ fn default_dedup_horizon() -> usize {
 }
 fn default_outbox_max() -> usize {
     100_000
+}
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_max_payload_bytes() -> usize {
     64 * 1024

@@ -131,6 +131,11 @@ fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
     if let Err(message) = BrokerEndpoint::parse(&broker.url) {
         problems.add("broker.url", message);
     }
+    if let Some(url) = &broker.publish_url {
+        if let Err(message) = BrokerEndpoint::parse(url) {
+            problems.add("broker.publish_url", message);
+        }
+    }
     // rumqttc asserts that keep-alive is at least one second.
     if broker.keep_alive < Duration::from_secs(1) {
         problems.add(

@@ -90,6 +90,8 @@ pub enum DecodeError {
     BadTopic,
     /// The payload exceeds the input's `max_payload_bytes`; it was not decoded.
     TooLarge,
+    /// The event time is further ahead of the gateway clock than `max_clock_skew`.
+    FutureTimestamp,
 }
 
 /// Which field of a [`FieldPlan`] an error is about.
@@ -112,11 +114,12 @@ impl DecodeError {
             DecodeError::BadTimestamp => "bad_timestamp",
             DecodeError::BadTopic => "bad_topic",
             DecodeError::TooLarge => "too_large",
+            DecodeError::FutureTimestamp => "future_timestamp",
         }
     }
 
     /// Every reason label, so metrics can be pre-registered at zero.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "malformed",
         "not_an_object",
         "wrong_type",
@@ -125,6 +128,7 @@ impl DecodeError {
         "bad_timestamp",
         "bad_topic",
         "too_large",
+        "future_timestamp",
     ];
 
     /// A sentence for logs and dead letters.
@@ -156,6 +160,9 @@ impl DecodeError {
             DecodeError::BadTopic => "the topic does not match the input's pattern".into(),
             DecodeError::TooLarge => {
                 "the payload is larger than the input's max_payload_bytes".into()
+            }
+            DecodeError::FutureTimestamp => {
+                "the event time is further ahead of the gateway clock than max_clock_skew".into()
             }
         }
     }

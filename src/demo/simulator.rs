@@ -176,6 +176,7 @@ impl SimulatorOptions {
 fn broker_config(options: &SimulatorOptions) -> BrokerConfig {
     BrokerConfig {
         url: options.broker_url.clone(),
+        publish_url: None,
         client_id: options.client_id.clone(),
         username: None,
         password: None,

@@ -43,6 +43,7 @@ pub struct InputPlan {
     pub fields: FieldPlan,
     pub qos: rumqttc::QoS,
     pub max_payload_bytes: usize,
+    pub max_clock_skew_ms: i64,
     /// Indexes into [`Plan::rules`].
     pub rules: Vec<usize>,
 }
@@ -127,6 +128,8 @@ impl Plan {
                 fields: FieldPlan::new(input, std::mem::take(&mut metrics[index])),
                 qos: qos(config.effective_qos(input.qos)),
                 max_payload_bytes: input.max_payload_bytes,
+                max_clock_skew_ms: i64::try_from(input.max_clock_skew.as_millis())
+                    .unwrap_or(i64::MAX),
                 rules: Vec::new(),
             });
         }

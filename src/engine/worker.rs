@@ -317,6 +317,12 @@ impl Worker {
         if let Err(err) = input_plan.fields.decode(&message.payload, decoded) {
             return self.decode_failed(message, err, out);
         }
+        if decoded
+            .ts
+            .is_some_and(|ts| ts.saturating_sub(message.arrival_ms) > input_plan.max_clock_skew_ms)
+        {
+            return self.decode_failed(message, DecodeError::FutureTimestamp, out);
+        }
         // Redelivered inputs (after a reconnect or a restart) are recognised by the device's
         // sequence number, or by payload hash when the payload carries its own time; without
         // either, two identical payloads may be two real readings, so nothing is dropped.
