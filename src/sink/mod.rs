@@ -19,6 +19,7 @@ use crate::source::wall_clock_ms;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -95,9 +96,13 @@ pub async fn run(
 ) {
     let (client, mut eventloop) = AsyncClient::new(options.mqtt, options.request_capacity.max(10));
     let unacked: Unacked = Arc::default();
+    // Events are handed to the connection only while it is up; while it is down they stay in the
+    // outbox, where the cap and the policy apply (rumqttc's own request queue is not counted).
+    let connected = Arc::new(AtomicBool::new(false));
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let poll_metrics = metrics.clone();
     let poll_unacked = unacked.clone();
+    let poll_connected = connected.clone();
     let poller = tokio::spawn(async move {
         let mut backoff = Backoff::default();
         let mut connected = false;
@@ -114,6 +119,7 @@ pub async fn run(
                 }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
+                    poll_connected.store(true, Ordering::Release);
                     backoff.reset();
                     poll_metrics.set_connected(Connection::Sink, true);
                     tracing::info!("sink connected to the broker");
@@ -121,6 +127,7 @@ pub async fn run(
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(err) => {
+                    poll_connected.store(false, Ordering::Release);
                     if connected {
                         tracing::warn!(%err, "sink lost the broker connection; reconnecting");
                         connected = false;
@@ -158,6 +165,9 @@ pub async fn run(
 
     // Hands queued events to the connection until its request queue is full.
     let hand_over = |queue: &mut VecDeque<Outgoing>| {
+        if !connected.load(Ordering::Acquire) {
+            return;
+        }
         while let Some(message) = queue.front() {
             let result = client.try_publish(
                 message.topic.clone(),

@@ -75,6 +75,8 @@ pub struct Mosquitto {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Keeps sessions and queued QoS 1 messages across a graceful restart (persistence file).
+    persistent: bool,
     /// True when running the in-process rumqttd fallback, which cannot be stopped.
     embedded: bool,
 }
@@ -92,17 +94,19 @@ impl Mosquitto {
                 port,
                 dir,
                 child: None,
+                persistent: false,
                 embedded: true,
             };
         }
         // The port may be taken between probing and binding; try a few.
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = spawn_mosquitto(&dir, port) {
+            if let Some(child) = spawn_mosquitto(&dir, port, false) {
                 return Self {
                     port,
                     dir,
                     child: Some(child),
+                    persistent: false,
                     embedded: false,
                 };
             }
@@ -111,6 +115,44 @@ impl Mosquitto {
             "mosquitto did not start after 5 attempts; see {}",
             dir.join("mosquitto.log").display()
         );
+    }
+
+    /// A mosquitto with persistence on `port`, so persistent sessions and their queued QoS 1
+    /// messages survive a graceful restart ([`terminate`](Self::terminate)). `None` without a
+    /// mosquitto binary (rumqttd cannot restart).
+    pub fn start_persistent_on(port: u16) -> Option<Self> {
+        if !Path::new(MOSQUITTO).exists() {
+            println!("no {MOSQUITTO} binary: skipping a test that restarts the broker");
+            return None;
+        }
+        let dir = temp_dir("mosquitto");
+        let child = spawn_mosquitto(&dir, port, true)
+            .unwrap_or_else(|| panic!("mosquitto did not start on port {port}"));
+        Some(Self {
+            port,
+            dir,
+            child: Some(child),
+            persistent: true,
+            embedded: false,
+        })
+    }
+
+    /// Stops the broker gracefully (SIGTERM: a persistent broker saves its sessions) and waits.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port after [`terminate`](Self::terminate).
+    pub fn start_again(&mut self) {
+        let child = spawn_mosquitto(&self.dir, self.port, self.persistent)
+            .unwrap_or_else(|| panic!("mosquitto did not restart on port {}", self.port));
+        self.child = Some(child);
     }
 
     pub fn port(&self) -> u16 {
@@ -139,7 +181,7 @@ impl Mosquitto {
     /// Starts the broker again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let child = spawn_mosquitto(&self.dir, self.port).unwrap_or_else(|| {
+        let child = spawn_mosquitto(&self.dir, self.port, self.persistent).unwrap_or_else(|| {
             panic!(
                 "mosquitto did not restart on port {}; see {}",
                 self.port,
@@ -152,13 +194,22 @@ impl Mosquitto {
 
 /// Runs mosquitto on 127.0.0.1:`port` with a generated config in `dir`; `None` if it exited
 /// before accepting connections (port taken).
-fn spawn_mosquitto(dir: &Path, port: u16) -> Option<Child> {
+fn spawn_mosquitto(dir: &Path, port: u16, persistent: bool) -> Option<Child> {
     let conf = dir.join("mosquitto.conf");
+    let persistence = if persistent {
+        // Run as root, mosquitto drops to its own user before saving; let it write here.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
+        format!(
+            "persistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+            dir.display()
+        )
+    } else {
+        "persistence false\n".to_owned()
+    };
     std::fs::write(
         &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-        ),
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\n"),
     )
     .expect("write mosquitto.conf");
     let log = File::options()
