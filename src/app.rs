@@ -3,13 +3,13 @@
 //! Shutdown flows downstream: only the source watches the signal; each worker ends when its input
 //! channel closes (flushing open windows), then the sink publishes what is left and disconnects.
 
-use crate::config::{Config, DeliveryMode};
+use crate::config::{AckAfterConfig, Config, DeliveryMode};
 use crate::engine::{Plan, RawMessage, Worker};
 use crate::metrics::{http, Metrics};
 use crate::route::Outgoing;
 use crate::sink::SinkOptions;
 use crate::source::SourceOptions;
-use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer};
+use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer, AckAfter};
 use crate::store::{snapshot, StateDir};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -94,9 +94,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (log_tx, ack_rx, log_thread) = if let (true, Some(dir)) = (logged, &state_dir) {
         let (log_tx, log_rx) = mpsc::channel(capacity);
         let (ack_tx, ack_rx) = mpsc::channel(1024);
+        let ack_after = match delivery.ack_after {
+            AckAfterConfig::Fsync => AckAfter::Fsync,
+            AckAfterConfig::Write => AckAfter::Write,
+        };
         let thread = spawn_log_writer(
             dir,
             recovery.next_lsn,
+            ack_after,
             delivery.fsync_interval,
             log_rx,
             ack_tx,

@@ -81,6 +81,9 @@ enum Command {
         sites: usize,
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
+        /// Publish QoS (0 or 1).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
     },
 }
 
@@ -203,6 +206,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             rate,
             sites,
             duration,
+            qos,
         } => {
             let options = weir::demo::simulator::SimulatorOptions {
                 broker_url: broker,
@@ -211,6 +215,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 duration,
                 sites,
                 client_id: format!("weir-simulator-{}", std::process::id()),
+                qos: if qos == 1 {
+                    rumqttc::QoS::AtLeastOnce
+                } else {
+                    rumqttc::QoS::AtMostOnce
+                },
             };
             let stats = weir::demo::simulator::run(options, shutdown_signal()).await?;
             println!("published {} readings", stats.published);

@@ -45,8 +45,12 @@ pub struct DeliveryConfig {
     /// Where operator state, the input log and the outbox survive restarts. Required by
     /// `at_least_once`; optional (state snapshots only) with `at_most_once`.
     pub state_dir: Option<PathBuf>,
-    /// How often the input log is flushed to disk; inputs are acknowledged to the broker only
-    /// after the flush that made them durable.
+    /// When a logged input is acknowledged: `fsync` (after the group fsync that covers it;
+    /// survives a power cut) or `write` (once written to the OS; survives a crash of weir, and
+    /// the log is fsynced every `fsync_interval`).
+    #[serde(default)]
+    pub ack_after: AckAfterConfig,
+    /// With `ack_after = "write"`: how often the input log is fsynced.
     #[serde(default = "default_fsync_interval", deserialize_with = "duration")]
     pub fsync_interval: Duration,
     /// How often operator state is snapshotted (which also bounds the input log replayed at start).
@@ -68,6 +72,7 @@ impl Default for DeliveryConfig {
         Self {
             mode: DeliveryMode::default(),
             state_dir: None,
+            ack_after: AckAfterConfig::default(),
             fsync_interval: default_fsync_interval(),
             snapshot_interval: default_snapshot_interval(),
             dedup_horizon: default_dedup_horizon(),
@@ -87,6 +92,15 @@ pub enum DeliveryMode {
     /// QoS 1 in and out, persistent session, inputs acknowledged only once logged to the state
     /// dir: nothing acknowledged is lost; duplicates carry the same event id.
     AtLeastOnce,
+}
+
+/// When a logged input counts as durable (see `DeliveryConfig::ack_after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckAfterConfig {
+    #[default]
+    Fsync,
+    Write,
 }
 
 /// What the outbox does when it is full.

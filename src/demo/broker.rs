@@ -119,7 +119,8 @@ fn broker_config(listen: SocketAddr) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_PAYLOAD_BYTES,
-        max_inflight_count: 100,
+        // weir acknowledges QoS 1 readings after its group fsync: a deep window keeps intake full.
+        max_inflight_count: 1000,
         auth: None,
         external_auth: None,
         dynamic_filters: true,
@@ -135,10 +136,10 @@ fn broker_config(listen: SocketAddr) -> Config {
         id: 0,
         router: RouterConfig {
             max_connections: 10_000,
-            max_outgoing_packet_count: 200,
-            // Per subscription filter: ten segments of 100 KiB hold about ten thousand readings,
-            // ample for a consumer that keeps up, and bounded for one that does not.
-            max_segment_size: 100 * 1024,
+            max_outgoing_packet_count: 1000,
+            // Per subscription filter: ten segments of 1 MiB hold about a hundred thousand
+            // readings (seconds of demo traffic), bounded for a consumer that does not keep up.
+            max_segment_size: 1024 * 1024,
             max_segment_count: 10,
             custom_segment: None,
             initialized_filters: None,

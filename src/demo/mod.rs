@@ -54,6 +54,7 @@ pub async fn run(
         duration: None,
         sites: DEMO_SITES,
         client_id: "weir-demo-simulator".to_owned(),
+        qos: rumqttc::QoS::AtLeastOnce,
     };
 
     let broker = tokio::task::spawn_blocking(EmbeddedBroker::start).await??;

@@ -44,6 +44,8 @@ pub struct SimulatorOptions {
     /// Devices are spread round-robin over sites `plant-1` ..= `plant-N`.
     pub sites: usize,
     pub client_id: String,
+    /// Publish QoS: 0 (default), or 1 to exercise at_least_once intake end to end.
+    pub qos: QoS,
 }
 
 /// What a simulator run did.
@@ -67,7 +69,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<SimulatorStats> {
     options.validate()?;
-    let mqtt_options = crate::mqtt::options(&broker_config(&options), "")?;
+    let mut mqtt_options = crate::mqtt::options(&broker_config(&options), "")?;
+    // QoS 1 publishes wait for PUBACKs; a deep inflight window keeps the pipe full.
+    mqtt_options.set_inflight(1000);
     let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_CAPACITY);
     let link = Arc::new(Link::default());
     let poller = tokio::spawn(poll(eventloop, Arc::clone(&link)));
@@ -102,7 +106,7 @@ pub async fn run(
             // try_publish never waits: a full request queue (broker slow or away) ends this
             // tick's batch, and the owed readings carry over (up to MAX_BACKLOG).
             if client
-                .try_publish(topic, QoS::AtMostOnce, false, payload)
+                .try_publish(topic, options.qos, false, payload)
                 .is_err()
             {
                 break;
@@ -588,6 +592,7 @@ mod tests {
             duration: None,
             sites: 2,
             client_id: "sim".into(),
+            qos: QoS::AtMostOnce,
         };
         assert!(good.validate().is_ok());
         for bad in [

@@ -212,6 +212,14 @@ impl InputLog {
         Ok(())
     }
 
+    /// Hands what was appended to the OS (it survives a crash of weir, not a power cut).
+    ///
+    /// # Errors
+    /// Write errors.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+
     /// Flushes and fsyncs what was appended.
     ///
     /// # Errors

@@ -45,13 +45,29 @@ pub enum LogCommand {
     Flush(oneshot::Sender<()>),
 }
 
-/// Starts the log writer thread. Acks released after each sync go to `acks` in receive order.
+/// When an input counts as durable, and so may be acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckAfter {
+    /// After the fsync that covers it (group commit): survives a power cut.
+    Fsync,
+    /// After it is written to the OS; fsync runs every `fsync_interval`: survives a crash of
+    /// weir, but a power cut can lose what was acknowledged since the last fsync.
+    Write,
+}
+
+/// Starts the log writer thread. Acks released after each sync (or write) go to `acks` in
+/// receive order.
+///
+/// Group commit: the thread takes every command already queued, appends them, then makes them
+/// durable with one fsync and releases their acks; inputs arriving during an fsync form the next
+/// group. So the ack delay is about one fsync, and the fsync rate adapts to the load.
 ///
 /// # Errors
 /// The log cannot be opened.
 pub fn spawn_log_writer(
     dir: &StateDir,
     next_lsn: u64,
+    ack_after: AckAfter,
     fsync_interval: Duration,
     mut commands: mpsc::Receiver<LogCommand>,
     acks: mpsc::Sender<AckBatch>,
@@ -65,157 +81,121 @@ pub fn spawn_log_writer(
     let handle = std::thread::Builder::new()
         .name("weir-log".into())
         .spawn(move || {
-            let mut scratch = Vec::with_capacity(4096);
-            let mut pending: Vec<AckToken> = Vec::new();
-            let mut previous_snapshot: Option<u64> = None;
-            let mut last_sync = Instant::now();
-            let mut failed = false;
-            let sync = |log: &mut InputLog, pending: &mut Vec<AckToken>, failed: &mut bool| {
-                match log.sync() {
-                    Ok(()) => {
-                        if !pending.is_empty() {
-                            let _ = acks.blocking_send(AckBatch {
-                                tokens: std::mem::take(pending),
-                                done: None,
-                            });
-                        }
-                    }
-                    Err(err) => {
-                        // Unsynced inputs are never acknowledged: the broker redelivers them.
-                        if !*failed {
-                            tracing::error!(%err, "cannot sync the input log; inputs are no longer acknowledged");
-                        }
-                        *failed = true;
-                        pending.clear();
-                    }
-                }
+            let mut writer = LogWriter {
+                log: &mut log,
+                scratch: Vec::with_capacity(4096),
+                pending: Vec::new(),
+                done: Vec::new(),
+                previous_snapshot: None,
+                failed: false,
+                ack_after,
+                last_fsync: Instant::now(),
+                fsync_interval,
             };
             while let Some(first) = commands.blocking_recv() {
-                let mut next = Some(first);
-                while let Some(command) = next.take() {
-                    match command {
-                        LogCommand::Append {
-                            lsn,
-                            arrival_ms,
-                            input,
-                            topic,
-                            payload,
-                            ack,
-                        } => {
-                            let record = RecordRef {
-                                lsn,
-                                arrival_ms,
-                                input,
-                                topic: &topic,
-                                payload: &payload,
-                            };
-                            match log.append(record, &mut scratch) {
-                                Ok(()) => pending.extend(ack),
-                                Err(err) => {
-                                    if !failed {
-                                        tracing::error!(%err, "cannot append to the input log");
-                                    }
-                                    failed = true;
-                                }
-                            }
-                        }
-                        LogCommand::Rotate(lsn) => {
-                            sync(&mut log, &mut pending, &mut failed);
-                            last_sync = Instant::now();
-                            if let Err(err) = log.rotate(lsn) {
-                                tracing::error!(%err, "cannot start a new input log segment");
-                            }
-                        }
-                        LogCommand::SnapshotWritten(lsn) => {
-                            // Keep the log back to the previous snapshot too: it is the fallback
-                            // if the newest one turns out corrupt.
-                            if let Some(previous) = previous_snapshot.replace(lsn) {
-                                if let Err(err) = log.truncate_before(previous) {
-                                    tracing::warn!(%err, "cannot delete old input log segments");
-                                }
-                            }
-                        }
-                        LogCommand::Flush(done) => {
-                            sync(&mut log, &mut pending, &mut failed);
-                            last_sync = Instant::now();
-                            let _ = acks.blocking_send(AckBatch {
-                                tokens: Vec::new(),
-                                done: Some(done),
-                            });
-                        }
-                    }
-                    if last_sync.elapsed() >= fsync_interval {
-                        sync(&mut log, &mut pending, &mut failed);
-                        last_sync = Instant::now();
-                    }
-                    next = commands.try_recv().ok();
+                writer.handle(first);
+                while let Ok(command) = commands.try_recv() {
+                    writer.handle(command);
                 }
-                // Nothing queued: wait out the rest of the interval (more inputs gather meanwhile),
-                // then sync them as one group.
-                if !pending.is_empty() {
-                    std::thread::sleep(fsync_interval.saturating_sub(last_sync.elapsed()));
-                    while let Ok(command) = commands.try_recv() {
-                        if let LogCommand::Append {
-                            lsn,
-                            arrival_ms,
-                            input,
-                            topic,
-                            payload,
-                            ack,
-                        } = command
-                        {
-                            let record = RecordRef {
-                                lsn,
-                                arrival_ms,
-                                input,
-                                topic: &topic,
-                                payload: &payload,
-                            };
-                            if log.append(record, &mut scratch).is_ok() {
-                                pending.extend(ack);
-                            }
-                        } else {
-                            // Anything but an append waits for the main loop: requeueing would
-                            // reorder it, so handle it there after this sync.
-                            sync(&mut log, &mut pending, &mut failed);
-                            handle_rare(command, &mut log, &mut pending, &mut previous_snapshot, &acks);
-                        }
-                    }
-                    sync(&mut log, &mut pending, &mut failed);
-                    last_sync = Instant::now();
-                }
+                writer.commit(&acks);
             }
-            sync(&mut log, &mut pending, &mut failed);
+            writer.commit(&acks);
         })?;
     Ok(handle)
 }
 
-/// Rotate, snapshot-written and flush commands met while gathering a sync group.
-fn handle_rare(
-    command: LogCommand,
-    log: &mut InputLog,
-    pending: &mut Vec<AckToken>,
-    previous_snapshot: &mut Option<u64>,
-    acks: &mpsc::Sender<AckBatch>,
-) {
-    match command {
-        LogCommand::Rotate(lsn) => {
-            if let Err(err) = log.rotate(lsn) {
-                tracing::error!(%err, "cannot start a new input log segment");
+/// The log writer thread's state between commands.
+struct LogWriter<'a> {
+    log: &'a mut InputLog,
+    scratch: Vec<u8>,
+    /// Acks of appended inputs, released at the next commit.
+    pending: Vec<AckToken>,
+    /// Flush requests answered at the next commit.
+    done: Vec<oneshot::Sender<()>>,
+    previous_snapshot: Option<u64>,
+    failed: bool,
+    ack_after: AckAfter,
+    last_fsync: Instant,
+    fsync_interval: Duration,
+}
+
+impl LogWriter<'_> {
+    fn handle(&mut self, command: LogCommand) {
+        match command {
+            LogCommand::Append {
+                lsn,
+                arrival_ms,
+                input,
+                topic,
+                payload,
+                ack,
+            } => {
+                let record = RecordRef {
+                    lsn,
+                    arrival_ms,
+                    input,
+                    topic: &topic,
+                    payload: &payload,
+                };
+                match self.log.append(record, &mut self.scratch) {
+                    Ok(()) => self.pending.extend(ack),
+                    Err(err) => self.fail("cannot append to the input log", &err),
+                }
             }
-        }
-        LogCommand::SnapshotWritten(lsn) => {
-            if let Some(previous) = previous_snapshot.replace(lsn) {
-                let _ = log.truncate_before(previous);
+            LogCommand::Rotate(lsn) => {
+                if let Err(err) = self.log.rotate(lsn) {
+                    self.fail("cannot start a new input log segment", &err);
+                }
             }
+            LogCommand::SnapshotWritten(lsn) => {
+                // Keep the log back to the previous snapshot too: it is the fallback if the
+                // newest one turns out corrupt.
+                if let Some(previous) = self.previous_snapshot.replace(lsn) {
+                    if let Err(err) = self.log.truncate_before(previous) {
+                        tracing::warn!(%err, "cannot delete old input log segments");
+                    }
+                }
+            }
+            LogCommand::Flush(done) => self.done.push(done),
         }
-        LogCommand::Flush(done) => {
-            let _ = acks.blocking_send(AckBatch {
-                tokens: std::mem::take(pending),
-                done: Some(done),
-            });
+    }
+
+    /// Makes what was appended durable (per `ack_after`) and releases its acks.
+    fn commit(&mut self, acks: &mpsc::Sender<AckBatch>) {
+        let flushing = !self.done.is_empty();
+        let fsync = match self.ack_after {
+            AckAfter::Fsync => true,
+            AckAfter::Write => flushing || self.last_fsync.elapsed() >= self.fsync_interval,
+        };
+        let result = if fsync {
+            self.last_fsync = Instant::now();
+            self.log.sync()
+        } else {
+            self.log.flush()
+        };
+        if let Err(err) = result {
+            // Inputs not made durable are never acknowledged: the broker redelivers them.
+            self.fail("cannot write the input log to disk", &err);
+            self.pending.clear();
         }
-        LogCommand::Append { .. } => {}
+        let tokens = std::mem::take(&mut self.pending);
+        let mut done = std::mem::take(&mut self.done);
+        if tokens.is_empty() && done.is_empty() {
+            return;
+        }
+        // One batch per flush request, so each request is answered after the acks before it.
+        let last = done.pop();
+        for request in done {
+            let _ = request.send(());
+        }
+        let _ = acks.blocking_send(AckBatch { tokens, done: last });
+    }
+
+    fn fail(&mut self, what: &str, err: &std::io::Error) {
+        if !self.failed {
+            tracing::error!(%err, "{what}; inputs are no longer acknowledged until it works again");
+        }
+        self.failed = true;
     }
 }
 
