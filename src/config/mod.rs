@@ -627,6 +627,67 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_condition_names_the_line_and_the_column_inside_the_string() {
+        let aggregates = "aggregates = [\"count\", \"min\", \"max\", \"avg\"]";
+        let (problem, text) = problem_after(
+            aggregates,
+            &format!("{aggregates}\nwhen = \"avg(temprature) > 30\""),
+        );
+        assert_eq!(problem.path, "rules.climate.tumbling.when");
+        // Column 13 is the `t` of `temprature`, after `when = "avg(`.
+        assert_eq!(problem.line_col, Some((line_of(&text, "when = "), 13)));
+        assert!(problem.message.contains("not one of this window's metrics"));
+    }
+
+    #[test]
+    fn window_kinds_take_only_their_own_shape_keys() {
+        let (problem, _) = problem_after("size = \"10s\"", "size = \"10s\"\nslide = \"5s\"");
+        assert_eq!(problem.path, "rules.climate.tumbling.slide");
+        assert!(
+            problem.message.contains("shape keys are size"),
+            "{}",
+            problem.message
+        );
+        let (problem, _) = problem_after("[rules.climate.tumbling]", "[rules.climate.hopping]");
+        assert_eq!(problem.path, "rules.climate.hopping.slide");
+        assert!(problem.message.contains("required"), "{}", problem.message);
+        let (problem, _) = problem_after(
+            "[rules.climate.tumbling]\nsize = \"10s\"",
+            "[rules.climate.session]\ngap = \"0s\"",
+        );
+        assert_eq!(problem.path, "rules.climate.session.gap");
+    }
+
+    #[test]
+    fn every_window_kind_and_key_parses() {
+        let windows = r#"
+[rules.climate.hopping]
+size = "1m"
+slide = "10s"
+metrics = ["temperature"]
+aggregates = ["count", "sum", "min", "max", "avg", "stddev", "first", "last", "delta", "rate", "p50", "p90", "p95", "p99"]
+max_out_of_orderness = "2s"
+allowed_lateness = "30s"
+max_future_skew = "1m"
+idle_timeout = "2m"
+late_topic = "late/{site}/{device}/{rule}"
+when = "p95(temperature) > 30 or (count >= 5 and not rate(temperature) < 0)"
+max_open_windows = 16
+on_shutdown = "keep"
+"#;
+        let start = EXAMPLE.find("[rules.climate.tumbling]").unwrap();
+        let end = EXAMPLE.find("[rules.climate.output]").unwrap();
+        let text = format!("{}{windows}\n{}", &EXAMPLE[..start], &EXAMPLE[end..]);
+        let config = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap();
+        let hopping = config.rules["climate"].hopping.as_ref().unwrap();
+        assert_eq!(hopping.aggregates.len(), 14);
+        assert_eq!(hopping.on_shutdown, OnShutdown::Keep);
+        assert_eq!(hopping.idle_timeout, Some(Duration::from_secs(120)));
+        let plan = crate::engine::Plan::build(&config).unwrap();
+        assert!(plan.rules.iter().any(|r| r.late_route.is_some()));
+    }
+
+    #[test]
     fn qos_2_is_refused() {
         let (problem, _) = problem_after("qos = 1\nseq_field", "qos = 2\nseq_field");
         assert_eq!(problem.path, "inputs.telemetry.qos");

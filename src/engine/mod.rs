@@ -9,8 +9,8 @@ pub mod worker;
 pub use worker::{RawMessage, Worker};
 
 use crate::config::Config;
-use crate::decode::FieldPlan;
 use crate::config::{RuleConfig, WindowConfig};
+use crate::decode::FieldPlan;
 use crate::operators::window::{millis, WindowSpec};
 use crate::operators::{CountWindows, Hopping, Hysteresis, RuleMeta, SessionWindows, Tumbling};
 use crate::route::Route;
@@ -101,9 +101,7 @@ fn build_window(
     Ok(match kind {
         "tumbling" => OperatorPlan::Tumbling(Tumbling::new(spec, ms(w.size))),
         "hopping" => OperatorPlan::Hopping(Hopping::new(spec, ms(w.size), ms(w.slide))),
-        "session" => {
-            OperatorPlan::Session(SessionWindows::new(spec, ms(w.gap), ms(w.max_length)))
-        }
+        "session" => OperatorPlan::Session(SessionWindows::new(spec, ms(w.gap), ms(w.max_length))),
         _ => {
             let length = w.length.unwrap_or(1);
             OperatorPlan::Count(CountWindows::new(spec, length, w.every.unwrap_or(length)))
@@ -196,7 +194,8 @@ impl Plan {
             };
             let template = TopicTemplate::parse(&rule.output.topic, &inputs[input].pattern)
                 .map_err(|e| anyhow::anyhow!("rules.{name}.output.topic: {e}"))?;
-            let late_topic = window_of(rule).and_then(|(kind, w)| Some((kind, w.late_topic.as_ref()?)));
+            let late_topic =
+                window_of(rule).and_then(|(kind, w)| Some((kind, w.late_topic.as_ref()?)));
             let late_route = match late_topic {
                 Some((kind, topic)) => Some(Route {
                     template: TopicTemplate::parse(topic, &inputs[input].pattern)

@@ -275,7 +275,8 @@ impl Metrics {
             self.events_published.with_label_values(&[rule]);
             self.publish_errors.with_label_values(&[rule]);
             for reason in crate::operators::window::LateReason::ALL {
-                self.readings_late.with_label_values(&[rule, reason.label()]);
+                self.readings_late
+                    .with_label_values(&[rule, reason.label()]);
             }
             self.readings_out_of_order.with_label_values(&[rule]);
         }

@@ -484,6 +484,32 @@ pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
     running
 }
 
+/// A config parsed from `text` and pointed at `broker` like [`example_config`]: for tests whose
+/// scenario needs rules the example does not have.
+pub fn config_from_text(broker: &Mosquitto, text: &str, tag: &str) -> weir::config::Config {
+    let overrides = weir::config::Overrides {
+        broker_url: Some(broker.url()),
+        metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+    };
+    let mut config = weir::config::parse(text, Path::new("test.toml"), &overrides)
+        .unwrap_or_else(|err| panic!("{err}"));
+    config.broker.client_id = unique(&format!("weir-{tag}"));
+    config
+}
+
+/// As [`start_weir`], with the config in `text`.
+pub async fn start_weir_with(broker: &Mosquitto, text: &str, tag: &str) -> weir::app::Running {
+    let running = weir::app::start(config_from_text(broker, text, tag))
+        .await
+        .unwrap_or_else(|err| panic!("weir did not start: {err:#}"));
+    let metrics = running.metrics.clone();
+    assert!(
+        wait_until(DEADLINE, || metrics.is_ready()).await,
+        "weir did not connect and subscribe within {DEADLINE:?}"
+    );
+    running
+}
+
 /// GET `path` over a raw HTTP/1.0 connection: (status, body).
 ///
 /// # Errors

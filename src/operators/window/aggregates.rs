@@ -205,7 +205,10 @@ mod tests {
 
     #[test]
     fn first_last_and_delta_follow_event_time_not_arrival() {
-        let m = finished(&[(5_000, 10.0), (1_000, 4.0), (9_000, 12.0), (3_000, 7.0)], false);
+        let m = finished(
+            &[(5_000, 10.0), (1_000, 4.0), (9_000, 12.0), (3_000, 7.0)],
+            false,
+        );
         assert_eq!((m.first, m.last), (4.0, 12.0));
         assert_eq!(m.aggregate(Aggregate::Delta), 8.0);
     }

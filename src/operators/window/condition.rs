@@ -327,8 +327,14 @@ mod tests {
 
     #[test]
     fn and_binds_tighter_than_or_and_parentheses_override() {
-        assert!(holds("count > 100 and max(temperature) > 0 or min(temperature) < 5", &[1.0]));
-        assert!(!holds("count > 100 and (max(temperature) > 0 or min(temperature) < 5)", &[1.0]));
+        assert!(holds(
+            "count > 100 and max(temperature) > 0 or min(temperature) < 5",
+            &[1.0]
+        ));
+        assert!(!holds(
+            "count > 100 and (max(temperature) > 0 or min(temperature) < 5)",
+            &[1.0]
+        ));
         assert!(holds("not count > 3", &[1.0]));
     }
 
@@ -341,9 +347,15 @@ mod tests {
 
     #[test]
     fn percentiles_and_rates_can_be_compared() {
-        let c = Condition::parse("p99(temperature) > 20 or rate(temperature) < -1", &metrics());
+        let c = Condition::parse(
+            "p99(temperature) > 20 or rate(temperature) < -1",
+            &metrics(),
+        );
         assert!(c.unwrap().uses_percentiles);
-        assert!(holds("p50(temperature) >= 9.9 and p50(temperature) <= 10.1", &[10.0; 3]));
+        assert!(holds(
+            "p50(temperature) >= 9.9 and p50(temperature) <= 10.1",
+            &[10.0; 3]
+        ));
     }
 
     #[test]
@@ -351,7 +363,11 @@ mod tests {
         let err = |text: &str| Condition::parse(text, &metrics()).unwrap_err();
         let e = err("avg(temprature) > 30");
         assert_eq!(e.offset, 4);
-        assert!(e.message.contains("not one of this window's metrics"), "{}", e.message);
+        assert!(
+            e.message.contains("not one of this window's metrics"),
+            "{}",
+            e.message
+        );
         assert_eq!(err("mean(temperature) > 30").offset, 0);
         assert_eq!(err("count >= 5 and").offset, 14);
         assert_eq!(err("count 5").offset, 6);

@@ -50,10 +50,8 @@ impl CountWindows {
         out: &mut Output,
     ) {
         state.since_emit = 0;
-        let (Some(&start), Some(&end)) = (
-            state.times.iter().min(),
-            state.times.iter().max(),
-        ) else {
+        let (Some(&start), Some(&end)) = (state.times.iter().min(), state.times.iter().max())
+        else {
             return;
         };
         let width = self.spec.metrics.len();
@@ -90,13 +88,22 @@ impl Operator for CountWindows {
             state.values.drain(..self.spec.metrics.len());
         }
         state.times.push_back(reading.ts);
-        state
-            .values
-            .extend(self.spec.metrics.iter().map(|(_, slot)| reading.values[*slot]));
+        state.values.extend(
+            self.spec
+                .metrics
+                .iter()
+                .map(|(_, slot)| reading.values[*slot]),
+        );
         state.seen += 1;
         state.since_emit += 1;
         if state.since_emit >= self.every {
-            self.emit(state, reading.origin, Some(reading), WindowClose::Watermark, out);
+            self.emit(
+                state,
+                reading.origin,
+                Some(reading),
+                WindowClose::Watermark,
+                out,
+            );
         }
     }
 
@@ -137,7 +144,11 @@ mod tests {
         let origin = origin("d1");
         let mut out = Output::default();
         for i in 1..=n {
-            op.on_reading(state, &reading(&origin, i * 1000, &[Some(i as f64)]), &mut out);
+            op.on_reading(
+                state,
+                &reading(&origin, i * 1000, &[Some(i as f64)]),
+                &mut out,
+            );
         }
         out
     }
@@ -148,7 +159,10 @@ mod tests {
         let mut state = CountState::default();
         let out = feed(&op, &mut state, 7);
         assert_eq!(bounds(&out), vec![(1_000, 3_000, 3), (4_000, 6_000, 3)]);
-        let avgs: Vec<f64> = fired(&out).iter().map(|f| f.metric.as_ref().unwrap().avg).collect();
+        let avgs: Vec<f64> = fired(&out)
+            .iter()
+            .map(|f| f.metric.as_ref().unwrap().avg)
+            .collect();
         assert_eq!(avgs, vec![2.0, 5.0]);
     }
 
@@ -176,7 +190,10 @@ mod tests {
         assert_eq!(out.events.len(), 1);
         op.on_tick(&mut state, &origin, 4_000 + 10_000, &mut out);
         let f = fired(&out);
-        assert_eq!((f[1].start, f[1].end, f[1].closed_by), (2_000, 4_000, WindowClose::IdleTimeout));
+        assert_eq!(
+            (f[1].start, f[1].end, f[1].closed_by),
+            (2_000, 4_000, WindowClose::IdleTimeout)
+        );
         op.on_tick(&mut state, &origin, 100_000, &mut out);
         assert_eq!(out.events.len(), 2, "nothing new since: nothing to emit");
     }

@@ -73,7 +73,12 @@ mod tests {
         let op = hopping(10, 3);
         assert_eq!(
             windows_of(&op, 9_500),
-            vec![(0, 10_000), (3_000, 13_000), (6_000, 16_000), (9_000, 19_000)]
+            vec![
+                (0, 10_000),
+                (3_000, 13_000),
+                (6_000, 16_000),
+                (9_000, 19_000)
+            ]
         );
     }
 
@@ -91,7 +96,10 @@ mod tests {
             bounds(&out),
             vec![(-5_000, 5_000, 1), (0, 10_000, 2), (5_000, 15_000, 2)]
         );
-        let avgs: Vec<f64> = fired(&out).iter().map(|f| f.metric.as_ref().unwrap().avg).collect();
+        let avgs: Vec<f64> = fired(&out)
+            .iter()
+            .map(|f| f.metric.as_ref().unwrap().avg)
+            .collect();
         assert_eq!(avgs, vec![1.0, 1.5, 2.5]);
     }
 

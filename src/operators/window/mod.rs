@@ -49,7 +49,11 @@ pub enum LateReason {
 }
 
 impl LateReason {
-    pub const ALL: [LateReason; 3] = [LateReason::Late, LateReason::Future, LateReason::WindowLimit];
+    pub const ALL: [LateReason; 3] = [
+        LateReason::Late,
+        LateReason::Future,
+        LateReason::WindowLimit,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -363,9 +367,7 @@ impl<A: Assigner> Operator for TimeWindows<A> {
             let watermark = state.watermark;
             self.assigner.assign(reading.ts, |start, end| {
                 let fired = watermark.is_some_and(|wm| end <= wm);
-                if fired
-                    && watermark.is_some_and(|wm| end.saturating_add(spec.lateness_ms) <= wm)
-                {
+                if fired && watermark.is_some_and(|wm| end.saturating_add(spec.lateness_ms) <= wm) {
                     rejected = Some(LateReason::Late);
                     return;
                 }
@@ -435,7 +437,14 @@ impl<A: Assigner> Operator for TimeWindows<A> {
             return;
         };
         let watermark = state.watermark.map_or(last_end, |wm| wm.max(last_end));
-        self.advance(state, origin, None, watermark, WindowClose::IdleTimeout, out);
+        self.advance(
+            state,
+            origin,
+            None,
+            watermark,
+            WindowClose::IdleTimeout,
+            out,
+        );
     }
 
     fn on_close(&self, state: &mut TimeWindowsState, origin: &Arc<Origin>, out: &mut Output) {

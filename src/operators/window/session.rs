@@ -74,7 +74,8 @@ impl SessionWindows {
             if session.pane.end <= watermark || closed_by != WindowClose::Watermark {
                 session.pane.fired = true;
                 let pane = &session.pane;
-                self.spec.emit(pane.start, pane, origin, cause, closed_by, out);
+                self.spec
+                    .emit(pane.start, pane, origin, cause, closed_by, out);
             }
         }
         let before = state.sessions.len();
@@ -182,7 +183,13 @@ impl Operator for SessionWindows {
         self.spec.idle_timeout_ms.is_some()
     }
 
-    fn on_tick(&self, state: &mut SessionState, origin: &Arc<Origin>, now_ms: i64, out: &mut Output) {
+    fn on_tick(
+        &self,
+        state: &mut SessionState,
+        origin: &Arc<Origin>,
+        now_ms: i64,
+        out: &mut Output,
+    ) {
         if !self.spec.is_idle(state.last_arrival_ms, now_ms) {
             return;
         }
@@ -196,7 +203,14 @@ impl Operator for SessionWindows {
             return;
         };
         let watermark = state.watermark.map_or(last_end, |wm| wm.max(last_end));
-        self.advance(state, origin, None, watermark, WindowClose::IdleTimeout, out);
+        self.advance(
+            state,
+            origin,
+            None,
+            watermark,
+            WindowClose::IdleTimeout,
+            out,
+        );
     }
 
     fn on_close(&self, state: &mut SessionState, origin: &Arc<Origin>, out: &mut Output) {
@@ -221,7 +235,11 @@ mod tests {
     use crate::operators::test_support::{origin, reading};
     use std::time::Duration;
 
-    fn session(gap_s: i64, max_length_s: Option<i64>, shape: impl FnOnce(&mut crate::config::WindowConfig)) -> SessionWindows {
+    fn session(
+        gap_s: i64,
+        max_length_s: Option<i64>,
+        shape: impl FnOnce(&mut crate::config::WindowConfig),
+    ) -> SessionWindows {
         let config = config(|c| {
             c.gap = Some(Duration::from_secs(gap_s as u64));
             shape(c);
@@ -246,7 +264,11 @@ mod tests {
     fn a_gap_without_readings_closes_the_session_at_last_plus_gap() {
         let op = session(5, None, |_| {});
         let mut state = SessionState::default();
-        let out = feed(&op, &mut state, &[(0, 1.0), (3_000, 2.0), (7_000, 3.0), (12_000, 4.0)]);
+        let out = feed(
+            &op,
+            &mut state,
+            &[(0, 1.0), (3_000, 2.0), (7_000, 3.0), (12_000, 4.0)],
+        );
         // 0, 3, 7 are each < 5 s apart; 12 is exactly 5 s after 7: a new session, and the
         // watermark (12 s) reaches the first session's end (7 + 5 = 12 s).
         assert_eq!(bounds(&out), vec![(0, 12_000, 3)]);
@@ -266,7 +288,9 @@ mod tests {
 
     #[test]
     fn an_out_of_order_reading_bridges_two_sessions_into_one() {
-        let op = session(5, None, |c| c.max_out_of_orderness = Duration::from_secs(20));
+        let op = session(5, None, |c| {
+            c.max_out_of_orderness = Duration::from_secs(20)
+        });
         let mut state = SessionState::default();
         let out = feed(&op, &mut state, &[(0, 1.0), (8_000, 3.0), (4_000, 2.0)]);
         assert!(out.events.is_empty());
@@ -282,10 +306,16 @@ mod tests {
     fn a_late_reading_inside_a_fired_session_updates_it_within_lateness() {
         let op = session(5, None, |c| c.allowed_lateness = Duration::from_secs(10));
         let mut state = SessionState::default();
-        let out = feed(&op, &mut state, &[(0, 1.0), (4_000, 1.0), (15_000, 1.0), (2_000, 4.0)]);
+        let out = feed(
+            &op,
+            &mut state,
+            &[(0, 1.0), (4_000, 1.0), (15_000, 1.0), (2_000, 4.0)],
+        );
         let f = fired(&out);
         assert_eq!(
-            f.iter().map(|f| (f.start, f.end, f.count, f.update)).collect::<Vec<_>>(),
+            f.iter()
+                .map(|f| (f.start, f.end, f.count, f.update))
+                .collect::<Vec<_>>(),
             vec![(0, 9_000, 2, 0), (0, 9_000, 3, 1)]
         );
         assert_eq!(out.events[0].id, out.events[1].id);
@@ -304,6 +334,9 @@ mod tests {
         assert!(out.events.is_empty());
         op.on_tick(&mut state, &origin, 6_000, &mut out);
         let f = fired(&out);
-        assert_eq!((f[0].start, f[0].end, f[0].closed_by), (1_000, 61_000, WindowClose::IdleTimeout));
+        assert_eq!(
+            (f[0].start, f[0].end, f[0].closed_by),
+            (1_000, 61_000, WindowClose::IdleTimeout)
+        );
     }
 }

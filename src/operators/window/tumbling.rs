@@ -92,7 +92,11 @@ mod tests {
     fn readings_past_lateness_are_late_and_published_with_the_reason() {
         let op = tumbling(|c| c.late_topic = Some("late/{device}".into()));
         let mut state = TimeWindowsState::default();
-        let out = feed(&op, &mut state, &[(1_000, 1.0), (12_000, 2.0), (9_000, 3.0)]);
+        let out = feed(
+            &op,
+            &mut state,
+            &[(1_000, 1.0), (12_000, 2.0), (9_000, 3.0)],
+        );
         assert_eq!(out.late, 1);
         assert_eq!(bounds(&out), vec![(0, 10_000, 1)]);
         assert_eq!(late_reasons(&out), vec!["late"]);
@@ -174,7 +178,11 @@ mod tests {
         let (mut s1, mut s2) = (TimeWindowsState::default(), TimeWindowsState::default());
         let mut out = Output::default();
         // d2's clock is an hour behind; d1's windows fire on d1's own watermark.
-        op.on_reading(&mut s2, &reading(&d2, 1_000 - 3_600_000, &[Some(1.0)]), &mut out);
+        op.on_reading(
+            &mut s2,
+            &reading(&d2, 1_000 - 3_600_000, &[Some(1.0)]),
+            &mut out,
+        );
         op.on_reading(&mut s1, &reading(&d1, 1_000, &[Some(2.0)]), &mut out);
         op.on_reading(&mut s1, &reading(&d1, 10_000, &[Some(3.0)]), &mut out);
         assert_eq!(out.events.len(), 1);
@@ -188,7 +196,13 @@ mod tests {
         let out = feed(
             &op,
             &mut state,
-            &[(0, 31.0), (1_000, 33.0), (10_000, 40.0), (20_000, 10.0), (21_000, 10.0)],
+            &[
+                (0, 31.0),
+                (1_000, 33.0),
+                (10_000, 40.0),
+                (20_000, 10.0),
+                (21_000, 10.0),
+            ],
         );
         // [0,10): avg 32, 2 readings: emitted. [10,20): one reading: suppressed.
         assert_eq!(bounds(&out), vec![(0, 10_000, 2)]);
@@ -201,7 +215,11 @@ mod tests {
             c.max_out_of_orderness = Duration::from_secs(3600);
         });
         let mut state = TimeWindowsState::default();
-        let out = feed(&op, &mut state, &[(0, 1.0), (10_000, 1.0), (20_000, 1.0), (5_000, 2.0)]);
+        let out = feed(
+            &op,
+            &mut state,
+            &[(0, 1.0), (10_000, 1.0), (20_000, 1.0), (5_000, 2.0)],
+        );
         assert_eq!(out.window_limit, 1);
         assert_eq!(state.panes().len(), 2);
         assert_eq!(state.panes()[0].readings, 2);
