@@ -43,9 +43,44 @@ pub enum EventBody {
         metrics: Vec<WindowMetric>,
         /// Which aggregates the rule asked for, in its order.
         aggregates: Arc<[Aggregate]>,
-        /// True when the window was emitted before its end passed (at shutdown).
-        partial: bool,
+        /// Why the window was emitted; anything but the watermark makes it partial.
+        closed_by: WindowClose,
+        /// 0 for the first emission of a window; n for its n-th correction by late readings
+        /// (same `id`, so consumers upsert).
+        update: u32,
     },
+    /// A reading a window rule could not apply, published on the rule's late topic.
+    Late {
+        /// `late` (its windows are past allowed lateness), `future` (stamped too far ahead of
+        /// the gateway clock) or `window_limit` (the device has too many open windows).
+        reason: &'static str,
+        /// The device's watermark when the reading arrived.
+        watermark: Option<i64>,
+        /// The reading's values of the rule's metrics.
+        values: Vec<(Arc<str>, f64)>,
+    },
+}
+
+/// What made a window emit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowClose {
+    /// The device's watermark passed the window's end (or a count window filled up).
+    Watermark,
+    /// The device sent nothing for `idle_timeout` (processing time).
+    IdleTimeout,
+    /// weir stopped cleanly with `on_shutdown = "flush"`.
+    Shutdown,
+}
+
+impl WindowClose {
+    /// The `closed_by` field; `None` for a complete window.
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            WindowClose::Watermark => None,
+            WindowClose::IdleTimeout => Some("idle_timeout"),
+            WindowClose::Shutdown => Some("shutdown"),
+        }
+    }
 }
 
 impl EventBody {
@@ -54,11 +89,13 @@ impl EventBody {
         match self {
             EventBody::StateChange { .. } => "state_change",
             EventBody::Window { .. } => "window",
+            EventBody::Late { .. } => "late",
         }
     }
 }
 
-/// Aggregates of one metric over a window.
+/// Aggregates of one metric over a window, finished (see `operators::window::aggregates`).
+/// NaN marks an undefined value (written as `null`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowMetric {
     pub name: Arc<str>,
@@ -66,11 +103,18 @@ pub struct WindowMetric {
     pub sum: f64,
     pub min: f64,
     pub max: f64,
+    pub avg: f64,
+    pub stddev: f64,
+    pub first: f64,
+    pub last: f64,
+    pub rate: f64,
+    /// p50, p90, p95, p99.
+    pub percentiles: [f64; 4],
 }
 
 impl WindowMetric {
     pub fn avg(&self) -> f64 {
-        self.sum / self.count as f64
+        self.avg
     }
 
     pub fn aggregate(&self, aggregate: Aggregate) -> f64 {
@@ -79,7 +123,16 @@ impl WindowMetric {
             Aggregate::Sum => self.sum,
             Aggregate::Min => self.min,
             Aggregate::Max => self.max,
-            Aggregate::Avg => self.avg(),
+            Aggregate::Avg => self.avg,
+            Aggregate::Stddev => self.stddev,
+            Aggregate::First => self.first,
+            Aggregate::Last => self.last,
+            Aggregate::Delta => self.last - self.first,
+            Aggregate::Rate => self.rate,
+            Aggregate::P50 => self.percentiles[0],
+            Aggregate::P90 => self.percentiles[1],
+            Aggregate::P95 => self.percentiles[2],
+            Aggregate::P99 => self.percentiles[3],
         }
     }
 }

@@ -7,8 +7,9 @@
 //! - [`decode`]: payload bytes (JSON or CBOR) + topic -> [`decode::Reading`]; bad input becomes a
 //!   [`decode::DecodeError`] with a reason, counted and logged, never fatal.
 //! - [`engine`]: the worker loop; keeps per-device operator state and runs every rule of the input.
-//! - [`operators`]: one file per operator kind (hysteresis, tumbling window); synchronous state
-//!   machines that turn readings (and watermarks) into [`event::DerivedEvent`]s.
+//! - [`operators`]: one file per operator kind (hysteresis; tumbling, hopping, session and count
+//!   windows under `operators::window`); synchronous state machines that turn readings (and
+//!   watermarks, and timer ticks) into [`event::DerivedEvent`]s.
 //! - [`route`]: derived event -> output topic (template) and payload (JSON or CBOR).
 //! - [`sink`]: publishes over its own MQTT connection, so a slow publish never stalls intake.
 //!

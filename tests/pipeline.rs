@@ -208,6 +208,7 @@ async fn without_a_state_dir_stop_publishes_open_windows_as_partial_without_caus
                 "temperature": {"count": 1, "min": 26.0, "max": 26.0, "avg": 26.0},
             },
             "partial": true,
+            "closed_by": "shutdown",
         })
     );
     rollups.assert_quiet().await;

@@ -110,10 +110,23 @@ impl ConfigError {
                         ),
                     )
                 } else {
-                    let span = tree
-                        .as_ref()
-                        .and_then(|tree| locate(tree.get_ref(), &problem.path));
-                    (span.map(|s| line_col(text, s.start)), problem.message)
+                    let line_col = match problem.offset {
+                        // Inside a string value: its opening quote, then the offset.
+                        Some(offset) => tree
+                            .as_ref()
+                            .and_then(|tree| locate_value(tree.get_ref(), &problem.path))
+                            .map(|span| {
+                                let (line, col) = line_col(text, span.start);
+                                let inner = text.get(span.start + 1..).unwrap_or("");
+                                let chars = inner.get(..offset).map_or(0, |s| s.chars().count());
+                                (line, col + 1 + chars)
+                            }),
+                        None => tree
+                            .as_ref()
+                            .and_then(|tree| locate(tree.get_ref(), &problem.path))
+                            .map(|s| line_col(text, s.start)),
+                    };
+                    (line_col, problem.message)
                 };
                 Located {
                     line_col,
@@ -156,6 +169,19 @@ fn locate(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
         }
     }
     best
+}
+
+/// The span of the value at `path` (a string's span starts at its opening quote).
+fn locate_value(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
+    let (parent, key) = path.rsplit_once('.')?;
+    let mut current = table;
+    for part in parent.split('.') {
+        match current.get(part)?.get_ref() {
+            DeValue::Table(inner) => current = inner,
+            _ => return None,
+        }
+    }
+    Some(current.get(key)?.span())
 }
 
 /// 1-based line and column (in characters) of a byte offset.

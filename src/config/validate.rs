@@ -2,7 +2,7 @@
 //! `weir check` reports them all.
 
 use super::{
-    BrokerConfig, Config, DeliveryMode, HysteresisConfig, InputConfig, RuleConfig, TumblingConfig,
+    BrokerConfig, Config, DeliveryMode, HysteresisConfig, InputConfig, RuleConfig, WindowConfig,
 };
 use crate::mqtt::BrokerEndpoint;
 use crate::topic::{TopicPattern, TopicTemplate};
@@ -13,6 +13,8 @@ use std::time::Duration;
 pub struct Problem {
     pub path: String,
     pub message: String,
+    /// Byte offset inside the key's string value (e.g. a `when` condition), for the column.
+    pub offset: Option<usize>,
 }
 
 #[derive(Default)]
@@ -23,6 +25,16 @@ impl Problems {
         self.0.push(Problem {
             path: path.into(),
             message: message.into(),
+            offset: None,
+        });
+    }
+
+    /// A problem at byte `offset` inside the key's string value.
+    fn add_at(&mut self, path: impl Into<String>, offset: usize, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+            offset: Some(offset),
         });
     }
 }
@@ -250,6 +262,9 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
     let kinds = [
         rule.hysteresis.is_some().then_some("hysteresis"),
         rule.tumbling.is_some().then_some("tumbling"),
+        rule.hopping.is_some().then_some("hopping"),
+        rule.session.is_some().then_some("session"),
+        rule.count.is_some().then_some("count"),
     ];
     let chosen: Vec<&str> = kinds.into_iter().flatten().collect();
     match chosen.len() {
@@ -270,8 +285,23 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
     if let Some(h) = &rule.hysteresis {
         check_hysteresis(&format!("{path}.hysteresis"), h, problems);
     }
-    if let Some(t) = &rule.tumbling {
-        check_tumbling(&format!("{path}.tumbling"), t, problems);
+    let windows = [
+        ("tumbling", &rule.tumbling),
+        ("hopping", &rule.hopping),
+        ("session", &rule.session),
+        ("count", &rule.count),
+    ];
+    for (kind, window) in windows {
+        if let Some(w) = window {
+            check_window(&format!("{path}.{kind}"), kind, w, problems);
+            if let (Some(topic), Some(input)) = (&w.late_topic, input) {
+                if let Ok(pattern) = TopicPattern::parse(&input.topic) {
+                    if let Err(err) = TopicTemplate::parse(topic, &pattern) {
+                        problems.add(format!("{path}.{kind}.late_topic"), err.0);
+                    }
+                }
+            }
+        }
     }
 
     let output = &rule.output;
@@ -325,20 +355,102 @@ fn check_hysteresis(path: &str, h: &HysteresisConfig, problems: &mut Problems) {
     }
 }
 
-fn check_tumbling(path: &str, t: &TumblingConfig, problems: &mut Problems) {
-    if t.size < Duration::from_millis(1) {
-        problems.add(format!("{path}.size"), "must be at least 1ms");
+/// Which shape keys each window kind needs (`true`) or accepts (`false`); others are refused.
+fn shape_keys(kind: &str) -> &'static [(&'static str, bool)] {
+    match kind {
+        "tumbling" => &[("size", true)],
+        "hopping" => &[("size", true), ("slide", true)],
+        "session" => &[("gap", true), ("max_length", false)],
+        _ => &[("length", true), ("every", false)],
     }
-    if t.metrics.is_empty() {
+}
+
+fn check_window(path: &str, kind: &str, w: &WindowConfig, problems: &mut Problems) {
+    let present = [
+        ("size", w.size.is_some()),
+        ("slide", w.slide.is_some()),
+        ("gap", w.gap.is_some()),
+        ("max_length", w.max_length.is_some()),
+        ("length", w.length.is_some()),
+        ("every", w.every.is_some()),
+    ];
+    let keys = shape_keys(kind);
+    for (key, is_present) in present {
+        match keys.iter().find(|(k, _)| *k == key) {
+            Some((_, true)) if !is_present => problems.add(
+                format!("{path}.{key}"),
+                format!("is required for a {kind} window"),
+            ),
+            None if is_present => {
+                let valid: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+                problems.add(
+                    format!("{path}.{key}"),
+                    format!(
+                        "is not a key of a {kind} window; its shape keys are {}",
+                        valid.join(", ")
+                    ),
+                );
+            }
+            _ => {}
+        }
+    }
+    for (key, value) in [
+        ("size", w.size),
+        ("slide", w.slide),
+        ("gap", w.gap),
+        ("max_length", w.max_length),
+    ] {
+        if value.is_some_and(|d| d < Duration::from_millis(1)) {
+            problems.add(format!("{path}.{key}"), "must be at least 1ms");
+        }
+    }
+    if let (Some(size), Some(slide)) = (w.size, w.slide) {
+        if slide > size {
+            problems.add(
+                format!("{path}.slide"),
+                format!(
+                    "must not exceed size ({}); readings between windows would belong to none",
+                    humantime::format_duration(size)
+                ),
+            );
+        }
+    }
+    if w.length == Some(0) {
+        problems.add(format!("{path}.length"), "must be at least 1");
+    }
+    if w.every == Some(0) {
+        problems.add(format!("{path}.every"), "must be at least 1");
+    }
+    if w.metrics.is_empty() {
         problems.add(
             format!("{path}.metrics"),
             "list at least one payload field, e.g. metrics = [\"temperature\"]",
         );
     }
-    if t.aggregates.is_empty() {
+    if w.aggregates.is_empty() {
         problems.add(
             format!("{path}.aggregates"),
-            "list at least one of count, sum, min, max, avg",
+            "list at least one of count, sum, min, max, avg, stddev, first, last, delta, rate, p50, p90, p95, p99",
         );
+    }
+    if w.max_open_windows == 0 {
+        problems.add(format!("{path}.max_open_windows"), "must be at least 1");
+    }
+    if w.idle_timeout.is_some_and(|d| d < Duration::from_secs(1)) {
+        problems.add(
+            format!("{path}.idle_timeout"),
+            "must be at least 1s; the idle timer runs every 250ms",
+        );
+    }
+    if kind == "count" && !w.allowed_lateness.is_zero() {
+        problems.add(
+            format!("{path}.allowed_lateness"),
+            "does not apply to count windows, which count in arrival order; remove it",
+        );
+    }
+    if let Some(when) = &w.when {
+        if let Err(err) = crate::operators::window::Condition::parse(when, &w.metrics) {
+            problems.add_at(format!("{path}.when"), err.offset, err.message);
+        }
     }
 }

@@ -45,6 +45,9 @@ pub struct Reading<'a> {
     /// Metric values by slot of the input's [`FieldPlan`].
     pub values: &'a [Option<f64>],
     pub arrival: Instant,
+    /// Arrival as wall-clock ms since the epoch: what future timestamps are judged against.
+    /// Operators get the gateway clock only through this (and `on_tick`); they never read it.
+    pub arrival_ms: i64,
 }
 
 /// A scalar payload value, borrowed from the payload where it is text.

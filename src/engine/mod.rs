@@ -9,8 +9,10 @@ pub mod worker;
 pub use worker::{RawMessage, Worker, WorkerInput};
 
 use crate::config::Config;
+use crate::config::{RuleConfig, WindowConfig};
 use crate::decode::FieldPlan;
-use crate::operators::{Hysteresis, RuleMeta, Tumbling};
+use crate::operators::window::{millis, WindowSpec};
+use crate::operators::{CountWindows, Hopping, Hysteresis, RuleMeta, SessionWindows, Tumbling};
 use crate::route::Route;
 use crate::topic::{TopicPattern, TopicTemplate};
 use anyhow::Context as _;
@@ -55,6 +57,8 @@ pub struct RulePlan {
     pub input: usize,
     pub operator: OperatorPlan,
     pub route: Route,
+    /// Where a window rule publishes late and quarantined readings (`late_topic`).
+    pub late_route: Option<Route>,
 }
 
 /// The built operator of a rule.
@@ -62,6 +66,9 @@ pub struct RulePlan {
 pub enum OperatorPlan {
     Hysteresis(Hysteresis),
     Tumbling(Tumbling),
+    Hopping(Hopping),
+    Session(SessionWindows),
+    Count(CountWindows),
 }
 
 impl OperatorPlan {
@@ -69,9 +76,46 @@ impl OperatorPlan {
     pub fn event_kind(&self) -> &'static str {
         match self {
             OperatorPlan::Hysteresis(_) => "state_change",
-            OperatorPlan::Tumbling(_) => "window",
+            OperatorPlan::Tumbling(_)
+            | OperatorPlan::Hopping(_)
+            | OperatorPlan::Session(_)
+            | OperatorPlan::Count(_) => "window",
         }
     }
+}
+
+/// The window table of a rule, if its operator is a window, with its kind.
+fn window_of(rule: &RuleConfig) -> Option<(&'static str, &WindowConfig)> {
+    [
+        ("tumbling", &rule.tumbling),
+        ("hopping", &rule.hopping),
+        ("session", &rule.session),
+        ("count", &rule.count),
+    ]
+    .into_iter()
+    .find_map(|(kind, window)| window.as_ref().map(|w| (kind, w)))
+}
+
+/// Builds a window operator of `kind` from its validated table.
+fn build_window(
+    kind: &str,
+    meta: RuleMeta,
+    w: &WindowConfig,
+    slots: Vec<usize>,
+) -> anyhow::Result<OperatorPlan> {
+    let name = meta.name.clone();
+    let spec = WindowSpec::new(meta, w, slots)
+        .map_err(|e| anyhow::anyhow!("rules.{name}.{kind}.when: {}", e.message))?;
+    let ms = |d: Option<std::time::Duration>| d.map_or(i64::MAX, millis);
+    Ok(match kind {
+        "tumbling" => OperatorPlan::Tumbling(Tumbling::new(spec, ms(w.size))),
+        "hopping" => OperatorPlan::Hopping(Hopping::new(spec, ms(w.size), ms(w.slide))),
+        "session" => OperatorPlan::Session(SessionWindows::new(spec, ms(w.gap), ms(w.max_length))),
+        _ => {
+            let length = w.length.unwrap_or(1);
+            OperatorPlan::Count(CountWindows::new(spec, length, w.every.unwrap_or(length)))
+        }
+    })
 }
 
 fn qos(level: u8) -> rumqttc::QoS {
@@ -100,9 +144,9 @@ impl Plan {
                 .iter()
                 .position(|n| n.as_str() == input_name)
                 .with_context(|| format!("rule {name}: unknown input"))?;
-            let used: Vec<&String> = match (&rule.hysteresis, &rule.tumbling) {
+            let used: Vec<&String> = match (&rule.hysteresis, window_of(rule)) {
                 (Some(h), _) => vec![&h.metric],
-                (None, Some(t)) => t.metrics.iter().collect(),
+                (None, Some((_, w))) => w.metrics.iter().collect(),
                 (None, None) => anyhow::bail!("rule {name} has no operator"),
             };
             for metric in used {
@@ -146,22 +190,34 @@ impl Plan {
                     .metric_slot(metric)
                     .with_context(|| format!("rule {name}: metric {metric} not planned"))
             };
-            let operator = match (&rule.hysteresis, &rule.tumbling) {
+            let operator = match (&rule.hysteresis, window_of(rule)) {
                 (Some(h), _) => {
                     OperatorPlan::Hysteresis(Hysteresis::new(meta, h, slot(&h.metric)?))
                 }
-                (None, Some(t)) => {
-                    let slots = t
+                (None, Some((kind, w))) => {
+                    let slots = w
                         .metrics
                         .iter()
                         .map(|m| slot(m))
                         .collect::<Result<_, _>>()?;
-                    OperatorPlan::Tumbling(Tumbling::new(meta, t, slots))
+                    build_window(kind, meta, w, slots)?
                 }
                 (None, None) => anyhow::bail!("rule {name} has no operator"),
             };
             let template = TopicTemplate::parse(&rule.output.topic, &inputs[input].pattern)
                 .map_err(|e| anyhow::anyhow!("rules.{name}.output.topic: {e}"))?;
+            let late_topic =
+                window_of(rule).and_then(|(kind, w)| Some((kind, w.late_topic.as_ref()?)));
+            let late_route = match late_topic {
+                Some((kind, topic)) => Some(Route {
+                    template: TopicTemplate::parse(topic, &inputs[input].pattern)
+                        .map_err(|e| anyhow::anyhow!("rules.{name}.{kind}.late_topic: {e}"))?,
+                    qos: qos(config.effective_qos(rule.output.qos)),
+                    retain: false,
+                    format: rule.output.format,
+                }),
+                None => None,
+            };
             inputs[input].rules.push(index);
             rules.push(RulePlan {
                 name: name.as_str().into(),
@@ -173,6 +229,7 @@ impl Plan {
                     retain: rule.output.retain,
                     format: rule.output.format,
                 },
+                late_route,
             });
         }
         Ok(Self {

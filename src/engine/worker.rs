@@ -4,14 +4,15 @@
 
 use super::{OperatorPlan, Plan};
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
-use crate::event::EventId;
+use crate::event::{EventBody, EventId};
 use crate::metrics::Metrics;
+use crate::operators::window::LateReason;
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
 use crate::sink::SinkInput;
 use crate::store::DeviceSnapshot;
 use bytes::Bytes;
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,6 +109,9 @@ impl<O: Operator> RuleRunner for Keyed<O> {
 struct RuleCounters {
     emitted: IntCounter,
     late: IntCounter,
+    future: IntCounter,
+    window_limit: IntCounter,
+    windows_open: IntGauge,
     out_of_order: IntCounter,
 }
 
@@ -172,6 +176,7 @@ pub struct Worker {
     input_counters: Vec<InputCounters>,
     decode_warnings: WarnLimit,
     limit_warnings: WarnLimit,
+    window_limit_warnings: WarnLimit,
 }
 
 impl Worker {
@@ -189,6 +194,18 @@ impl Worker {
                         operator: op.clone(),
                         states: Vec::new(),
                     }),
+                    OperatorPlan::Hopping(op) => Box::new(Keyed {
+                        operator: op.clone(),
+                        states: Vec::new(),
+                    }),
+                    OperatorPlan::Session(op) => Box::new(Keyed {
+                        operator: op.clone(),
+                        states: Vec::new(),
+                    }),
+                    OperatorPlan::Count(op) => Box::new(Keyed {
+                        operator: op.clone(),
+                        states: Vec::new(),
+                    }),
                 }
             })
             .collect();
@@ -199,7 +216,16 @@ impl Worker {
                 emitted: metrics
                     .events_emitted
                     .with_label_values(&[&rule.name, rule.operator.event_kind()]),
-                late: metrics.readings_late.with_label_values(&[&rule.name]),
+                late: metrics
+                    .readings_late
+                    .with_label_values(&[&rule.name, LateReason::Late.label()]),
+                future: metrics
+                    .readings_late
+                    .with_label_values(&[&rule.name, LateReason::Future.label()]),
+                window_limit: metrics
+                    .readings_late
+                    .with_label_values(&[&rule.name, LateReason::WindowLimit.label()]),
+                windows_open: metrics.windows_open.with_label_values(&[&rule.name]),
                 out_of_order: metrics
                     .readings_out_of_order
                     .with_label_values(&[&rule.name]),
@@ -234,6 +260,7 @@ impl Worker {
             input_counters,
             decode_warnings: WarnLimit::new(Duration::from_secs(10)),
             limit_warnings: WarnLimit::new(Duration::from_secs(60)),
+            window_limit_warnings: WarnLimit::new(Duration::from_secs(60)),
             plan,
             metrics,
         }
@@ -349,9 +376,21 @@ impl Worker {
             seq: decoded.seq,
             values: &decoded.values,
             arrival: message.arrival,
+            arrival_ms: message.arrival_ms,
         };
         for &rule in &input_plan.rules {
             self.runners[rule].on_reading(device, &reading, &mut self.output);
+            if self.output.window_limit > 0 {
+                // Counted by drain_output as reason="window_limit"; logged here, rate-limited.
+                if let Some(suppressed) = self.window_limit_warnings.allow(message.arrival) {
+                    tracing::warn!(
+                        rule = %self.plan.rules[rule].name,
+                        device = %origin.device,
+                        suppressed,
+                        "a device reached its open-window limit; readings that need a new window are refused (weir_readings_late_total{{reason=\"window_limit\"}}); check the device's clock or raise max_open_windows"
+                    );
+                }
+            }
             drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
         }
     }
@@ -577,15 +616,36 @@ fn drain_output(
     if output.late > 0 {
         counters.late.inc_by(std::mem::take(&mut output.late));
     }
+    if output.future > 0 {
+        counters.future.inc_by(std::mem::take(&mut output.future));
+    }
+    if output.window_limit > 0 {
+        counters
+            .window_limit
+            .inc_by(std::mem::take(&mut output.window_limit));
+    }
+    if output.open_windows_delta != 0 {
+        counters
+            .windows_open
+            .add(std::mem::take(&mut output.open_windows_delta));
+    }
     if output.out_of_order > 0 {
         counters
             .out_of_order
             .inc_by(std::mem::take(&mut output.out_of_order));
     }
     for event in output.events.drain(..) {
+        let rule = &plan.rules[event.rule_index];
+        if let EventBody::Late { .. } = event.body {
+            // Already counted by reason above; published only where a late_topic is set.
+            if let Some(route) = &rule.late_route {
+                out.push(route.apply(&event));
+            }
+            continue;
+        }
         counters.emitted.inc();
         tracing::trace!(id = %event.id, rule = %event.rule, device = %event.origin.device, "derived event");
-        out.push(plan.rules[event.rule_index].route.apply(&event));
+        out.push(rule.route.apply(&event));
     }
 }
 

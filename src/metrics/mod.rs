@@ -47,6 +47,7 @@ pub struct Metrics {
     pub readings_refused: IntCounterVec,
     pub readings_out_of_order: IntCounterVec,
     pub readings_late: IntCounterVec,
+    pub windows_open: IntGaugeVec,
     pub events_emitted: IntCounterVec,
     pub events_published: IntCounterVec,
     pub publish_errors: IntCounterVec,
@@ -209,7 +210,13 @@ impl Metrics {
             readings_late: counter_vec(
                 r,
                 "weir_readings_late_total",
-                "Readings whose window had already fired, by rule.",
+                "Readings window rules could not apply, by rule and reason (late, future, window_limit).",
+                &["rule", "reason"],
+            ),
+            windows_open: gauge_vec(
+                r,
+                "weir_windows_open",
+                "Windows held by window rules (open, or fired and kept for allowed lateness), by rule.",
                 &["rule"],
             ),
             events_emitted: counter_vec(
@@ -320,7 +327,10 @@ impl Metrics {
             self.events_emitted.with_label_values(&[rule, kind]);
             self.events_published.with_label_values(&[rule]);
             self.publish_errors.with_label_values(&[rule]);
-            self.readings_late.with_label_values(&[rule]);
+            for reason in crate::operators::window::LateReason::ALL {
+                self.readings_late
+                    .with_label_values(&[rule, reason.label()]);
+            }
             self.readings_out_of_order.with_label_values(&[rule]);
         }
     }

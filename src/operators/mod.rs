@@ -6,10 +6,10 @@
 //! snapshotted without the operator knowing.
 
 pub mod hysteresis;
-pub mod tumbling;
+pub mod window;
 
 pub use hysteresis::Hysteresis;
-pub use tumbling::Tumbling;
+pub use window::{CountWindows, Hopping, SessionWindows, Tumbling};
 
 use crate::decode::{Origin, Reading};
 use crate::event::DerivedEvent;
@@ -23,8 +23,14 @@ pub struct Output {
     pub events: Vec<DerivedEvent>,
     /// Readings older than the last one seen for the device, ignored by order-sensitive operators.
     pub out_of_order: u64,
-    /// Readings whose window had already fired.
+    /// Readings whose window had already fired (past allowed lateness).
     pub late: u64,
+    /// Readings quarantined for a timestamp too far ahead of the gateway clock.
+    pub future: u64,
+    /// Readings refused because their device has too many open windows.
+    pub window_limit: u64,
+    /// Change in the number of windows held (open, or fired and kept for lateness).
+    pub open_windows_delta: i64,
 }
 
 /// Identity of the rule an operator runs for, stamped on its events.
@@ -83,6 +89,7 @@ pub(crate) mod test_support {
         })
     }
 
+    /// A reading at `ts` that arrived at `ts` on the gateway clock.
     pub fn reading<'a>(origin: &'a Arc<Origin>, ts: i64, values: &'a [Option<f64>]) -> Reading<'a> {
         Reading {
             origin,
@@ -90,6 +97,7 @@ pub(crate) mod test_support {
             seq: None,
             values,
             arrival: Instant::now(),
+            arrival_ms: ts,
         }
     }
 }

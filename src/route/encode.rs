@@ -63,6 +63,18 @@ impl Serialize for WindowMetrics<'_> {
     }
 }
 
+struct LateValues<'a>(&'a [(std::sync::Arc<str>, f64)]);
+
+impl Serialize for LateValues<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(&**name, value)?;
+        }
+        map.end()
+    }
+}
+
 struct Aggregates<'a>(
     &'a crate::event::WindowMetric,
     &'a [crate::config::Aggregate],
@@ -72,13 +84,13 @@ impl Serialize for Aggregates<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use crate::config::Aggregate;
         let mut map = serializer.serialize_map(Some(self.1.len()))?;
-        for aggregate in self.1 {
-            match aggregate {
-                Aggregate::Count => map.serialize_entry("count", &self.0.count)?,
-                Aggregate::Sum => map.serialize_entry("sum", &self.0.sum)?,
-                Aggregate::Min => map.serialize_entry("min", &self.0.min)?,
-                Aggregate::Max => map.serialize_entry("max", &self.0.max)?,
-                Aggregate::Avg => map.serialize_entry("avg", &self.0.avg())?,
+        for &aggregate in self.1 {
+            if aggregate == Aggregate::Count {
+                map.serialize_entry("count", &self.0.count)?;
+            } else {
+                // Undefined values (NaN) are null in JSON and CBOR alike.
+                let value = self.0.aggregate(aggregate);
+                map.serialize_entry(aggregate.name(), &value.is_finite().then_some(value))?;
             }
         }
         map.end()
@@ -113,14 +125,30 @@ impl Serialize for EventView<'_> {
                 end,
                 metrics,
                 aggregates,
-                partial,
+                closed_by,
+                update,
             } => {
                 map.serialize_entry("start", start)?;
                 map.serialize_entry("end", end)?;
                 map.serialize_entry("metrics", &WindowMetrics(metrics, aggregates))?;
-                if *partial {
+                if let Some(label) = closed_by.label() {
                     map.serialize_entry("partial", &true)?;
+                    map.serialize_entry("closed_by", label)?;
                 }
+                if *update > 0 {
+                    map.serialize_entry("update", update)?;
+                }
+            }
+            EventBody::Late {
+                reason,
+                watermark,
+                values,
+            } => {
+                map.serialize_entry("reason", reason)?;
+                if let Some(watermark) = watermark {
+                    map.serialize_entry("watermark", watermark)?;
+                }
+                map.serialize_entry("values", &LateValues(values))?;
             }
         }
         if let Some(cause) = &event.cause {

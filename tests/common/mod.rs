@@ -550,6 +550,25 @@ pub async fn start_weir_with(config: weir::config::Config) -> weir::app::Running
     running
 }
 
+/// A config parsed from `text` and pointed at `broker` like [`example_config`]: for tests whose
+/// scenario needs rules the example does not have.
+pub fn config_from_text(broker: &Mosquitto, text: &str, tag: &str) -> weir::config::Config {
+    let overrides = weir::config::Overrides {
+        broker_url: Some(broker.url()),
+        metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        state_dir: None,
+    };
+    let mut config = weir::config::parse(text, Path::new("test.toml"), &overrides)
+        .unwrap_or_else(|err| panic!("{err}"));
+    config.broker.client_id = unique(&format!("weir-{tag}"));
+    config
+}
+
+/// As [`start_weir`], with the config in `text`.
+pub async fn start_weir_from_text(broker: &Mosquitto, text: &str, tag: &str) -> weir::app::Running {
+    start_weir_with(config_from_text(broker, text, tag)).await
+}
+
 /// GET `path` over a raw HTTP/1.0 connection: (status, body).
 ///
 /// # Errors
