@@ -38,7 +38,7 @@ fn payloads(format: Format) -> Vec<(String, Vec<u8>)> {
                 "battery": 3.9,
             });
             let payload = match format {
-                Format::Json => serde_json::to_vec(&value).expect("json"),
+                Format::Json | Format::Text => serde_json::to_vec(&value).expect("json"),
                 Format::Cbor => {
                     let mut out = Vec::new();
                     ciborium::into_writer(&value, &mut out).expect("cbor");

@@ -50,9 +50,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     metrics.register_labels(
         plan.inputs.iter().map(|i| &*i.name),
-        plan.rules
-            .iter()
-            .map(|r| (&*r.name, r.operator.event_kind())),
+        plan.rules.iter().flat_map(|r| {
+            r.operator
+                .event_kinds()
+                .iter()
+                .map(move |kind| (&*r.name, *kind))
+        }),
     );
     let source_options = crate::mqtt::options(&config.broker, "")?;
     let sink_options = crate::mqtt::options(&config.broker, "-out")?;
@@ -68,10 +71,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (sink_tx, sink_rx) = mpsc::channel(capacity);
     let mut worker_txs = Vec::new();
     let mut worker_tasks = Vec::new();
-    for _ in 0..config.worker_count() {
+    let workers = config.worker_count();
+    for index in 0..workers {
         let (tx, rx) = mpsc::channel(capacity);
         worker_txs.push(tx);
-        let worker = Worker::new(plan.clone(), metrics.clone());
+        let mut worker = Worker::new(plan.clone(), metrics.clone());
+        worker.seed_expected(index, workers);
         worker_tasks.push(tokio::spawn(worker.run(rx, sink_tx.clone())));
     }
     let depth = spawn_queue_gauges(metrics.clone(), worker_txs.clone(), sink_tx.clone());

@@ -106,6 +106,9 @@ impl Default for PipelineConfig {
 pub enum Format {
     Json,
     Cbor,
+    /// Inputs only: the whole payload is one UTF-8 string, read as the field `payload` (e.g. a
+    /// retained status or last-will message such as `offline`).
+    Text,
 }
 
 /// One subscribed topic pattern and how to read its payloads.
@@ -154,9 +157,93 @@ pub enum TimeUnit {
 pub struct RuleConfig {
     /// The input whose readings this rule sees; optional when there is only one input.
     pub input: Option<String>,
+    /// Scoping: the rule sees only readings whose named topic segments have one of these values,
+    /// e.g. `where = { site = "plant-1" }` or `where = { site = ["plant-1", "plant-2"] }`.
+    #[serde(rename = "where", default)]
+    pub scope: BTreeMap<String, ScopeValues>,
     pub hysteresis: Option<HysteresisConfig>,
+    pub thresholds: Option<ThresholdsConfig>,
     pub tumbling: Option<TumblingConfig>,
+    pub deadband: Option<DeadbandConfig>,
+    pub change: Option<ChangeConfig>,
+    pub liveness: Option<LivenessConfig>,
+    pub rate_of_change: Option<RateOfChangeConfig>,
+    pub stuck: Option<StuckConfig>,
+    pub anomaly: Option<AnomalyConfig>,
     pub output: OutputConfig,
+}
+
+impl RuleConfig {
+    /// The operator kinds this rule configures (validation requires exactly one).
+    pub fn operator_kinds(&self) -> Vec<&'static str> {
+        [
+            self.hysteresis.is_some().then_some("hysteresis"),
+            self.thresholds.is_some().then_some("thresholds"),
+            self.tumbling.is_some().then_some("tumbling"),
+            self.deadband.is_some().then_some("deadband"),
+            self.change.is_some().then_some("change"),
+            self.liveness.is_some().then_some("liveness"),
+            self.rate_of_change.is_some().then_some("rate_of_change"),
+            self.stuck.is_some().then_some("stuck"),
+            self.anomaly.is_some().then_some("anomaly"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Numeric payload fields the rule's operator reads.
+    pub fn metrics(&self) -> Vec<&String> {
+        let mut used: Vec<&String> = Vec::new();
+        if let Some(h) = &self.hysteresis {
+            used.push(&h.metric);
+        }
+        if let Some(t) = &self.thresholds {
+            used.push(&t.metric);
+        }
+        for list in [
+            self.tumbling.as_ref().map(|t| &t.metrics),
+            self.deadband.as_ref().map(|d| &d.metrics),
+            self.rate_of_change.as_ref().map(|r| &r.metrics),
+            self.stuck.as_ref().map(|s| &s.metrics),
+            self.anomaly.as_ref().map(|a| &a.metrics),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            used.extend(list);
+        }
+        used
+    }
+
+    /// Discrete (string, bool, integer) payload fields the rule's operator reads.
+    pub fn discrete_fields(&self) -> Vec<&String> {
+        let mut used: Vec<&String> = Vec::new();
+        if let Some(c) = &self.change {
+            used.extend(&c.fields);
+        }
+        if let Some(status) = self.liveness.as_ref().and_then(|l| l.status.as_ref()) {
+            used.push(&status.field);
+        }
+        used
+    }
+}
+
+/// One allowed value or a list of them, in a rule's `where`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ScopeValues {
+    One(String),
+    Any(Vec<String>),
+}
+
+impl ScopeValues {
+    pub fn values(&self) -> Vec<String> {
+        match self {
+            ScopeValues::One(value) => vec![value.clone()],
+            ScopeValues::Any(values) => values.clone(),
+        }
+    }
 }
 
 /// Two-state hysteresis on one numeric metric.
@@ -174,6 +261,138 @@ pub struct HysteresisConfig {
     pub inactive: String,
     /// The state a device starts in; `inactive` when absent.
     pub initial: Option<String>,
+    /// Hold time (event time): a new state is entered only after its condition held this long.
+    #[serde(rename = "for", default, deserialize_with = "duration")]
+    pub hold: Duration,
+    /// Holds transitions back while the device changes state too often.
+    pub flapping: Option<FlappingConfig>,
+}
+
+/// Multi-level thresholds on one numeric metric (e.g. normal / warning / critical), each level
+/// with its own set and reset value, plus hold time and flapping suppression.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdsConfig {
+    pub metric: String,
+    /// Name of the state below every level.
+    #[serde(default = "default_normal")]
+    pub normal: String,
+    /// Levels in rising order.
+    pub levels: Vec<LevelConfig>,
+    #[serde(rename = "for", default, deserialize_with = "duration")]
+    pub hold: Duration,
+    pub flapping: Option<FlappingConfig>,
+}
+
+/// One level of a [`ThresholdsConfig`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelConfig {
+    pub name: String,
+    /// The level is entered when the value rises strictly above this.
+    pub set_above: f64,
+    /// The level is left (downwards) when the value falls strictly below this.
+    pub reset_below: f64,
+}
+
+/// Flapping suppression: more than `max_changes` transitions within `within` marks the device
+/// `flapping`; its transitions are held back until it holds one state for `within`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlappingConfig {
+    pub max_changes: usize,
+    #[serde(deserialize_with = "duration")]
+    pub within: Duration,
+}
+
+/// Report by exception: emit a value when it moved more than a band from the last one emitted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadbandConfig {
+    pub metrics: Vec<String>,
+    /// Band in the metric's unit.
+    pub absolute: Option<f64>,
+    /// Band in percent of the last emitted value.
+    pub percent: Option<f64>,
+    /// Re-emit the current value when nothing was emitted for this long (event time).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub max_silence: Option<Duration>,
+}
+
+/// Discrete change: emit when a string, bool or integer field changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeConfig {
+    pub fields: Vec<String>,
+    /// Also emit the first value seen for a device (with no `from`).
+    #[serde(default)]
+    pub emit_initial: bool,
+    pub flapping: Option<FlappingConfig>,
+}
+
+/// Liveness (deadman): `offline` after `timeout` of silence (processing time), `online` again
+/// on the next reading.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LivenessConfig {
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub timeout: Option<Duration>,
+    /// Devices reported offline even if they never send anything: the topic segments of each,
+    /// e.g. `{ site = "plant-1", device = "dev-1" }`.
+    #[serde(default)]
+    pub expected: Vec<BTreeMap<String, String>>,
+    /// A status field (a retained status or last-will message) that says `offline` directly.
+    pub status: Option<StatusConfig>,
+}
+
+/// Where a device's own status is, for [`LivenessConfig`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Payload field holding the status (`payload` for a `format = "text"` input).
+    pub field: String,
+    /// Values meaning offline; any other reading is a sign of life.
+    #[serde(default = "default_offline_values")]
+    pub offline: Vec<String>,
+}
+
+/// Rate of change: |dvalue/dt| over a window above a bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateOfChangeConfig {
+    pub metrics: Vec<String>,
+    /// The rate is taken between the current reading and the oldest within this window.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Bound on |dvalue/dt|, in the metric's unit per second.
+    pub max_per_second: f64,
+}
+
+/// Stuck value: a value that has not changed (beyond `tolerance`) for `for`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StuckConfig {
+    pub metrics: Vec<String>,
+    #[serde(rename = "for", deserialize_with = "duration")]
+    pub hold: Duration,
+    #[serde(default)]
+    pub tolerance: f64,
+}
+
+/// Anomaly: rolling z-score over the last `readings` readings above `z_threshold`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    pub metrics: Vec<String>,
+    /// How many past readings the mean and standard deviation are taken over.
+    pub readings: usize,
+    #[serde(default = "default_z_threshold")]
+    pub z_threshold: f64,
+    /// Readings needed before scoring starts; `readings` when absent.
+    pub min_readings: Option<usize>,
+    /// After an anomaly, further ones of the same metric are not emitted for this long (event time).
+    #[serde(default, deserialize_with = "duration")]
+    pub cooldown: Duration,
 }
 
 /// A tumbling (fixed, non-overlapping) event-time window per device.
@@ -295,6 +514,22 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
     })
 }
 
+/// As [`duration`], for optional keys.
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+fn default_normal() -> String {
+    "normal".into()
+}
+fn default_offline_values() -> Vec<String> {
+    vec!["offline".into()]
+}
+fn default_z_threshold() -> f64 {
+    4.0
+}
 fn default_client_id() -> String {
     "weir".into()
 }

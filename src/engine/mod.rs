@@ -8,9 +8,11 @@ pub mod worker;
 
 pub use worker::{RawMessage, Worker};
 
-use crate::config::Config;
-use crate::decode::FieldPlan;
-use crate::operators::{Hysteresis, RuleMeta, Tumbling};
+use crate::config::{Config, RuleConfig};
+use crate::decode::{FieldPlan, Origin};
+use crate::operators::{
+    Anomaly, Change, Deadband, Hysteresis, Liveness, RateOfChange, RuleMeta, Stuck, Tumbling,
+};
 use crate::route::Route;
 use crate::topic::{TopicPattern, TopicTemplate};
 use anyhow::Context as _;
@@ -23,6 +25,40 @@ pub struct Plan {
     pub rules: Vec<RulePlan>,
     /// Devices a worker tracks before refusing new ones.
     pub max_devices_per_worker: usize,
+    /// Devices the config expects (liveness), registered by the worker that owns each at start.
+    pub expected: Vec<ExpectedDevice>,
+}
+
+/// A device named in a liveness rule's `expected` list.
+#[derive(Debug, Clone)]
+pub struct ExpectedDevice {
+    pub input: usize,
+    pub rule: usize,
+    /// Its topic segments, in the order of the input pattern's names.
+    pub segments: Vec<String>,
+}
+
+impl ExpectedDevice {
+    /// The device's id segment.
+    pub fn device<'a>(&'a self, plan: &Plan) -> &'a str {
+        &self.segments[plan.inputs[self.input].device_index]
+    }
+
+    /// The origin the device's events carry until it publishes (then its real topic's).
+    pub fn origin(&self, plan: &Plan) -> Origin {
+        let input = &plan.inputs[self.input];
+        Origin {
+            topic: input.pattern.fill(&self.segments).into(),
+            device: self.device(plan).into(),
+            names: input.names.clone(),
+            segments: self
+                .segments
+                .iter()
+                .map(|s| Arc::from(s.as_str()))
+                .collect(),
+            device_index: input.device_index,
+        }
+    }
 }
 
 /// One input: its pattern, how to decode its payloads, and the rules that read it.
@@ -46,23 +82,114 @@ pub struct RulePlan {
     pub input: usize,
     pub operator: OperatorPlan,
     pub route: Route,
+    /// `where`: (segment index, allowed values); empty means every device of the input.
+    pub scope: Vec<(usize, Vec<Arc<str>>)>,
+}
+
+impl RulePlan {
+    /// Whether the rule applies to readings from `origin`.
+    pub fn in_scope(&self, origin: &Origin) -> bool {
+        self.scope.iter().all(|(index, values)| {
+            origin
+                .segments
+                .get(*index)
+                .is_some_and(|segment| values.iter().any(|v| v == segment))
+        })
+    }
+
+    fn in_scope_segments(&self, segments: &[String]) -> bool {
+        self.scope.iter().all(|(index, values)| {
+            segments
+                .get(*index)
+                .is_some_and(|segment| values.iter().any(|v| **v == **segment))
+        })
+    }
 }
 
 /// The built operator of a rule.
 #[derive(Debug, Clone)]
 pub enum OperatorPlan {
+    /// Also runs `thresholds` rules (multi-level).
     Hysteresis(Hysteresis),
     Tumbling(Tumbling),
+    Deadband(Deadband),
+    Change(Change),
+    Liveness(Liveness),
+    RateOfChange(RateOfChange),
+    Stuck(Stuck),
+    Anomaly(Anomaly),
 }
 
 impl OperatorPlan {
-    /// The `kind` of the events this operator emits.
+    /// The `kind` of the events this operator mainly emits.
     pub fn event_kind(&self) -> &'static str {
+        self.event_kinds()[0]
+    }
+
+    /// Every `kind` this operator can emit (flapping suppression adds `flapping`).
+    pub fn event_kinds(&self) -> &'static [&'static str] {
         match self {
-            OperatorPlan::Hysteresis(_) => "state_change",
-            OperatorPlan::Tumbling(_) => "window",
+            OperatorPlan::Hysteresis(_) => &["state_change", "flapping"],
+            OperatorPlan::Tumbling(_) => &["window"],
+            OperatorPlan::Deadband(_) => &["report"],
+            OperatorPlan::Change(_) => &["change", "flapping"],
+            OperatorPlan::Liveness(_) => &["liveness"],
+            OperatorPlan::RateOfChange(_) => &["rate_of_change"],
+            OperatorPlan::Stuck(_) => &["stuck"],
+            OperatorPlan::Anomaly(_) => &["anomaly"],
         }
     }
+}
+
+/// The runtime operator of one rule, with its fields resolved to slots of the input's plan.
+fn build_operator(
+    name: &str,
+    rule: &RuleConfig,
+    meta: RuleMeta,
+    fields: &FieldPlan,
+) -> anyhow::Result<OperatorPlan> {
+    let slot = |metric: &str| {
+        fields
+            .metric_slot(metric)
+            .with_context(|| format!("rule {name}: metric {metric} not planned"))
+    };
+    let slots = |metrics: &[String]| metrics.iter().map(|m| slot(m)).collect::<Result<_, _>>();
+    let discrete_slot = |field: &str| {
+        fields
+            .discrete_slot(field)
+            .with_context(|| format!("rule {name}: field {field} not planned"))
+    };
+    Ok(if let Some(h) = &rule.hysteresis {
+        OperatorPlan::Hysteresis(Hysteresis::new(meta, h, slot(&h.metric)?))
+    } else if let Some(t) = &rule.thresholds {
+        OperatorPlan::Hysteresis(Hysteresis::thresholds(meta, t, slot(&t.metric)?))
+    } else if let Some(t) = &rule.tumbling {
+        OperatorPlan::Tumbling(Tumbling::new(meta, t, slots(&t.metrics)?))
+    } else if let Some(d) = &rule.deadband {
+        OperatorPlan::Deadband(Deadband::new(meta, d, slots(&d.metrics)?))
+    } else if let Some(c) = &rule.change {
+        let slots = c
+            .fields
+            .iter()
+            .map(|f| discrete_slot(f))
+            .collect::<Result<_, _>>()?;
+        OperatorPlan::Change(Change::new(meta, c, slots))
+    } else if let Some(l) = &rule.liveness {
+        let status = l
+            .status
+            .as_ref()
+            .map(|s| discrete_slot(&s.field))
+            .transpose()?;
+        OperatorPlan::Liveness(Liveness::new(meta, l, status))
+    } else if let Some(r) = &rule.rate_of_change {
+        OperatorPlan::RateOfChange(RateOfChange::new(meta, r, slots(&r.metrics)?))
+    } else if let Some(s) = &rule.stuck {
+        OperatorPlan::Stuck(Stuck::new(meta, s, slots(&s.metrics)?))
+    } else if let Some(a) = &rule.anomaly {
+        OperatorPlan::Anomaly(Anomaly::new(meta, a, slots(&a.metrics)?))
+    } else {
+        anyhow::bail!("rule {name} has no operator")
+    })
 }
 
 fn qos(level: u8) -> rumqttc::QoS {
@@ -82,6 +209,7 @@ impl Plan {
         let input_names: Vec<&String> = config.inputs.keys().collect();
         // Metrics each input must decode: the union of what its rules use, in first-use order.
         let mut metrics: Vec<Vec<String>> = vec![Vec::new(); input_names.len()];
+        let mut discrete: Vec<Vec<String>> = vec![Vec::new(); input_names.len()];
         let mut rule_inputs = Vec::new();
         for (name, rule) in &config.rules {
             let (input_name, _) = config
@@ -91,14 +219,17 @@ impl Plan {
                 .iter()
                 .position(|n| n.as_str() == input_name)
                 .with_context(|| format!("rule {name}: unknown input"))?;
-            let used: Vec<&String> = match (&rule.hysteresis, &rule.tumbling) {
-                (Some(h), _) => vec![&h.metric],
-                (None, Some(t)) => t.metrics.iter().collect(),
-                (None, None) => anyhow::bail!("rule {name} has no operator"),
-            };
-            for metric in used {
+            if rule.operator_kinds().len() != 1 {
+                anyhow::bail!("rule {name} needs exactly one operator");
+            }
+            for metric in rule.metrics() {
                 if !metrics[input].contains(metric) {
                     metrics[input].push(metric.clone());
+                }
+            }
+            for field in rule.discrete_fields() {
+                if !discrete[input].contains(field) {
+                    discrete[input].push(field.clone());
                 }
             }
             rule_inputs.push(input);
@@ -116,40 +247,39 @@ impl Plan {
                 names: pattern.names().to_vec().into(),
                 pattern,
                 device_index,
-                fields: FieldPlan::new(input, std::mem::take(&mut metrics[index])),
+                fields: FieldPlan::new(input, std::mem::take(&mut metrics[index]))
+                    .with_discrete(std::mem::take(&mut discrete[index])),
                 qos: qos(input.qos),
                 rules: Vec::new(),
             });
         }
 
-        let mut rules = Vec::new();
+        let mut rules: Vec<RulePlan> = Vec::new();
+        let mut expected = Vec::new();
         for (index, ((name, rule), input)) in config.rules.iter().zip(rule_inputs).enumerate() {
             let meta = RuleMeta {
                 index,
                 name: name.as_str().into(),
             };
             let fields = &inputs[input].fields;
-            let slot = |metric: &str| {
-                fields
-                    .metric_slot(metric)
-                    .with_context(|| format!("rule {name}: metric {metric} not planned"))
-            };
-            let operator = match (&rule.hysteresis, &rule.tumbling) {
-                (Some(h), _) => {
-                    OperatorPlan::Hysteresis(Hysteresis::new(meta, h, slot(&h.metric)?))
-                }
-                (None, Some(t)) => {
-                    let slots = t
-                        .metrics
-                        .iter()
-                        .map(|m| slot(m))
-                        .collect::<Result<_, _>>()?;
-                    OperatorPlan::Tumbling(Tumbling::new(meta, t, slots))
-                }
-                (None, None) => anyhow::bail!("rule {name} has no operator"),
-            };
+            let operator = build_operator(name, rule, meta, fields)?;
             let template = TopicTemplate::parse(&rule.output.topic, &inputs[input].pattern)
                 .map_err(|e| anyhow::anyhow!("rules.{name}.output.topic: {e}"))?;
+            let pattern = &inputs[input].pattern;
+            let mut scope = Vec::new();
+            for (segment, values) in &rule.scope {
+                let at = pattern
+                    .name_index(segment)
+                    .with_context(|| format!("rules.{name}.where.{segment} is not a segment"))?;
+                scope.push((
+                    at,
+                    values
+                        .values()
+                        .iter()
+                        .map(|v| Arc::from(v.as_str()))
+                        .collect(),
+                ));
+            }
             inputs[input].rules.push(index);
             rules.push(RulePlan {
                 name: name.as_str().into(),
@@ -161,12 +291,30 @@ impl Plan {
                     retain: rule.output.retain,
                     format: rule.output.format,
                 },
+                scope,
             });
+            if let Some(liveness) = &rule.liveness {
+                let names = inputs[input].pattern.names();
+                for device in &liveness.expected {
+                    let segments: Vec<String> = names
+                        .iter()
+                        .map(|n| device.get(n).cloned().unwrap_or_default())
+                        .collect();
+                    if rules[index].in_scope_segments(&segments) {
+                        expected.push(ExpectedDevice {
+                            input,
+                            rule: index,
+                            segments,
+                        });
+                    }
+                }
+            }
         }
         Ok(Self {
             inputs,
             rules,
             max_devices_per_worker: config.pipeline.max_devices_per_worker,
+            expected,
         })
     }
 

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
 use bytes::Bytes;
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,7 @@ trait RuleRunner: Send {
     fn wants_ticks(&self) -> bool;
     fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output);
     fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output);
+    fn on_expected(&mut self, device: DeviceId);
 }
 
 struct Keyed<O: Operator> {
@@ -45,13 +46,35 @@ struct Keyed<O: Operator> {
     states: Vec<O::State>,
 }
 
-impl<O: Operator> RuleRunner for Keyed<O> {
-    fn on_reading(&mut self, device: DeviceId, reading: &Reading<'_>, out: &mut Output) {
+impl<O: Operator> Keyed<O> {
+    fn boxed(operator: &O) -> Box<dyn RuleRunner>
+    where
+        O: Clone,
+    {
+        Box::new(Keyed {
+            operator: operator.clone(),
+            states: Vec::new(),
+        })
+    }
+
+    fn state(&mut self, device: DeviceId) -> &mut O::State {
         if self.states.len() <= device {
             self.states.resize_with(device + 1, Default::default);
         }
+        &mut self.states[device]
+    }
+}
+
+impl<O: Operator> RuleRunner for Keyed<O> {
+    fn on_reading(&mut self, device: DeviceId, reading: &Reading<'_>, out: &mut Output) {
+        self.state(device);
         self.operator
             .on_reading(&mut self.states[device], reading, out);
+    }
+
+    fn on_expected(&mut self, device: DeviceId) {
+        self.state(device);
+        self.operator.on_expected(&mut self.states[device]);
     }
 
     fn wants_ticks(&self) -> bool {
@@ -73,7 +96,10 @@ impl<O: Operator> RuleRunner for Keyed<O> {
 
 /// Counters of one rule, resolved once so the hot path does no label lookups.
 struct RuleCounters {
-    emitted: IntCounter,
+    /// By event kind; an operator emits one or two kinds.
+    emitted: Vec<(&'static str, IntCounter)>,
+    /// Devices reported offline (liveness rules only).
+    offline: Option<IntGauge>,
     late: IntCounter,
     out_of_order: IntCounter,
 }
@@ -143,14 +169,14 @@ impl Worker {
             .iter()
             .map(|rule| -> Box<dyn RuleRunner> {
                 match &rule.operator {
-                    OperatorPlan::Hysteresis(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
-                    OperatorPlan::Tumbling(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
+                    OperatorPlan::Hysteresis(op) => Keyed::boxed(op),
+                    OperatorPlan::Tumbling(op) => Keyed::boxed(op),
+                    OperatorPlan::Deadband(op) => Keyed::boxed(op),
+                    OperatorPlan::Change(op) => Keyed::boxed(op),
+                    OperatorPlan::Liveness(op) => Keyed::boxed(op),
+                    OperatorPlan::RateOfChange(op) => Keyed::boxed(op),
+                    OperatorPlan::Stuck(op) => Keyed::boxed(op),
+                    OperatorPlan::Anomaly(op) => Keyed::boxed(op),
                 }
             })
             .collect();
@@ -158,9 +184,21 @@ impl Worker {
             .rules
             .iter()
             .map(|rule| RuleCounters {
-                emitted: metrics
-                    .events_emitted
-                    .with_label_values(&[&rule.name, rule.operator.event_kind()]),
+                emitted: rule
+                    .operator
+                    .event_kinds()
+                    .iter()
+                    .map(|kind| {
+                        (
+                            *kind,
+                            metrics
+                                .events_emitted
+                                .with_label_values(&[&*rule.name, kind]),
+                        )
+                    })
+                    .collect(),
+                offline: matches!(rule.operator, OperatorPlan::Liveness(_))
+                    .then(|| metrics.devices_offline.with_label_values(&[&rule.name])),
                 late: metrics.readings_late.with_label_values(&[&rule.name]),
                 out_of_order: metrics
                     .readings_out_of_order
@@ -201,6 +239,32 @@ impl Worker {
     /// Devices this worker tracks.
     pub fn device_count(&self) -> usize {
         self.device_origins.len()
+    }
+
+    /// Registers the devices the config expects (liveness `expected`) that this worker owns:
+    /// worker `index` of `workers`, by [`Plan::shard`]. Call once, before the first tick.
+    pub fn seed_expected(&mut self, index: usize, workers: usize) {
+        let plan = self.plan.clone();
+        for expected in &plan.expected {
+            let name = expected.device(&plan);
+            if Plan::shard(expected.input, name, workers) != index {
+                continue;
+            }
+            let device = match self.devices.get(&(expected.input, name.into())) {
+                Some(device) => *device,
+                None => {
+                    if self.devices.len() >= plan.max_devices_per_worker {
+                        continue;
+                    }
+                    let device = self.device_origins.len();
+                    self.devices.insert((expected.input, name.into()), device);
+                    self.metrics.devices_tracked.inc();
+                    self.device_origins.push(Arc::new(expected.origin(&plan)));
+                    device
+                }
+            };
+            self.runners[expected.rule].on_expected(device);
+        }
     }
 
     /// The device and origin of a topic, registering a new device if there is room.
@@ -277,9 +341,13 @@ impl Worker {
             ts: decoded.ts.unwrap_or(message.arrival_ms),
             seq: decoded.seq,
             values: &decoded.values,
+            discrete: &decoded.discrete,
             arrival: message.arrival,
         };
         for &rule in &input_plan.rules {
+            if !self.plan.rules[rule].in_scope(&origin) {
+                continue;
+            }
             self.runners[rule].on_reading(device, &reading, &mut self.output);
             drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
         }
@@ -380,8 +448,15 @@ fn drain_output(
             .out_of_order
             .inc_by(std::mem::take(&mut output.out_of_order));
     }
+    let offline = std::mem::take(&mut output.offline);
+    if let (Some(gauge), true) = (&counters.offline, offline != 0) {
+        gauge.add(offline);
+    }
     for event in output.events.drain(..) {
-        counters.emitted.inc();
+        let kind = event.body.kind();
+        if let Some((_, counter)) = counters.emitted.iter().find(|(k, _)| *k == kind) {
+            counter.inc();
+        }
         tracing::trace!(id = %event.id, rule = %event.rule, device = %event.origin.device, "derived event");
         out.push(plan.rules[event.rule_index].route.apply(&event));
     }

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub subscriptions_active: IntGauge,
     pub queue_depth: IntGaugeVec,
     pub devices_tracked: IntGauge,
+    pub devices_offline: IntGaugeVec,
     pub processing_latency: Histogram,
     pub event_latency: HistogramVec,
     build_info: IntGaugeVec,
@@ -217,6 +218,12 @@ impl Metrics {
                 "weir_queue_depth",
                 "Messages waiting in the bounded channel in front of a stage.",
                 &["stage"],
+            ),
+            devices_offline: gauge_vec(
+                r,
+                "weir_devices_offline",
+                "Devices a liveness rule currently reports offline, by rule.",
+                &["rule"],
             ),
             build_info: gauge_vec(
                 r,

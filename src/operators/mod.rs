@@ -5,14 +5,27 @@
 //! separate `State` value owned by the engine, so state can be counted, capped and (later)
 //! snapshotted without the operator knowing.
 
+pub mod anomaly;
+pub mod change;
+pub mod deadband;
+pub mod flapping;
 pub mod hysteresis;
+pub mod liveness;
+pub mod rate_of_change;
+pub mod stuck;
 pub mod tumbling;
 
+pub use anomaly::Anomaly;
+pub use change::Change;
+pub use deadband::Deadband;
 pub use hysteresis::Hysteresis;
+pub use liveness::Liveness;
+pub use rate_of_change::RateOfChange;
+pub use stuck::Stuck;
 pub use tumbling::Tumbling;
 
 use crate::decode::{Origin, Reading};
-use crate::event::DerivedEvent;
+use crate::event::{Cause, DerivedEvent, EventBody, EventId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
@@ -25,6 +38,8 @@ pub struct Output {
     pub out_of_order: u64,
     /// Readings whose window had already fired.
     pub late: u64,
+    /// Change in the number of devices this rule reports offline (liveness).
+    pub offline: i64,
 }
 
 /// Identity of the rule an operator runs for, stamped on its events.
@@ -32,6 +47,56 @@ pub struct Output {
 pub struct RuleMeta {
     pub index: usize,
     pub name: Arc<str>,
+}
+
+impl RuleMeta {
+    /// An event of this rule. Its id is derived from the rule, the device, the kind, `ts` and
+    /// `key` (what tells apart events of one kind at one time: a metric, a target state), so a
+    /// replay of the same readings yields the same ids.
+    pub(crate) fn event(
+        &self,
+        origin: &Arc<Origin>,
+        ts: i64,
+        key: &[&[u8]],
+        body: EventBody,
+        reading: Option<&Reading<'_>>,
+    ) -> DerivedEvent {
+        let ts_bytes = ts.to_be_bytes();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(4 + key.len());
+        parts.extend([
+            self.name.as_bytes(),
+            origin.device.as_bytes(),
+            body.kind().as_bytes(),
+            &ts_bytes,
+        ]);
+        parts.extend_from_slice(key);
+        DerivedEvent {
+            id: EventId::derive(&parts),
+            rule_index: self.index,
+            rule: self.name.clone(),
+            origin: origin.clone(),
+            ts,
+            body,
+            cause: reading.map(Cause::of),
+            arrival: reading.map(|r| r.arrival),
+        }
+    }
+}
+
+/// Drops readings older than the last one applied for the device (`last_ts`), counting them in
+/// `out.out_of_order`; returns whether the reading may be applied. Equal timestamps are applied.
+pub(crate) fn in_order(last_ts: &mut Option<i64>, ts: i64, out: &mut Output) -> bool {
+    if last_ts.is_some_and(|last| ts < last) {
+        out.out_of_order += 1;
+        return false;
+    }
+    *last_ts = Some(ts);
+    true
+}
+
+/// Converts a config duration to ms, saturating.
+pub(crate) fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A rule's logic. Time comes in only through readings' timestamps and explicit arguments;
@@ -61,6 +126,9 @@ pub trait Operator: Send + 'static {
     ) {
     }
 
+    /// Registers a device the config expects (liveness reports it even if it never sends).
+    fn on_expected(&self, _state: &mut Self::State) {}
+
     /// Flushes what should flush when input ends (shutdown): called once per device.
     fn on_close(&self, _state: &mut Self::State, _origin: &Arc<Origin>, _out: &mut Output) {}
 }
@@ -83,12 +151,29 @@ pub(crate) mod test_support {
         })
     }
 
+    /// A reading with discrete values.
+    pub fn discrete_reading<'a>(
+        origin: &'a Arc<Origin>,
+        ts: i64,
+        discrete: &'a [crate::decode::DiscreteSlot],
+    ) -> Reading<'a> {
+        Reading {
+            origin,
+            ts,
+            seq: None,
+            values: &[],
+            discrete,
+            arrival: Instant::now(),
+        }
+    }
+
     pub fn reading<'a>(origin: &'a Arc<Origin>, ts: i64, values: &'a [Option<f64>]) -> Reading<'a> {
         Reading {
             origin,
             ts,
             seq: None,
             values,
+            discrete: &[],
             arrival: Instant::now(),
         }
     }
