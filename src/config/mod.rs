@@ -740,6 +740,141 @@ mod tests {
         assert_eq!(problem.path, "inputs.telemetry.qos");
     }
 
+    const DETECTORS: &str = include_str!("../../config/detectors.toml");
+
+    /// Parses the detectors example with `from` replaced by `to`, expecting exactly one problem.
+    fn detectors_problem_after(from: &str, to: &str) -> (Located, String) {
+        assert!(DETECTORS.contains(from), "the example has no `{from}`");
+        let text = DETECTORS.replacen(from, to, 1);
+        let err = parse(&text, Path::new("detectors.toml"), &Overrides::default())
+            .expect_err("the edited config should be rejected");
+        let problems = err.problems();
+        assert_eq!(problems.len(), 1, "{err}");
+        (problems[0].clone(), text)
+    }
+
+    #[test]
+    fn the_detectors_example_is_valid() {
+        let config = parse(DETECTORS, Path::new("d.toml"), &Overrides::default()).unwrap();
+        assert_eq!(config.rules.len(), 9);
+        let plan = crate::engine::Plan::build(&config).unwrap();
+        assert_eq!(plan.expected.len(), 2);
+    }
+
+    #[test]
+    fn scoping_by_a_segment_the_pattern_lacks_names_its_line() {
+        let (problem, text) = detectors_problem_after("where = { site = ", "where = { zone = ");
+        assert_eq!(problem.path, "rules.temperature_level.where.zone");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "where = { zone"))
+        );
+        assert!(
+            problem.message.contains("site, device"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn threshold_levels_must_rise_and_reset_below_their_set_value() {
+        let (problem, text) = detectors_problem_after(
+            "set_above = 90.0, reset_below = 85.0",
+            "set_above = 60.0, reset_below = 55.0",
+        );
+        assert_eq!(problem.path, "rules.temperature_level.thresholds.levels[1]");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "set_above = 60.0"))
+        );
+        let (problem, _) = detectors_problem_after("reset_below = 65.0", "reset_below = 75.0");
+        assert_eq!(
+            problem.path,
+            "rules.temperature_level.thresholds.levels[0].reset_below"
+        );
+    }
+
+    #[test]
+    fn a_hold_time_needs_a_unit_and_names_its_line() {
+        let (problem, text) = detectors_problem_after("for = \"30s\"", "for = \"30\"");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "for = \"30\""))
+        );
+    }
+
+    #[test]
+    fn deadband_needs_exactly_one_band() {
+        let (problem, _) =
+            detectors_problem_after("absolute = 0.5 ", "percent = 1.0\nabsolute = 0.5 ");
+        assert_eq!(problem.path, "rules.temperature_report.deadband");
+        assert!(problem.message.contains("not both"));
+    }
+
+    #[test]
+    fn expected_devices_name_every_segment() {
+        let (problem, _) = detectors_problem_after(
+            "{ site = \"plant-1\", device = \"press-2\" }",
+            "{ device = \"press-2\" }",
+        );
+        assert_eq!(problem.path, "rules.alive.liveness.expected[1]");
+        assert!(
+            problem.message.contains("missing: site"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn liveness_needs_a_timeout_or_a_status() {
+        let (problem, _) = detectors_problem_after(
+            "status = { field = \"payload\", offline = [\"offline\"] }",
+            "",
+        );
+        assert_eq!(problem.path, "rules.last_will.liveness");
+    }
+
+    #[test]
+    fn anomaly_window_and_flapping_bounds_are_checked() {
+        let (problem, _) = detectors_problem_after("readings = 144", "readings = 1");
+        assert_eq!(problem.path, "rules.odd_temperature.anomaly.readings");
+        let (problem, _) = detectors_problem_after("max_changes = 5", "max_changes = 0");
+        assert_eq!(
+            problem.path,
+            "rules.temperature_level.thresholds.flapping.max_changes"
+        );
+    }
+
+    #[test]
+    fn a_field_is_either_a_number_or_a_discrete_value() {
+        let (problem, _) =
+            detectors_problem_after("fields = [\"door\", \"mode\"]", "fields = [\"pressure\"]");
+        assert!(
+            problem.message.contains("`pressure`"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("pressure_surge"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn text_is_not_an_output_format() {
+        let text = DETECTORS.replacen(
+            "topic = \"reports/{site}/{device}/{rule}\"",
+            "topic = \"reports/{site}/{device}/{rule}\"\nformat = \"text\"",
+            1,
+        );
+        let err = parse(&text, Path::new("d.toml"), &Overrides::default()).unwrap_err();
+        assert_eq!(
+            err.problems()[0].path,
+            "rules.temperature_report.output.format"
+        );
+    }
+
     #[test]
     fn every_problem_is_reported_at_once() {
         let text = EXAMPLE
