@@ -62,16 +62,18 @@ impl RuleMeta {
         reading: Option<&Reading<'_>>,
     ) -> DerivedEvent {
         let ts_bytes = ts.to_be_bytes();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(4 + key.len());
-        parts.extend([
+        // A fixed array rather than a Vec: events are built on the hot path.
+        let mut parts: [&[u8]; 8] = [&[]; 8];
+        parts[..4].copy_from_slice(&[
             self.name.as_bytes(),
             origin.device.as_bytes(),
             body.kind().as_bytes(),
             &ts_bytes,
         ]);
-        parts.extend_from_slice(key);
+        let used = 4 + key.len().min(4);
+        parts[4..used].copy_from_slice(&key[..used - 4]);
         DerivedEvent {
-            id: EventId::derive(&parts),
+            id: EventId::derive(&parts[..used]),
             rule_index: self.index,
             rule: self.name.clone(),
             origin: origin.clone(),
