@@ -107,6 +107,7 @@ fn bench_kind<O: Operator>(c: &mut Criterion, name: &str, op: O, pauses: bool) {
                 for (device, ts, values) in &readings {
                     let reading = Reading {
                         origin: &origins[*device],
+                        discrete: &[],
                         ts: *ts,
                         seq: None,
                         values,

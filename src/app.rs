@@ -56,9 +56,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     metrics.register_labels(
         plan.inputs.iter().map(|i| &*i.name),
-        plan.rules
-            .iter()
-            .map(|r| (&*r.name, r.operator.event_kind())),
+        plan.rules.iter().flat_map(|r| {
+            r.operator
+                .event_kinds()
+                .iter()
+                .map(move |kind| (&*r.name, *kind))
+        }),
     );
     let source_options = crate::mqtt::options(&config.broker, "")?;
     let mut publish_broker = config.broker.clone();
@@ -76,7 +79,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let worker_count = config.worker_count();
     let mut workers: Vec<Worker> = (0..worker_count)
-        .map(|_| Worker::new(plan.clone(), metrics.clone()))
+        .map(|index| {
+            let mut worker = Worker::new(plan.clone(), metrics.clone());
+            worker.seed_expected(index, worker_count);
+            worker
+        })
         .collect();
     let recovery = match &state_dir {
         Some(dir) => recover(dir, &plan, &mut workers, logged)?,

@@ -1,7 +1,7 @@
 //! Derived events: what operators emit and what weir publishes (schema v1, see the README).
 
 use crate::config::Aggregate;
-use crate::decode::Origin;
+use crate::decode::{DiscreteValue, Origin};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +59,70 @@ pub enum EventBody {
         /// The reading's values of the rule's metrics.
         values: Vec<(Arc<str>, f64)>,
     },
+    /// Deadband: a value worth reporting (moved past the band, first seen, or heartbeat).
+    Report {
+        metric: Arc<str>,
+        value: f64,
+        /// The last value reported before this one.
+        previous: Option<f64>,
+        /// `first`, `deadband` or `heartbeat`.
+        reason: &'static str,
+    },
+    /// A discrete (string, bool, integer) field changed.
+    Change {
+        field: Arc<str>,
+        /// `None` for the first value of a device (with `emit_initial`).
+        from: Option<DiscreteValue>,
+        to: DiscreteValue,
+    },
+    /// Liveness: a device went `offline` or came back `online`.
+    Liveness {
+        from: &'static str,
+        to: &'static str,
+        /// `timeout`, `never_seen`, `status` or `reading`.
+        reason: &'static str,
+        /// Processing time (ms) the device was last heard from; `None` if never.
+        last_seen: Option<i64>,
+    },
+    /// Rate of change crossed its bound (`normal` -> `exceeded`) or came back.
+    RateOfChange {
+        metric: Arc<str>,
+        from: &'static str,
+        to: &'static str,
+        value: f64,
+        /// dvalue/dt in the metric's unit per second.
+        rate_per_s: f64,
+        /// The span the rate was taken over, ms.
+        over_ms: i64,
+    },
+    /// A value stopped changing for the configured time (`moving` -> `stuck`) or moved again.
+    Stuck {
+        metric: Arc<str>,
+        from: &'static str,
+        to: &'static str,
+        value: f64,
+        /// Event time since which the value has not changed.
+        since: i64,
+    },
+    /// A value far from the rolling mean of the previous readings.
+    Anomaly {
+        metric: Arc<str>,
+        value: f64,
+        mean: f64,
+        stddev: f64,
+        z: f64,
+    },
+    /// Flapping suppression started (`settled` -> `flapping`) or ended.
+    Flapping {
+        /// The metric or field whose state flaps.
+        metric: Arc<str>,
+        from: &'static str,
+        to: &'static str,
+        /// The detector's current state.
+        state: Arc<str>,
+        /// Transitions seen within the flapping window.
+        changes: u32,
+    },
 }
 
 /// What made a window emit.
@@ -90,6 +154,13 @@ impl EventBody {
             EventBody::StateChange { .. } => "state_change",
             EventBody::Window { .. } => "window",
             EventBody::Late { .. } => "late",
+            EventBody::Report { .. } => "report",
+            EventBody::Change { .. } => "change",
+            EventBody::Liveness { .. } => "liveness",
+            EventBody::RateOfChange { .. } => "rate_of_change",
+            EventBody::Stuck { .. } => "stuck",
+            EventBody::Anomaly { .. } => "anomaly",
+            EventBody::Flapping { .. } => "flapping",
         }
     }
 }
@@ -143,6 +214,17 @@ pub struct Cause {
     pub topic: Arc<str>,
     pub ts: i64,
     pub seq: Option<u64>,
+}
+
+impl Cause {
+    /// The cause naming `reading`.
+    pub fn of(reading: &crate::decode::Reading<'_>) -> Self {
+        Self {
+            topic: reading.origin.topic.clone(),
+            ts: reading.ts,
+            seq: reading.seq,
+        }
+    }
 }
 
 /// A deterministic 64-bit event id, written as 16 hex digits.

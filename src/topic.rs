@@ -124,6 +124,25 @@ impl TopicPattern {
             .join("/")
     }
 
+    /// The topic with each named level filled from `segments` (in the order of
+    /// [`names`](Self::names)); `+` levels stay `+`. Names the topic of a device known from the
+    /// config before it ever published.
+    pub fn fill<S: AsRef<str>>(&self, segments: &[S]) -> String {
+        let mut named = 0;
+        self.levels
+            .iter()
+            .map(|level| match level {
+                Level::Literal(text) => text.as_str(),
+                Level::Named(_) => {
+                    named += 1;
+                    segments.get(named - 1).map_or("+", |s| s.as_ref())
+                }
+                Level::Any => "+",
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
     /// Names of the captured segments, in order.
     pub fn names(&self) -> &[String] {
         &self.names

@@ -78,6 +78,7 @@ fn engine(
         let values = [Some(value)];
         let reading = Reading {
             origin: &origins[device],
+            discrete: &[],
             ts,
             seq: None,
             values: &values,

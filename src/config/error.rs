@@ -159,10 +159,28 @@ fn locate(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
     let mut current = table;
     let mut best = None;
     for key in path.split('.') {
-        let Some((found_key, value)) = current.get_key_value(key) else {
+        // `levels[2]` names an element of an array (of inline tables).
+        let (name, index) = match key.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (key, None),
+        };
+        let Some((found_key, value)) = current.get_key_value(name) else {
             return best;
         };
         best = Some(found_key.span());
+        let mut value = value;
+        if let Some(index) = index {
+            match value.get_ref() {
+                DeValue::Array(items) => match items.get(index) {
+                    Some(item) => {
+                        best = Some(item.span());
+                        value = item;
+                    }
+                    None => return best,
+                },
+                _ => return best,
+            }
+        }
         match value.get_ref() {
             DeValue::Table(inner) => current = inner,
             _ => return best,

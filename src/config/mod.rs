@@ -202,6 +202,9 @@ impl Default for PipelineConfig {
 pub enum Format {
     Json,
     Cbor,
+    /// Inputs only: the whole payload is one UTF-8 string, read as the field `payload` (e.g. a
+    /// retained status or last-will message such as `offline`).
+    Text,
 }
 
 /// One subscribed topic pattern and how to read its payloads.
@@ -258,12 +261,102 @@ pub enum TimeUnit {
 pub struct RuleConfig {
     /// The input whose readings this rule sees; optional when there is only one input.
     pub input: Option<String>,
+    /// Scoping: the rule sees only readings whose named topic segments have one of these values,
+    /// e.g. `where = { site = "plant-1" }` or `where = { site = ["plant-1", "plant-2"] }`.
+    #[serde(rename = "where", default)]
+    pub scope: BTreeMap<String, ScopeValues>,
     pub hysteresis: Option<HysteresisConfig>,
+    pub thresholds: Option<ThresholdsConfig>,
     pub tumbling: Option<TumblingConfig>,
     pub hopping: Option<WindowConfig>,
     pub session: Option<WindowConfig>,
     pub count: Option<WindowConfig>,
+    pub deadband: Option<DeadbandConfig>,
+    pub change: Option<ChangeConfig>,
+    pub liveness: Option<LivenessConfig>,
+    pub rate_of_change: Option<RateOfChangeConfig>,
+    pub stuck: Option<StuckConfig>,
+    pub anomaly: Option<AnomalyConfig>,
     pub output: OutputConfig,
+}
+
+impl RuleConfig {
+    /// The operator kinds this rule configures (validation requires exactly one).
+    pub fn operator_kinds(&self) -> Vec<&'static str> {
+        [
+            self.hysteresis.is_some().then_some("hysteresis"),
+            self.thresholds.is_some().then_some("thresholds"),
+            self.tumbling.is_some().then_some("tumbling"),
+            self.hopping.is_some().then_some("hopping"),
+            self.session.is_some().then_some("session"),
+            self.count.is_some().then_some("count"),
+            self.deadband.is_some().then_some("deadband"),
+            self.change.is_some().then_some("change"),
+            self.liveness.is_some().then_some("liveness"),
+            self.rate_of_change.is_some().then_some("rate_of_change"),
+            self.stuck.is_some().then_some("stuck"),
+            self.anomaly.is_some().then_some("anomaly"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Numeric payload fields the rule's operator reads.
+    pub fn metrics(&self) -> Vec<&String> {
+        let mut used: Vec<&String> = Vec::new();
+        if let Some(h) = &self.hysteresis {
+            used.push(&h.metric);
+        }
+        if let Some(t) = &self.thresholds {
+            used.push(&t.metric);
+        }
+        for list in [
+            self.tumbling.as_ref().map(|t| &t.metrics),
+            self.hopping.as_ref().map(|t| &t.metrics),
+            self.session.as_ref().map(|t| &t.metrics),
+            self.count.as_ref().map(|t| &t.metrics),
+            self.deadband.as_ref().map(|d| &d.metrics),
+            self.rate_of_change.as_ref().map(|r| &r.metrics),
+            self.stuck.as_ref().map(|s| &s.metrics),
+            self.anomaly.as_ref().map(|a| &a.metrics),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            used.extend(list);
+        }
+        used
+    }
+
+    /// Discrete (string, bool, integer) payload fields the rule's operator reads.
+    pub fn discrete_fields(&self) -> Vec<&String> {
+        let mut used: Vec<&String> = Vec::new();
+        if let Some(c) = &self.change {
+            used.extend(&c.fields);
+        }
+        if let Some(status) = self.liveness.as_ref().and_then(|l| l.status.as_ref()) {
+            used.push(&status.field);
+        }
+        used
+    }
+}
+
+/// One allowed value or a list of them, in a rule's `where`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ScopeValues {
+    One(String),
+    Any(Vec<String>),
+}
+
+impl ScopeValues {
+    pub fn values(&self) -> Vec<String> {
+        match self {
+            ScopeValues::One(value) => vec![value.clone()],
+            ScopeValues::Any(values) => values.clone(),
+        }
+    }
 }
 
 /// Two-state hysteresis on one numeric metric.
@@ -281,6 +374,138 @@ pub struct HysteresisConfig {
     pub inactive: String,
     /// The state a device starts in; `inactive` when absent.
     pub initial: Option<String>,
+    /// Hold time (event time): a new state is entered only after its condition held this long.
+    #[serde(rename = "for", default, deserialize_with = "duration")]
+    pub hold: Duration,
+    /// Holds transitions back while the device changes state too often.
+    pub flapping: Option<FlappingConfig>,
+}
+
+/// Multi-level thresholds on one numeric metric (e.g. normal / warning / critical), each level
+/// with its own set and reset value, plus hold time and flapping suppression.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdsConfig {
+    pub metric: String,
+    /// Name of the state below every level.
+    #[serde(default = "default_normal")]
+    pub normal: String,
+    /// Levels in rising order.
+    pub levels: Vec<LevelConfig>,
+    #[serde(rename = "for", default, deserialize_with = "duration")]
+    pub hold: Duration,
+    pub flapping: Option<FlappingConfig>,
+}
+
+/// One level of a [`ThresholdsConfig`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelConfig {
+    pub name: String,
+    /// The level is entered when the value rises strictly above this.
+    pub set_above: f64,
+    /// The level is left (downwards) when the value falls strictly below this.
+    pub reset_below: f64,
+}
+
+/// Flapping suppression: more than `max_changes` transitions within `within` marks the device
+/// `flapping`; its transitions are held back until it holds one state for `within`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlappingConfig {
+    pub max_changes: usize,
+    #[serde(deserialize_with = "duration")]
+    pub within: Duration,
+}
+
+/// Report by exception: emit a value when it moved more than a band from the last one emitted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadbandConfig {
+    pub metrics: Vec<String>,
+    /// Band in the metric's unit.
+    pub absolute: Option<f64>,
+    /// Band in percent of the last emitted value.
+    pub percent: Option<f64>,
+    /// Re-emit the current value when nothing was emitted for this long (event time).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_silence: Option<Duration>,
+}
+
+/// Discrete change: emit when a string, bool or integer field changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeConfig {
+    pub fields: Vec<String>,
+    /// Also emit the first value seen for a device (with no `from`).
+    #[serde(default)]
+    pub emit_initial: bool,
+    pub flapping: Option<FlappingConfig>,
+}
+
+/// Liveness (deadman): `offline` after `timeout` of silence (processing time), `online` again
+/// on the next reading.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LivenessConfig {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Devices reported offline even if they never send anything: the topic segments of each,
+    /// e.g. `{ site = "plant-1", device = "dev-1" }`.
+    #[serde(default)]
+    pub expected: Vec<BTreeMap<String, String>>,
+    /// A status field (a retained status or last-will message) that says `offline` directly.
+    pub status: Option<StatusConfig>,
+}
+
+/// Where a device's own status is, for [`LivenessConfig`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Payload field holding the status (`payload` for a `format = "text"` input).
+    pub field: String,
+    /// Values meaning offline; any other reading is a sign of life.
+    #[serde(default = "default_offline_values")]
+    pub offline: Vec<String>,
+}
+
+/// Rate of change: |dvalue/dt| over a window above a bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateOfChangeConfig {
+    pub metrics: Vec<String>,
+    /// The rate is taken between the current reading and the oldest within this window.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Bound on |dvalue/dt|, in the metric's unit per second.
+    pub max_per_second: f64,
+}
+
+/// Stuck value: a value that has not changed (beyond `tolerance`) for `for`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StuckConfig {
+    pub metrics: Vec<String>,
+    #[serde(rename = "for", deserialize_with = "duration")]
+    pub hold: Duration,
+    #[serde(default)]
+    pub tolerance: f64,
+}
+
+/// Anomaly: rolling z-score over the last `readings` readings above `z_threshold`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    pub metrics: Vec<String>,
+    /// How many past readings the mean and standard deviation are taken over.
+    pub readings: usize,
+    #[serde(default = "default_z_threshold")]
+    pub z_threshold: f64,
+    /// Readings needed before scoring starts; `readings` when absent.
+    pub min_readings: Option<usize>,
+    /// After an anomaly, further ones of the same metric are not emitted for this long (event time).
+    #[serde(default, deserialize_with = "duration")]
+    pub cooldown: Duration,
 }
 
 /// A tumbling window's table; the same keys serve every window kind.
@@ -553,6 +778,15 @@ fn default_max_clock_skew() -> Duration {
 }
 fn default_max_payload_bytes() -> usize {
     64 * 1024
+}
+fn default_normal() -> String {
+    "normal".into()
+}
+fn default_offline_values() -> Vec<String> {
+    vec!["offline".into()]
+}
+fn default_z_threshold() -> f64 {
+    4.0
 }
 fn default_client_id() -> String {
     "weir".into()
@@ -827,6 +1061,141 @@ on_shutdown = "keep"
     fn qos_2_is_refused() {
         let (problem, _) = problem_after("seq_field = \"seq\"", "qos = 2\nseq_field = \"seq\"");
         assert_eq!(problem.path, "inputs.telemetry.qos");
+    }
+
+    const DETECTORS: &str = include_str!("../../config/detectors.toml");
+
+    /// Parses the detectors example with `from` replaced by `to`, expecting exactly one problem.
+    fn detectors_problem_after(from: &str, to: &str) -> (Located, String) {
+        assert!(DETECTORS.contains(from), "the example has no `{from}`");
+        let text = DETECTORS.replacen(from, to, 1);
+        let err = parse(&text, Path::new("detectors.toml"), &Overrides::default())
+            .expect_err("the edited config should be rejected");
+        let problems = err.problems();
+        assert_eq!(problems.len(), 1, "{err}");
+        (problems[0].clone(), text)
+    }
+
+    #[test]
+    fn the_detectors_example_is_valid() {
+        let config = parse(DETECTORS, Path::new("d.toml"), &Overrides::default()).unwrap();
+        assert_eq!(config.rules.len(), 9);
+        let plan = crate::engine::Plan::build(&config).unwrap();
+        assert_eq!(plan.expected.len(), 2);
+    }
+
+    #[test]
+    fn scoping_by_a_segment_the_pattern_lacks_names_its_line() {
+        let (problem, text) = detectors_problem_after("where = { site = ", "where = { zone = ");
+        assert_eq!(problem.path, "rules.temperature_level.where.zone");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "where = { zone"))
+        );
+        assert!(
+            problem.message.contains("site, device"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn threshold_levels_must_rise_and_reset_below_their_set_value() {
+        let (problem, text) = detectors_problem_after(
+            "set_above = 90.0, reset_below = 85.0",
+            "set_above = 60.0, reset_below = 55.0",
+        );
+        assert_eq!(problem.path, "rules.temperature_level.thresholds.levels[1]");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "set_above = 60.0"))
+        );
+        let (problem, _) = detectors_problem_after("reset_below = 65.0", "reset_below = 75.0");
+        assert_eq!(
+            problem.path,
+            "rules.temperature_level.thresholds.levels[0].reset_below"
+        );
+    }
+
+    #[test]
+    fn a_hold_time_needs_a_unit_and_names_its_line() {
+        let (problem, text) = detectors_problem_after("for = \"30s\"", "for = \"30\"");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "for = \"30\""))
+        );
+    }
+
+    #[test]
+    fn deadband_needs_exactly_one_band() {
+        let (problem, _) =
+            detectors_problem_after("absolute = 0.5 ", "percent = 1.0\nabsolute = 0.5 ");
+        assert_eq!(problem.path, "rules.temperature_report.deadband");
+        assert!(problem.message.contains("not both"));
+    }
+
+    #[test]
+    fn expected_devices_name_every_segment() {
+        let (problem, _) = detectors_problem_after(
+            "{ site = \"plant-1\", device = \"press-2\" }",
+            "{ device = \"press-2\" }",
+        );
+        assert_eq!(problem.path, "rules.alive.liveness.expected[1]");
+        assert!(
+            problem.message.contains("missing: site"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn liveness_needs_a_timeout_or_a_status() {
+        let (problem, _) = detectors_problem_after(
+            "status = { field = \"payload\", offline = [\"offline\"] }",
+            "",
+        );
+        assert_eq!(problem.path, "rules.last_will.liveness");
+    }
+
+    #[test]
+    fn anomaly_window_and_flapping_bounds_are_checked() {
+        let (problem, _) = detectors_problem_after("readings = 144", "readings = 1");
+        assert_eq!(problem.path, "rules.odd_temperature.anomaly.readings");
+        let (problem, _) = detectors_problem_after("max_changes = 5", "max_changes = 0");
+        assert_eq!(
+            problem.path,
+            "rules.temperature_level.thresholds.flapping.max_changes"
+        );
+    }
+
+    #[test]
+    fn a_field_is_either_a_number_or_a_discrete_value() {
+        let (problem, _) =
+            detectors_problem_after("fields = [\"door\", \"mode\"]", "fields = [\"pressure\"]");
+        assert!(
+            problem.message.contains("`pressure`"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("pressure_surge"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn text_is_not_an_output_format() {
+        let text = DETECTORS.replacen(
+            "topic = \"reports/{site}/{device}/{rule}\"",
+            "topic = \"reports/{site}/{device}/{rule}\"\nformat = \"text\"",
+            1,
+        );
+        let err = parse(&text, Path::new("d.toml"), &Overrides::default()).unwrap_err();
+        assert_eq!(
+            err.problems()[0].path,
+            "rules.temperature_report.output.format"
+        );
     }
 
     #[test]

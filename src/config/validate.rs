@@ -2,7 +2,9 @@
 //! `weir check` reports them all.
 
 use super::{
-    BrokerConfig, Config, DeliveryMode, HysteresisConfig, InputConfig, RuleConfig, WindowConfig,
+    AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode,
+    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, RateOfChangeConfig,
+    RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use crate::mqtt::BrokerEndpoint;
 use crate::topic::{TopicPattern, TopicTemplate};
@@ -82,6 +84,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     for (name, rule) in &config.rules {
         check_rule(config, name, rule, &mut problems);
     }
+    check_field_types(config, &mut problems);
     problems.0
 }
 
@@ -223,6 +226,36 @@ fn check_input(path: &str, input: &InputConfig, max_packet_bytes: usize, problem
         if time.field.is_empty() {
             problems.add(format!("{path}.time.field"), "must name a payload field");
         }
+        if input.format == Format::Text {
+            problems.add(
+                format!("{path}.time"),
+                "a text payload is one string and has no time field; remove [time] (arrival time is used)",
+            );
+        }
+    }
+}
+
+/// A payload field is read either as a number (metrics) or as a discrete value (change, status),
+/// not both: one reading would fail the other rule's type check.
+fn check_field_types(config: &Config, problems: &mut Problems) {
+    for (name, rule) in &config.rules {
+        let Some((input_name, _)) = config.input_of(rule) else {
+            continue;
+        };
+        for field in rule.discrete_fields() {
+            let numeric = config.rules.iter().find(|(_, other)| {
+                config.input_of(other).map(|(i, _)| i) == Some(input_name)
+                    && other.metrics().contains(&field)
+            });
+            if let Some((other, _)) = numeric {
+                problems.add(
+                    format!("rules.{name}"),
+                    format!(
+                        "field `{field}` is read as a discrete value here and as a number by rule `{other}` on the same input; a field has one type"
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -259,18 +292,11 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
         }
     };
 
-    let kinds = [
-        rule.hysteresis.is_some().then_some("hysteresis"),
-        rule.tumbling.is_some().then_some("tumbling"),
-        rule.hopping.is_some().then_some("hopping"),
-        rule.session.is_some().then_some("session"),
-        rule.count.is_some().then_some("count"),
-    ];
-    let chosen: Vec<&str> = kinds.into_iter().flatten().collect();
+    let chosen = rule.operator_kinds();
     match chosen.len() {
         0 => problems.add(
             &path,
-            "has no operator; add one table such as [rules.NAME.hysteresis] or [rules.NAME.tumbling]",
+            "has no operator; add one table such as [rules.NAME.hysteresis], [rules.NAME.tumbling], [rules.NAME.deadband], [rules.NAME.change], [rules.NAME.liveness], [rules.NAME.rate_of_change], [rules.NAME.stuck], [rules.NAME.anomaly] or [rules.NAME.thresholds]",
         ),
         1 => {}
         _ => problems.add(
@@ -303,21 +329,284 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
             }
         }
     }
+    if let Some(t) = &rule.thresholds {
+        check_thresholds(&format!("{path}.thresholds"), t, problems);
+    }
+    if let Some(d) = &rule.deadband {
+        check_deadband(&format!("{path}.deadband"), d, problems);
+    }
+    if let Some(c) = &rule.change {
+        check_change(&format!("{path}.change"), c, problems);
+    }
+    if let Some(r) = &rule.rate_of_change {
+        check_rate_of_change(&format!("{path}.rate_of_change"), r, problems);
+    }
+    if let Some(s) = &rule.stuck {
+        check_stuck(&format!("{path}.stuck"), s, problems);
+    }
+    if let Some(a) = &rule.anomaly {
+        check_anomaly(&format!("{path}.anomaly"), a, problems);
+    }
+    let pattern = input.and_then(|input| TopicPattern::parse(&input.topic).ok());
+    if let Some(l) = &rule.liveness {
+        check_liveness(&format!("{path}.liveness"), l, pattern.as_ref(), problems);
+    }
+    if let Some(pattern) = &pattern {
+        for (segment, values) in &rule.scope {
+            if pattern.name_index(segment).is_none() {
+                problems.add(
+                    format!("{path}.where.{segment}"),
+                    format!(
+                        "`{segment}` is not a named segment of `{}`; scope by one of: {}",
+                        pattern.as_str(),
+                        pattern.names().join(", ")
+                    ),
+                );
+            }
+            if values.values().is_empty() {
+                problems.add(format!("{path}.where.{segment}"), "list at least one value");
+            }
+        }
+    }
 
     let output = &rule.output;
     if output.qos.is_some_and(|qos| qos > 1) {
         problems.add(format!("{path}.output.qos"), "must be 0 or 1");
     }
-    if let Some(input) = input {
-        if let Ok(pattern) = TopicPattern::parse(&input.topic) {
-            if let Err(err) = TopicTemplate::parse(&output.topic, &pattern) {
-                problems.add(format!("{path}.output.topic"), err.0);
+    if output.format == Format::Text {
+        problems.add(
+            format!("{path}.output.format"),
+            "events are published as `json` or `cbor`; `text` is for inputs only",
+        );
+    }
+    if let Some(pattern) = &pattern {
+        if let Err(err) = TopicTemplate::parse(&output.topic, pattern) {
+            problems.add(format!("{path}.output.topic"), err.0);
+        }
+    }
+}
+
+fn check_metrics(path: &str, key: &str, metrics: &[String], problems: &mut Problems) {
+    if metrics.is_empty() {
+        problems.add(
+            format!("{path}.{key}"),
+            format!("list at least one payload field, e.g. {key} = [\"temperature\"]"),
+        );
+    }
+    if metrics.iter().any(String::is_empty) {
+        problems.add(format!("{path}.{key}"), "field names must not be empty");
+    }
+}
+
+fn check_flapping(path: &str, flapping: Option<&FlappingConfig>, problems: &mut Problems) {
+    let Some(f) = flapping else {
+        return;
+    };
+    if f.max_changes == 0 {
+        problems.add(
+            format!("{path}.flapping.max_changes"),
+            "must be at least 1 (transitions allowed within `within` before the device is flapping)",
+        );
+    }
+    if f.within < Duration::from_millis(1) {
+        problems.add(format!("{path}.flapping.within"), "must be at least 1ms");
+    }
+}
+
+fn check_thresholds(path: &str, t: &ThresholdsConfig, problems: &mut Problems) {
+    if t.metric.is_empty() {
+        problems.add(format!("{path}.metric"), "must name a payload field");
+    }
+    if t.levels.is_empty() {
+        problems.add(
+            format!("{path}.levels"),
+            "list at least one level, e.g. levels = [{ name = \"warning\", set_above = 70.0, reset_below = 65.0 }]",
+        );
+    }
+    let mut names = vec![t.normal.as_str()];
+    for (i, level) in t.levels.iter().enumerate() {
+        let at = format!("{path}.levels[{i}]");
+        if names.contains(&level.name.as_str()) {
+            problems.add(
+                format!("{at}.name"),
+                format!(
+                    "`{}` names two states; give each level its own name",
+                    level.name
+                ),
+            );
+        }
+        names.push(&level.name);
+        if !level.set_above.is_finite() || !level.reset_below.is_finite() {
+            problems.add(&at, "set_above and reset_below must be finite numbers");
+        }
+        if level.reset_below > level.set_above {
+            problems.add(
+                format!("{at}.reset_below"),
+                format!(
+                    "must not be above set_above ({:?}); the gap between them is the hysteresis band",
+                    level.set_above
+                ),
+            );
+        }
+        if let Some(previous) = i.checked_sub(1).map(|p| &t.levels[p]) {
+            if level.set_above <= previous.set_above || level.reset_below <= previous.reset_below {
+                problems.add(
+                    &at,
+                    format!(
+                        "levels rise in order: set_above and reset_below must be above those of `{}`",
+                        previous.name
+                    ),
+                );
+            }
+        }
+    }
+    check_flapping(path, t.flapping.as_ref(), problems);
+}
+
+fn check_deadband(path: &str, d: &DeadbandConfig, problems: &mut Problems) {
+    check_metrics(path, "metrics", &d.metrics, problems);
+    match (d.absolute, d.percent) {
+        (None, None) => problems.add(
+            path,
+            "set `absolute` (in the metric's unit) or `percent` (of the last value emitted)",
+        ),
+        (Some(_), Some(_)) => problems.add(path, "set either `absolute` or `percent`, not both"),
+        _ => {}
+    }
+    if d.absolute.is_some_and(|a| !(a.is_finite() && a >= 0.0)) {
+        problems.add(format!("{path}.absolute"), "must be a finite number >= 0");
+    }
+    if d.percent.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+        problems.add(format!("{path}.percent"), "must be a finite number > 0");
+    }
+    if d.max_silence.is_some_and(|s| s < Duration::from_millis(1)) {
+        problems.add(format!("{path}.max_silence"), "must be at least 1ms");
+    }
+}
+
+fn check_change(path: &str, c: &ChangeConfig, problems: &mut Problems) {
+    check_metrics(path, "fields", &c.fields, problems);
+    check_flapping(path, c.flapping.as_ref(), problems);
+}
+
+fn check_liveness(
+    path: &str,
+    l: &LivenessConfig,
+    pattern: Option<&TopicPattern>,
+    problems: &mut Problems,
+) {
+    if l.timeout.is_none() && l.status.is_none() {
+        problems.add(
+            path,
+            "set `timeout` (silence after which a device is offline), `status`, or both",
+        );
+    }
+    if l.timeout.is_some_and(|t| t < Duration::from_secs(1)) {
+        problems.add(
+            format!("{path}.timeout"),
+            "must be at least 1s (silence is checked four times a second)",
+        );
+    }
+    if let Some(status) = &l.status {
+        if status.field.is_empty() {
+            problems.add(format!("{path}.status.field"), "must name a payload field");
+        }
+        if status.offline.is_empty() {
+            problems.add(
+                format!("{path}.status.offline"),
+                "list the values that mean offline, e.g. [\"offline\"]",
+            );
+        }
+    }
+    if !l.expected.is_empty() && l.timeout.is_none() {
+        problems.add(
+            format!("{path}.expected"),
+            "needs a `timeout`: an expected device is offline once it stayed silent that long",
+        );
+    }
+    let Some(pattern) = pattern else {
+        return;
+    };
+    for (i, device) in l.expected.iter().enumerate() {
+        let missing: Vec<&str> = pattern
+            .names()
+            .iter()
+            .map(String::as_str)
+            .filter(|name| !device.contains_key(*name))
+            .collect();
+        if !missing.is_empty() {
+            problems.add(
+                format!("{path}.expected[{i}]"),
+                format!(
+                    "give every named segment of `{}`; missing: {}",
+                    pattern.as_str(),
+                    missing.join(", ")
+                ),
+            );
+        }
+        for (name, value) in device {
+            if pattern.name_index(name).is_none() {
+                problems.add(
+                    format!("{path}.expected[{i}].{name}"),
+                    format!("`{name}` is not a named segment of `{}`", pattern.as_str()),
+                );
+            }
+            if value.is_empty() || value.contains(['/', '+', '#']) {
+                problems.add(
+                    format!("{path}.expected[{i}].{name}"),
+                    "must be a non-empty topic level without `/`, `+` or `#`",
+                );
             }
         }
     }
 }
 
+fn check_rate_of_change(path: &str, r: &RateOfChangeConfig, problems: &mut Problems) {
+    check_metrics(path, "metrics", &r.metrics, problems);
+    if r.window < Duration::from_millis(1) {
+        problems.add(format!("{path}.window"), "must be at least 1ms");
+    }
+    if !(r.max_per_second.is_finite() && r.max_per_second > 0.0) {
+        problems.add(
+            format!("{path}.max_per_second"),
+            "must be a finite number > 0",
+        );
+    }
+}
+
+fn check_stuck(path: &str, s: &StuckConfig, problems: &mut Problems) {
+    check_metrics(path, "metrics", &s.metrics, problems);
+    if s.hold < Duration::from_millis(1) {
+        problems.add(format!("{path}.for"), "must be at least 1ms");
+    }
+    if !(s.tolerance.is_finite() && s.tolerance >= 0.0) {
+        problems.add(format!("{path}.tolerance"), "must be a finite number >= 0");
+    }
+}
+
+fn check_anomaly(path: &str, a: &AnomalyConfig, problems: &mut Problems) {
+    check_metrics(path, "metrics", &a.metrics, problems);
+    if !(2..=100_000).contains(&a.readings) {
+        problems.add(
+            format!("{path}.readings"),
+            "must be between 2 and 100000 (readings kept per device and metric)",
+        );
+    }
+    if !(a.z_threshold.is_finite() && a.z_threshold > 0.0) {
+        problems.add(format!("{path}.z_threshold"), "must be a finite number > 0");
+    }
+    if let Some(min) = a.min_readings {
+        if min < 2 || min > a.readings {
+            problems.add(
+                format!("{path}.min_readings"),
+                format!("must be between 2 and readings ({})", a.readings),
+            );
+        }
+    }
+}
+
 fn check_hysteresis(path: &str, h: &HysteresisConfig, problems: &mut Problems) {
+    check_flapping(path, h.flapping.as_ref(), problems);
     if h.metric.is_empty() {
         problems.add(format!("{path}.metric"), "must name a payload field");
     }

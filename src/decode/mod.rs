@@ -5,6 +5,7 @@ mod cbor;
 mod json;
 
 use crate::config::{Format, InputConfig, TimeUnit};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,10 +45,99 @@ pub struct Reading<'a> {
     pub seq: Option<u64>,
     /// Metric values by slot of the input's [`FieldPlan`].
     pub values: &'a [Option<f64>],
+    /// Discrete (string, bool, integer) values by slot of [`FieldPlan::discrete`].
+    pub discrete: &'a [DiscreteSlot],
     pub arrival: Instant,
     /// Arrival as wall-clock ms since the epoch: what future timestamps are judged against.
     /// Operators get the gateway clock only through this (and `on_tick`); they never read it.
     pub arrival_ms: i64,
+}
+
+/// A discrete field value as operators see it, borrowed from the decode buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discrete<'a> {
+    Bool(bool),
+    Int(i64),
+    Text(&'a str),
+}
+
+/// An owned discrete value, kept in operator state and carried by events. Built only when a
+/// value changes, so a steady stream allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DiscreteValue {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+impl DiscreteValue {
+    pub fn is(&self, other: Discrete<'_>) -> bool {
+        match (self, other) {
+            (DiscreteValue::Bool(a), Discrete::Bool(b)) => *a == b,
+            (DiscreteValue::Int(a), Discrete::Int(b)) => *a == b,
+            (DiscreteValue::Text(a), Discrete::Text(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl From<Discrete<'_>> for DiscreteValue {
+    fn from(value: Discrete<'_>) -> Self {
+        match value {
+            Discrete::Bool(b) => DiscreteValue::Bool(b),
+            Discrete::Int(i) => DiscreteValue::Int(i),
+            Discrete::Text(t) => DiscreteValue::Text(t.to_owned()),
+        }
+    }
+}
+
+/// One discrete slot of a [`Decoded`] buffer. Text goes into a buffer reused across payloads,
+/// so decoding discrete fields does not allocate once the buffer has grown to fit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DiscreteSlot {
+    kind: SlotKind,
+    text: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum SlotKind {
+    #[default]
+    Absent,
+    Bool(bool),
+    Int(i64),
+    Text,
+}
+
+impl DiscreteSlot {
+    /// The value, or `None` when the payload lacked the field (or it was null).
+    pub fn get(&self) -> Option<Discrete<'_>> {
+        match self.kind {
+            SlotKind::Absent => None,
+            SlotKind::Bool(b) => Some(Discrete::Bool(b)),
+            SlotKind::Int(i) => Some(Discrete::Int(i)),
+            SlotKind::Text => Some(Discrete::Text(&self.text)),
+        }
+    }
+
+    /// A slot holding `value` (for tests and benches).
+    pub fn of(value: Discrete<'_>) -> Self {
+        let mut slot = Self::default();
+        slot.set(value);
+        slot
+    }
+
+    fn set(&mut self, value: Discrete<'_>) {
+        self.kind = match value {
+            Discrete::Bool(b) => SlotKind::Bool(b),
+            Discrete::Int(i) => SlotKind::Int(i),
+            Discrete::Text(t) => {
+                self.text.clear();
+                self.text.push_str(t);
+                SlotKind::Text
+            }
+        };
+    }
 }
 
 /// A scalar payload value, borrowed from the payload where it is text.
@@ -101,6 +191,7 @@ pub enum DecodeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
     Metric(u16),
+    Discrete(u16),
     Time,
     Seq,
 }
@@ -138,12 +229,20 @@ impl DecodeError {
     pub fn describe(&self, plan: &FieldPlan) -> String {
         let name = |field: &Field| match field {
             Field::Metric(i) => plan.metrics[*i as usize].clone(),
+            Field::Discrete(i) => plan.discrete[*i as usize].clone(),
             Field::Time => plan.time.as_ref().map_or_else(String::new, |t| t.0.clone()),
             Field::Seq => plan.seq.clone().unwrap_or_default(),
         };
         match self {
             DecodeError::Malformed => format!("the payload is not valid {}", plan.format_name()),
             DecodeError::NotAnObject => "the payload is not an object of named fields".into(),
+            DecodeError::WrongType {
+                field: field @ Field::Discrete(_),
+                found,
+            } => format!(
+                "field `{}` is {found}, expected a string, boolean or integer",
+                name(field)
+            ),
             DecodeError::WrongType { field, found } => {
                 format!("field `{}` is {found}, expected a number", name(field))
             }
@@ -152,7 +251,12 @@ impl DecodeError {
             }
             DecodeError::NoMetrics => format!(
                 "the payload has none of the fields the rules use ({})",
-                plan.metrics.join(", ")
+                plan.metrics
+                    .iter()
+                    .chain(&plan.discrete)
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             DecodeError::BadTimestamp => match &plan.time {
                 Some((field, unit)) => {
@@ -183,6 +287,9 @@ pub struct FieldPlan {
     pub format: Format,
     /// Metric fields, indexed by slot; operators refer to metrics by slot.
     pub metrics: Vec<String>,
+    /// Discrete (string, bool, integer) fields, indexed by slot; kept apart from `metrics` so
+    /// numeric decoding stays a plain `f64` per slot.
+    pub discrete: Vec<String>,
     pub time: Option<(String, TimeUnit)>,
     pub seq: Option<String>,
 }
@@ -195,6 +302,8 @@ pub struct Decoded {
     pub seq: Option<u64>,
     /// One slot per [`FieldPlan::metrics`]; `None` where the payload lacks the field.
     pub values: Vec<Option<f64>>,
+    /// One slot per [`FieldPlan::discrete`].
+    pub discrete: Vec<DiscreteSlot>,
 }
 
 impl Decoded {
@@ -204,6 +313,7 @@ impl Decoded {
             ts: None,
             seq: None,
             values: vec![None; plan.metrics.len()],
+            discrete: vec![DiscreteSlot::default(); plan.discrete.len()],
         }
     }
 
@@ -211,6 +321,9 @@ impl Decoded {
         self.ts = None;
         self.seq = None;
         self.values.iter_mut().for_each(|v| *v = None);
+        self.discrete
+            .iter_mut()
+            .for_each(|d| d.kind = SlotKind::Absent);
     }
 }
 
@@ -220,6 +333,7 @@ impl FieldPlan {
         Self {
             format: input.format,
             metrics,
+            discrete: Vec::new(),
             time: input.time.as_ref().map(|t| (t.field.clone(), t.unit)),
             seq: input.seq_field.clone(),
         }
@@ -229,7 +343,14 @@ impl FieldPlan {
         match self.format {
             Format::Json => "JSON",
             Format::Cbor => "CBOR",
+            Format::Text => "UTF-8 text",
         }
+    }
+
+    /// The same plan also reading the discrete fields `discrete`.
+    pub fn with_discrete(mut self, discrete: Vec<String>) -> Self {
+        self.discrete = discrete;
+        self
     }
 
     /// The plan's own copy of `key` when the plan reads that field (so walkers need not copy keys).
@@ -237,6 +358,7 @@ impl FieldPlan {
         self.metrics
             .iter()
             .map(String::as_str)
+            .chain(self.discrete.iter().map(String::as_str))
             .chain(self.time.as_ref().map(|t| t.0.as_str()))
             .chain(self.seq.as_deref())
             .find(|wanted| *wanted == key)
@@ -245,6 +367,11 @@ impl FieldPlan {
     /// Slot of a metric field.
     pub fn metric_slot(&self, name: &str) -> Option<usize> {
         self.metrics.iter().position(|m| m == name)
+    }
+
+    /// Slot of a discrete field.
+    pub fn discrete_slot(&self, name: &str) -> Option<usize> {
+        self.discrete.iter().position(|m| m == name)
     }
 
     /// Decodes `payload` into `out` (cleared first).
@@ -261,6 +388,15 @@ impl FieldPlan {
         let parsed = match self.format {
             Format::Json => json::walk(payload, &mut sink),
             Format::Cbor => cbor::walk(payload, &mut sink),
+            Format::Text => match std::str::from_utf8(payload) {
+                Ok(text) => {
+                    if let Some(key) = self.wanted_key("payload") {
+                        sink.field(key, FieldValue::Text(text.trim()));
+                    }
+                    Ok(())
+                }
+                Err(_) => Err(DecodeError::Malformed),
+            },
         };
         if let Some(error) = sink.error {
             return Err(error);
@@ -269,7 +405,11 @@ impl FieldPlan {
         if self.time.is_some() && out.ts.is_none() {
             return Err(DecodeError::BadTimestamp);
         }
-        if !self.metrics.is_empty() && out.values.iter().all(Option::is_none) {
+        let planned = !self.metrics.is_empty() || !self.discrete.is_empty();
+        if planned
+            && out.values.iter().all(Option::is_none)
+            && out.discrete.iter().all(|d| d.kind == SlotKind::Absent)
+        {
             return Err(DecodeError::NoMetrics);
         }
         Ok(())
@@ -330,6 +470,24 @@ impl FieldSink<'_, '_> {
                 }
             }
         }
+        if let Some(slot) = self.plan.discrete_slot(key) {
+            let target = &mut self.out.discrete[slot];
+            match value {
+                FieldValue::Bool(b) => target.set(Discrete::Bool(b)),
+                FieldValue::Text(t) => target.set(Discrete::Text(t)),
+                FieldValue::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+                    target.set(Discrete::Int(n as i64))
+                }
+                FieldValue::Null => target.kind = SlotKind::Absent,
+                other => {
+                    self.error = Some(DecodeError::WrongType {
+                        field: Field::Discrete(slot as u16),
+                        found: other.type_name(),
+                    });
+                    return false;
+                }
+            }
+        }
         true
     }
 }
@@ -365,6 +523,7 @@ mod tests {
         FieldPlan {
             format,
             metrics: vec!["temperature".into(), "humidity".into()],
+            discrete: Vec::new(),
             time: Some(("ts".into(), TimeUnit::Ms)),
             seq: Some("seq".into()),
         }
@@ -417,6 +576,66 @@ mod tests {
             let err = decode(Format::Json, payload).unwrap_err();
             assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(payload));
         }
+    }
+
+    #[test]
+    fn reads_discrete_fields_in_json_and_cbor() {
+        let plan =
+            plan(Format::Json).with_discrete(vec!["door".into(), "mode".into(), "code".into()]);
+        let payload = br#"{"ts": 5, "door": true, "mode": "auto", "code": 42, "other": "x"}"#;
+        for (format, bytes) in [
+            (Format::Json, payload.to_vec()),
+            (
+                Format::Cbor,
+                cbor_of(&serde_json::from_slice(payload).unwrap()),
+            ),
+        ] {
+            let plan = FieldPlan {
+                format,
+                ..plan.clone()
+            };
+            let mut out = Decoded::for_plan(&plan);
+            plan.decode(&bytes, &mut out).unwrap();
+            let values: Vec<_> = out.discrete.iter().map(DiscreteSlot::get).collect();
+            assert_eq!(
+                values,
+                [
+                    Some(Discrete::Bool(true)),
+                    Some(Discrete::Text("auto")),
+                    Some(Discrete::Int(42))
+                ],
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fractional_number_is_not_a_discrete_value() {
+        let plan = plan(Format::Json).with_discrete(vec!["mode".into()]);
+        let mut out = Decoded::for_plan(&plan);
+        let err = plan
+            .decode(br#"{"ts": 1, "mode": 1.5}"#, &mut out)
+            .unwrap_err();
+        assert_eq!(err.reason(), "wrong_type");
+        assert!(err.describe(&plan).contains("`mode`"));
+    }
+
+    #[test]
+    fn a_text_payload_is_the_field_payload() {
+        let plan = FieldPlan {
+            format: Format::Text,
+            metrics: Vec::new(),
+            discrete: vec!["payload".into()],
+            time: None,
+            seq: None,
+        };
+        let mut out = Decoded::for_plan(&plan);
+        plan.decode(b"offline\n", &mut out).unwrap();
+        assert_eq!(out.discrete[0].get(), Some(Discrete::Text("offline")));
+        assert_eq!(
+            plan.decode(&[0xff, 0xfe], &mut out).unwrap_err().reason(),
+            "malformed"
+        );
     }
 
     #[test]

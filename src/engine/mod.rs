@@ -8,11 +8,13 @@ pub mod worker;
 
 pub use worker::{RawMessage, Worker, WorkerInput};
 
-use crate::config::Config;
-use crate::config::{RuleConfig, WindowConfig};
-use crate::decode::FieldPlan;
+use crate::config::{Config, RuleConfig, WindowConfig};
+use crate::decode::{FieldPlan, Origin};
 use crate::operators::window::{millis, WindowSpec};
-use crate::operators::{CountWindows, Hopping, Hysteresis, RuleMeta, SessionWindows, Tumbling};
+use crate::operators::{
+    Anomaly, Change, CountWindows, Deadband, Hopping, Hysteresis, Liveness, RateOfChange, RuleMeta,
+    SessionWindows, Stuck, Tumbling,
+};
 use crate::route::Route;
 use crate::topic::{TopicPattern, TopicTemplate};
 use anyhow::Context as _;
@@ -32,6 +34,40 @@ pub struct Plan {
     pub dead_letter_qos: rumqttc::QoS,
     /// True with a state dir: open state is snapshotted at shutdown instead of flushed as partial.
     pub durable_state: bool,
+    /// Devices the config expects (liveness), registered by the worker that owns each at start.
+    pub expected: Vec<ExpectedDevice>,
+}
+
+/// A device named in a liveness rule's `expected` list.
+#[derive(Debug, Clone)]
+pub struct ExpectedDevice {
+    pub input: usize,
+    pub rule: usize,
+    /// Its topic segments, in the order of the input pattern's names.
+    pub segments: Vec<String>,
+}
+
+impl ExpectedDevice {
+    /// The device's id segment.
+    pub fn device<'a>(&'a self, plan: &Plan) -> &'a str {
+        &self.segments[plan.inputs[self.input].device_index]
+    }
+
+    /// The origin the device's events carry until it publishes (then its real topic's).
+    pub fn origin(&self, plan: &Plan) -> Origin {
+        let input = &plan.inputs[self.input];
+        Origin {
+            topic: input.pattern.fill(&self.segments).into(),
+            device: self.device(plan).into(),
+            names: input.names.clone(),
+            segments: self
+                .segments
+                .iter()
+                .map(|s| Arc::from(s.as_str()))
+                .collect(),
+            device_index: input.device_index,
+        }
+    }
 }
 
 /// One input: its pattern, how to decode its payloads, and the rules that read it.
@@ -59,27 +95,67 @@ pub struct RulePlan {
     pub route: Route,
     /// Where a window rule publishes late and quarantined readings (`late_topic`).
     pub late_route: Option<Route>,
+    /// `where`: (segment index, allowed values); empty means every device of the input.
+    pub scope: Vec<(usize, Vec<Arc<str>>)>,
+}
+
+impl RulePlan {
+    /// Whether the rule applies to readings from `origin`.
+    pub fn in_scope(&self, origin: &Origin) -> bool {
+        self.scope.iter().all(|(index, values)| {
+            origin
+                .segments
+                .get(*index)
+                .is_some_and(|segment| values.iter().any(|v| v == segment))
+        })
+    }
+
+    fn in_scope_segments(&self, segments: &[String]) -> bool {
+        self.scope.iter().all(|(index, values)| {
+            segments
+                .get(*index)
+                .is_some_and(|segment| values.iter().any(|v| **v == **segment))
+        })
+    }
 }
 
 /// The built operator of a rule.
 #[derive(Debug, Clone)]
 pub enum OperatorPlan {
+    /// Also runs `thresholds` rules (multi-level).
     Hysteresis(Hysteresis),
     Tumbling(Tumbling),
     Hopping(Hopping),
     Session(SessionWindows),
     Count(CountWindows),
+    Deadband(Deadband),
+    Change(Change),
+    Liveness(Liveness),
+    RateOfChange(RateOfChange),
+    Stuck(Stuck),
+    Anomaly(Anomaly),
 }
 
 impl OperatorPlan {
-    /// The `kind` of the events this operator emits.
+    /// The `kind` of the events this operator mainly emits.
     pub fn event_kind(&self) -> &'static str {
+        self.event_kinds()[0]
+    }
+
+    /// Every `kind` this operator can emit (flapping suppression adds `flapping`).
+    pub fn event_kinds(&self) -> &'static [&'static str] {
         match self {
-            OperatorPlan::Hysteresis(_) => "state_change",
+            OperatorPlan::Hysteresis(_) => &["state_change", "flapping"],
             OperatorPlan::Tumbling(_)
             | OperatorPlan::Hopping(_)
             | OperatorPlan::Session(_)
-            | OperatorPlan::Count(_) => "window",
+            | OperatorPlan::Count(_) => &["window"],
+            OperatorPlan::Deadband(_) => &["report"],
+            OperatorPlan::Change(_) => &["change", "flapping"],
+            OperatorPlan::Liveness(_) => &["liveness"],
+            OperatorPlan::RateOfChange(_) => &["rate_of_change"],
+            OperatorPlan::Stuck(_) => &["stuck"],
+            OperatorPlan::Anomaly(_) => &["anomaly"],
         }
     }
 }
@@ -118,6 +194,57 @@ fn build_window(
     })
 }
 
+/// The runtime operator of one rule, with its fields resolved to slots of the input's plan.
+fn build_operator(
+    name: &str,
+    rule: &RuleConfig,
+    meta: RuleMeta,
+    fields: &FieldPlan,
+) -> anyhow::Result<OperatorPlan> {
+    let slot = |metric: &str| {
+        fields
+            .metric_slot(metric)
+            .with_context(|| format!("rule {name}: metric {metric} not planned"))
+    };
+    let slots = |metrics: &[String]| metrics.iter().map(|m| slot(m)).collect::<Result<_, _>>();
+    let discrete_slot = |field: &str| {
+        fields
+            .discrete_slot(field)
+            .with_context(|| format!("rule {name}: field {field} not planned"))
+    };
+    Ok(if let Some(h) = &rule.hysteresis {
+        OperatorPlan::Hysteresis(Hysteresis::new(meta, h, slot(&h.metric)?))
+    } else if let Some(t) = &rule.thresholds {
+        OperatorPlan::Hysteresis(Hysteresis::thresholds(meta, t, slot(&t.metric)?))
+    } else if let Some((kind, w)) = window_of(rule) {
+        build_window(kind, meta, w, slots(&w.metrics)?)?
+    } else if let Some(d) = &rule.deadband {
+        OperatorPlan::Deadband(Deadband::new(meta, d, slots(&d.metrics)?))
+    } else if let Some(c) = &rule.change {
+        let slots = c
+            .fields
+            .iter()
+            .map(|f| discrete_slot(f))
+            .collect::<Result<_, _>>()?;
+        OperatorPlan::Change(Change::new(meta, c, slots))
+    } else if let Some(l) = &rule.liveness {
+        let status = l
+            .status
+            .as_ref()
+            .map(|s| discrete_slot(&s.field))
+            .transpose()?;
+        OperatorPlan::Liveness(Liveness::new(meta, l, status))
+    } else if let Some(r) = &rule.rate_of_change {
+        OperatorPlan::RateOfChange(RateOfChange::new(meta, r, slots(&r.metrics)?))
+    } else if let Some(s) = &rule.stuck {
+        OperatorPlan::Stuck(Stuck::new(meta, s, slots(&s.metrics)?))
+    } else if let Some(a) = &rule.anomaly {
+        OperatorPlan::Anomaly(Anomaly::new(meta, a, slots(&a.metrics)?))
+    } else {
+        anyhow::bail!("rule {name} has no operator")
+    })
+}
+
 fn qos(level: u8) -> rumqttc::QoS {
     match level {
         0 => rumqttc::QoS::AtMostOnce,
@@ -135,6 +262,7 @@ impl Plan {
         let input_names: Vec<&String> = config.inputs.keys().collect();
         // Metrics each input must decode: the union of what its rules use, in first-use order.
         let mut metrics: Vec<Vec<String>> = vec![Vec::new(); input_names.len()];
+        let mut discrete: Vec<Vec<String>> = vec![Vec::new(); input_names.len()];
         let mut rule_inputs = Vec::new();
         for (name, rule) in &config.rules {
             let (input_name, _) = config
@@ -144,14 +272,17 @@ impl Plan {
                 .iter()
                 .position(|n| n.as_str() == input_name)
                 .with_context(|| format!("rule {name}: unknown input"))?;
-            let used: Vec<&String> = match (&rule.hysteresis, window_of(rule)) {
-                (Some(h), _) => vec![&h.metric],
-                (None, Some((_, w))) => w.metrics.iter().collect(),
-                (None, None) => anyhow::bail!("rule {name} has no operator"),
-            };
-            for metric in used {
+            if rule.operator_kinds().len() != 1 {
+                anyhow::bail!("rule {name} needs exactly one operator");
+            }
+            for metric in rule.metrics() {
                 if !metrics[input].contains(metric) {
                     metrics[input].push(metric.clone());
+                }
+            }
+            for field in rule.discrete_fields() {
+                if !discrete[input].contains(field) {
+                    discrete[input].push(field.clone());
                 }
             }
             rule_inputs.push(input);
@@ -169,7 +300,8 @@ impl Plan {
                 names: pattern.names().to_vec().into(),
                 pattern,
                 device_index,
-                fields: FieldPlan::new(input, std::mem::take(&mut metrics[index])),
+                fields: FieldPlan::new(input, std::mem::take(&mut metrics[index]))
+                    .with_discrete(std::mem::take(&mut discrete[index])),
                 qos: qos(config.effective_qos(input.qos)),
                 max_payload_bytes: input.max_payload_bytes,
                 max_clock_skew_ms: i64::try_from(input.max_clock_skew.as_millis())
@@ -178,34 +310,32 @@ impl Plan {
             });
         }
 
-        let mut rules = Vec::new();
+        let mut rules: Vec<RulePlan> = Vec::new();
+        let mut expected = Vec::new();
         for (index, ((name, rule), input)) in config.rules.iter().zip(rule_inputs).enumerate() {
             let meta = RuleMeta {
                 index,
                 name: name.as_str().into(),
             };
             let fields = &inputs[input].fields;
-            let slot = |metric: &str| {
-                fields
-                    .metric_slot(metric)
-                    .with_context(|| format!("rule {name}: metric {metric} not planned"))
-            };
-            let operator = match (&rule.hysteresis, window_of(rule)) {
-                (Some(h), _) => {
-                    OperatorPlan::Hysteresis(Hysteresis::new(meta, h, slot(&h.metric)?))
-                }
-                (None, Some((kind, w))) => {
-                    let slots = w
-                        .metrics
-                        .iter()
-                        .map(|m| slot(m))
-                        .collect::<Result<_, _>>()?;
-                    build_window(kind, meta, w, slots)?
-                }
-                (None, None) => anyhow::bail!("rule {name} has no operator"),
-            };
+            let operator = build_operator(name, rule, meta, fields)?;
             let template = TopicTemplate::parse(&rule.output.topic, &inputs[input].pattern)
                 .map_err(|e| anyhow::anyhow!("rules.{name}.output.topic: {e}"))?;
+            let pattern = &inputs[input].pattern;
+            let mut scope = Vec::new();
+            for (segment, values) in &rule.scope {
+                let at = pattern
+                    .name_index(segment)
+                    .with_context(|| format!("rules.{name}.where.{segment} is not a segment"))?;
+                scope.push((
+                    at,
+                    values
+                        .values()
+                        .iter()
+                        .map(|v| Arc::from(v.as_str()))
+                        .collect(),
+                ));
+            }
             let late_topic =
                 window_of(rule).and_then(|(kind, w)| Some((kind, w.late_topic.as_ref()?)));
             let late_route = match late_topic {
@@ -230,7 +360,24 @@ impl Plan {
                     format: rule.output.format,
                 },
                 late_route,
+                scope,
             });
+            if let Some(liveness) = &rule.liveness {
+                let names = inputs[input].pattern.names();
+                for device in &liveness.expected {
+                    let segments: Vec<String> = names
+                        .iter()
+                        .map(|n| device.get(n).cloned().unwrap_or_default())
+                        .collect();
+                    if rules[index].in_scope_segments(&segments) {
+                        expected.push(ExpectedDevice {
+                            input,
+                            rule: index,
+                            segments,
+                        });
+                    }
+                }
+            }
         }
         Ok(Self {
             inputs,
@@ -240,6 +387,7 @@ impl Plan {
             dead_letter_topic: config.dead_letter.topic.clone(),
             dead_letter_qos: qos(config.effective_qos(None)),
             durable_state: config.delivery.state_dir.is_some(),
+            expected,
         })
     }
 

@@ -55,6 +55,7 @@ trait RuleRunner: Send {
     fn save(&self, device: DeviceId) -> Option<Vec<u8>>;
     /// Replaces the device's state with a saved one.
     fn restore(&mut self, device: DeviceId, saved: &[u8]) -> Result<(), String>;
+    fn on_expected(&mut self, device: DeviceId);
 }
 
 struct Keyed<O: Operator> {
@@ -63,13 +64,35 @@ struct Keyed<O: Operator> {
     states: Vec<O::State>,
 }
 
-impl<O: Operator> RuleRunner for Keyed<O> {
-    fn on_reading(&mut self, device: DeviceId, reading: &Reading<'_>, out: &mut Output) {
+impl<O: Operator> Keyed<O> {
+    fn boxed(operator: &O) -> Box<dyn RuleRunner>
+    where
+        O: Clone,
+    {
+        Box::new(Keyed {
+            operator: operator.clone(),
+            states: Vec::new(),
+        })
+    }
+
+    fn state(&mut self, device: DeviceId) -> &mut O::State {
         if self.states.len() <= device {
             self.states.resize_with(device + 1, Default::default);
         }
+        &mut self.states[device]
+    }
+}
+
+impl<O: Operator> RuleRunner for Keyed<O> {
+    fn on_reading(&mut self, device: DeviceId, reading: &Reading<'_>, out: &mut Output) {
+        self.state(device);
         self.operator
             .on_reading(&mut self.states[device], reading, out);
+    }
+
+    fn on_expected(&mut self, device: DeviceId) {
+        self.state(device);
+        self.operator.on_expected(&mut self.states[device]);
     }
 
     fn wants_ticks(&self) -> bool {
@@ -107,7 +130,10 @@ impl<O: Operator> RuleRunner for Keyed<O> {
 
 /// Counters of one rule, resolved once so the hot path does no label lookups.
 struct RuleCounters {
-    emitted: IntCounter,
+    /// By event kind; an operator emits one or two kinds.
+    emitted: Vec<(&'static str, IntCounter)>,
+    /// Devices reported offline (liveness rules only).
+    offline: Option<IntGauge>,
     late: IntCounter,
     future: IntCounter,
     window_limit: IntCounter,
@@ -186,26 +212,17 @@ impl Worker {
             .iter()
             .map(|rule| -> Box<dyn RuleRunner> {
                 match &rule.operator {
-                    OperatorPlan::Hysteresis(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
-                    OperatorPlan::Tumbling(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
-                    OperatorPlan::Hopping(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
-                    OperatorPlan::Session(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
-                    OperatorPlan::Count(op) => Box::new(Keyed {
-                        operator: op.clone(),
-                        states: Vec::new(),
-                    }),
+                    OperatorPlan::Hysteresis(op) => Keyed::boxed(op),
+                    OperatorPlan::Tumbling(op) => Keyed::boxed(op),
+                    OperatorPlan::Deadband(op) => Keyed::boxed(op),
+                    OperatorPlan::Change(op) => Keyed::boxed(op),
+                    OperatorPlan::Liveness(op) => Keyed::boxed(op),
+                    OperatorPlan::RateOfChange(op) => Keyed::boxed(op),
+                    OperatorPlan::Stuck(op) => Keyed::boxed(op),
+                    OperatorPlan::Anomaly(op) => Keyed::boxed(op),
+                    OperatorPlan::Hopping(op) => Keyed::boxed(op),
+                    OperatorPlan::Session(op) => Keyed::boxed(op),
+                    OperatorPlan::Count(op) => Keyed::boxed(op),
                 }
             })
             .collect();
@@ -213,9 +230,21 @@ impl Worker {
             .rules
             .iter()
             .map(|rule| RuleCounters {
-                emitted: metrics
-                    .events_emitted
-                    .with_label_values(&[&rule.name, rule.operator.event_kind()]),
+                emitted: rule
+                    .operator
+                    .event_kinds()
+                    .iter()
+                    .map(|kind| {
+                        (
+                            *kind,
+                            metrics
+                                .events_emitted
+                                .with_label_values(&[&*rule.name, kind]),
+                        )
+                    })
+                    .collect(),
+                offline: matches!(rule.operator, OperatorPlan::Liveness(_))
+                    .then(|| metrics.devices_offline.with_label_values(&[&rule.name])),
                 late: metrics
                     .readings_late
                     .with_label_values(&[&rule.name, LateReason::Late.label()]),
@@ -271,6 +300,41 @@ impl Worker {
         self.device_origins.len()
     }
 
+    /// Registers the devices the config expects (liveness `expected`) that this worker owns:
+    /// worker `index` of `workers`, by [`Plan::shard`]. Call once, before the first tick.
+    pub fn seed_expected(&mut self, index: usize, workers: usize) {
+        let plan = self.plan.clone();
+        for expected in &plan.expected {
+            let name = expected.device(&plan);
+            if Plan::shard(expected.input, name, workers) != index {
+                continue;
+            }
+            let device = match self.devices.get(&(expected.input, name.into())) {
+                Some(device) => *device,
+                None => match self.register(expected.input, name, Arc::new(expected.origin(&plan)))
+                {
+                    Some(device) => device,
+                    None => continue,
+                },
+            };
+            self.runners[expected.rule].on_expected(device);
+        }
+    }
+
+    /// Registers a new device with its per-device tables; `None` at the device limit.
+    fn register(&mut self, input: usize, name: &str, origin: Arc<Origin>) -> Option<DeviceId> {
+        if self.devices.len() >= self.plan.max_devices_per_worker {
+            return None;
+        }
+        let device = self.device_origins.len();
+        self.devices.insert((input, name.into()), device);
+        self.device_origins.push(origin);
+        self.device_inputs.push(input);
+        self.recent.push(VecDeque::new());
+        self.metrics.devices_tracked.inc();
+        Some(device)
+    }
+
     /// The device and origin of a topic, registering a new device if there is room.
     fn resolve(&mut self, input: usize, topic: &str) -> Result<(DeviceId, Arc<Origin>), Refusal> {
         if let Some((device, origin)) = self.origins.get(topic) {
@@ -282,18 +346,6 @@ impl Worker {
             .captures(topic)
             .ok_or(Refusal::Decode(DecodeError::BadTopic))?;
         let device_name = captures[input_plan.device_index];
-        let device = match self.devices.get(&(input, device_name.into())) {
-            Some(device) => *device,
-            None => {
-                if self.devices.len() >= self.plan.max_devices_per_worker {
-                    return Err(Refusal::DeviceLimit);
-                }
-                let device = self.device_origins.len();
-                self.devices.insert((input, device_name.into()), device);
-                self.metrics.devices_tracked.inc();
-                device
-            }
-        };
         let origin = Arc::new(Origin {
             topic: topic.into(),
             device: device_name.into(),
@@ -301,13 +353,15 @@ impl Worker {
             segments: captures.iter().map(|s| Arc::from(*s)).collect(),
             device_index: input_plan.device_index,
         });
-        if device == self.device_origins.len() {
-            self.device_origins.push(origin.clone());
-            self.device_inputs.push(input);
-            self.recent.push(VecDeque::new());
-        } else {
-            self.device_origins[device] = origin.clone();
-        }
+        let device = match self.devices.get(&(input, device_name.into())) {
+            Some(device) => {
+                self.device_origins[*device] = origin.clone();
+                *device
+            }
+            None => self
+                .register(input, device_name, origin.clone())
+                .ok_or(Refusal::DeviceLimit)?,
+        };
         if self.origins.len() >= self.plan.max_devices_per_worker.saturating_mul(2) {
             self.origins.clear();
         }
@@ -375,10 +429,14 @@ impl Worker {
             ts: decoded.ts.unwrap_or(message.arrival_ms),
             seq: decoded.seq,
             values: &decoded.values,
+            discrete: &decoded.discrete,
             arrival: message.arrival,
             arrival_ms: message.arrival_ms,
         };
         for &rule in &input_plan.rules {
+            if !self.plan.rules[rule].in_scope(&origin) {
+                continue;
+            }
             self.runners[rule].on_reading(device, &reading, &mut self.output);
             if self.output.window_limit > 0 {
                 // Counted by drain_output as reason="window_limit"; logged here, rate-limited.
@@ -634,6 +692,10 @@ fn drain_output(
             .out_of_order
             .inc_by(std::mem::take(&mut output.out_of_order));
     }
+    let offline = std::mem::take(&mut output.offline);
+    if let (Some(gauge), true) = (&counters.offline, offline != 0) {
+        gauge.add(offline);
+    }
     for event in output.events.drain(..) {
         let rule = &plan.rules[event.rule_index];
         if let EventBody::Late { .. } = event.body {
@@ -643,7 +705,10 @@ fn drain_output(
             }
             continue;
         }
-        counters.emitted.inc();
+        let kind = event.body.kind();
+        if let Some((_, counter)) = counters.emitted.iter().find(|(k, _)| *k == kind) {
+            counter.inc();
+        }
         tracing::trace!(id = %event.id, rule = %event.rule, device = %event.origin.device, "derived event");
         out.push(rule.route.apply(&event));
     }

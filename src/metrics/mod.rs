@@ -62,6 +62,7 @@ pub struct Metrics {
     pub outbox_dropped: IntCounterVec,
     pub snapshots_written: IntCounter,
     pub inputs_acked: IntCounter,
+    pub devices_offline: IntGaugeVec,
     pub processing_latency: Histogram,
     pub event_latency: HistogramVec,
     build_info: IntGaugeVec,
@@ -272,6 +273,12 @@ impl Metrics {
                 "weir_outbox_dropped_total",
                 "Derived events dropped because the outbox was full, by policy (drop_oldest, drop_newest).",
                 &["policy"],
+            ),
+            devices_offline: gauge_vec(
+                r,
+                "weir_devices_offline",
+                "Devices a liveness rule currently reports offline, by rule.",
+                &["rule"],
             ),
             build_info: gauge_vec(
                 r,

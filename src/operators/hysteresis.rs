@@ -1,57 +1,142 @@
-//! Hysteresis: a two-state machine on one metric. It enters `active` when the value rises above
-//! `enter_above` and returns to `inactive` only when it falls below `exit_below`, so a value
-//! wobbling around one threshold does not flap.
+//! Hysteresis: a state machine on one metric. In its two-state form it enters `active` when the
+//! value rises above `enter_above` and returns to `inactive` only when it falls below
+//! `exit_below`, so a value wobbling around one threshold does not flap. The same machine runs
+//! multi-level thresholds (`normal` / `warning` / `critical`, each level with its own set and
+//! reset value), with an optional hold time (`for`, event time) and flapping suppression.
 
-use super::{Operator, Output, RuleMeta};
-use crate::config::HysteresisConfig;
+use super::flapping::{FlapState, Flapping, Verdict};
+use super::{in_order, millis, Operator, Output, RuleMeta};
+use crate::config::{HysteresisConfig, ThresholdsConfig};
 use crate::decode::Reading;
-use crate::event::{Cause, DerivedEvent, EventBody, EventId};
+use crate::event::EventBody;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// A built hysteresis rule.
+/// A built hysteresis or thresholds rule.
 #[derive(Debug, Clone)]
 pub struct Hysteresis {
     rule: RuleMeta,
     metric: Arc<str>,
     slot: usize,
-    enter_above: f64,
-    exit_below: f64,
-    active: Arc<str>,
-    inactive: Arc<str>,
-    initially_active: bool,
+    /// State names: the base state, then one per level in rising order.
+    states: Vec<Arc<str>>,
+    /// `(set_above, reset_below)` of each level; level `i` is state `i + 1`.
+    levels: Vec<(f64, f64)>,
+    initial: u8,
+    hold_ms: i64,
+    flapping: Option<Flapping>,
 }
 
 /// Per-device state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HysteresisState {
-    /// `None` until the device's first reading with this metric.
-    active: Option<bool>,
+    /// Index into the rule's states; `None` until the device's first reading with this metric.
+    level: Option<u8>,
     /// Event time of the last reading applied; older readings are ignored.
     last_ts: Option<i64>,
+    /// A state whose condition holds but not yet for `for`: (state, since).
+    pending: Option<(u8, i64)>,
+    /// The state last published (differs from `level` only while flapping).
+    published: Option<u8>,
+    flap: FlapState,
 }
 
 impl Hysteresis {
-    /// Builds from validated config; `slot` is the metric's slot in the input's field plan.
+    /// Builds a two-state rule from validated config; `slot` is the metric's slot in the
+    /// input's field plan.
     pub fn new(rule: RuleMeta, config: &HysteresisConfig, slot: usize) -> Self {
         Self {
             rule,
             metric: config.metric.as_str().into(),
             slot,
-            enter_above: config.enter_above,
-            exit_below: config.exit_below,
-            active: config.active.as_str().into(),
-            inactive: config.inactive.as_str().into(),
-            initially_active: config.initial.as_deref() == Some(config.active.as_str()),
+            states: vec![
+                config.inactive.as_str().into(),
+                config.active.as_str().into(),
+            ],
+            levels: vec![(config.enter_above, config.exit_below)],
+            initial: u8::from(config.initial.as_deref() == Some(config.active.as_str())),
+            hold_ms: millis(config.hold),
+            flapping: config.flapping.as_ref().map(Flapping::new),
         }
     }
 
-    fn state_name(&self, active: bool) -> &Arc<str> {
-        if active {
-            &self.active
-        } else {
-            &self.inactive
+    /// Builds a multi-level rule from validated config.
+    pub fn thresholds(rule: RuleMeta, config: &ThresholdsConfig, slot: usize) -> Self {
+        Self {
+            rule,
+            metric: config.metric.as_str().into(),
+            slot,
+            states: std::iter::once(config.normal.as_str())
+                .chain(config.levels.iter().map(|l| l.name.as_str()))
+                .map(Arc::from)
+                .collect(),
+            levels: config
+                .levels
+                .iter()
+                .map(|l| (l.set_above, l.reset_below))
+                .collect(),
+            initial: 0,
+            hold_ms: millis(config.hold),
+            flapping: config.flapping.as_ref().map(Flapping::new),
         }
+    }
+
+    /// The state `value` asks for, starting from `level`: up past every level whose `set_above`
+    /// it exceeds, otherwise down past every level whose `reset_below` it is under.
+    fn target(&self, level: u8, value: f64) -> u8 {
+        let mut target = usize::from(level);
+        while target < self.levels.len() && value > self.levels[target].0 {
+            target += 1;
+        }
+        if target == usize::from(level) {
+            while target > 0 && value < self.levels[target - 1].1 {
+                target -= 1;
+            }
+        }
+        target as u8
+    }
+
+    fn state_change(&self, from: u8, to: u8, value: f64, reading: &Reading<'_>, out: &mut Output) {
+        let to_name = &self.states[usize::from(to)];
+        out.events.push(self.rule.event(
+            reading.origin,
+            reading.ts,
+            &[to_name.as_bytes()],
+            EventBody::StateChange {
+                metric: self.metric.clone(),
+                from: self.states[usize::from(from)].clone(),
+                to: to_name.clone(),
+                value,
+            },
+            Some(reading),
+        ));
+    }
+
+    fn flapping_event(
+        &self,
+        to: &'static str,
+        state: u8,
+        changes: u32,
+        reading: &Reading<'_>,
+        out: &mut Output,
+    ) {
+        out.events.push(self.rule.event(
+            reading.origin,
+            reading.ts,
+            &[to.as_bytes()],
+            EventBody::Flapping {
+                metric: self.metric.clone(),
+                from: if to == "flapping" {
+                    "settled"
+                } else {
+                    "flapping"
+                },
+                to,
+                state: self.states[usize::from(state)].clone(),
+                changes,
+            },
+            Some(reading),
+        ));
     }
 }
 
@@ -64,48 +149,53 @@ impl Operator for Hysteresis {
         };
         // An older reading than one already applied would rewind the state machine; ignore it
         // (counted), since applying it late would emit transitions in the wrong order.
-        if state.last_ts.is_some_and(|last| reading.ts < last) {
-            out.out_of_order += 1;
+        if !in_order(&mut state.last_ts, reading.ts, out) {
             return;
         }
-        state.last_ts = Some(reading.ts);
-        let was_active = state.active.unwrap_or(self.initially_active);
-        let is_active = if was_active {
-            value >= self.exit_below
-        } else {
-            value > self.enter_above
+        let level = state.level.unwrap_or(self.initial);
+        state.level = Some(level);
+        let published = *state.published.get_or_insert(level);
+        if let Some(flapping) = &self.flapping {
+            if flapping.settles(&mut state.flap, reading.ts) {
+                self.flapping_event("settled", level, 0, reading, out);
+                if published != level {
+                    self.state_change(published, level, value, reading, out);
+                    state.published = Some(level);
+                }
+            }
+        }
+        let target = self.target(level, value);
+        if target == level {
+            state.pending = None;
+            return;
+        }
+        let since = match state.pending {
+            Some((pending, since)) if pending == target => since,
+            _ => {
+                state.pending = Some((target, reading.ts));
+                reading.ts
+            }
         };
-        state.active = Some(is_active);
-        if is_active == was_active {
+        if reading.ts.saturating_sub(since) < self.hold_ms {
             return;
         }
-        let to = self.state_name(is_active);
-        let origin = reading.origin;
-        out.events.push(DerivedEvent {
-            id: EventId::derive(&[
-                self.rule.name.as_bytes(),
-                origin.device.as_bytes(),
-                b"state_change",
-                &reading.ts.to_be_bytes(),
-                to.as_bytes(),
-            ]),
-            rule_index: self.rule.index,
-            rule: self.rule.name.clone(),
-            origin: origin.clone(),
-            ts: reading.ts,
-            body: EventBody::StateChange {
-                metric: self.metric.clone(),
-                from: self.state_name(was_active).clone(),
-                to: to.clone(),
-                value,
-            },
-            cause: Some(Cause {
-                topic: origin.topic.clone(),
-                ts: reading.ts,
-                seq: reading.seq,
-            }),
-            arrival: Some(reading.arrival),
-        });
+        state.pending = None;
+        state.level = Some(target);
+        let verdict = match &self.flapping {
+            Some(flapping) => flapping.on_transition(&mut state.flap, reading.ts),
+            None => Verdict::Publish,
+        };
+        match verdict {
+            Verdict::Publish => {
+                let from = state.published.unwrap_or(level);
+                self.state_change(from, target, value, reading, out);
+                state.published = Some(target);
+            }
+            Verdict::Started { changes } => {
+                self.flapping_event("flapping", target, changes, reading, out)
+            }
+            Verdict::Held => {}
+        }
     }
 }
 
@@ -122,6 +212,8 @@ mod tests {
             active: "hot".into(),
             inactive: "normal".into(),
             initial: Some("normal".into()),
+            hold: std::time::Duration::ZERO,
+            flapping: None,
         };
         Hysteresis::new(
             RuleMeta {
@@ -197,5 +289,177 @@ mod tests {
         let ids: Vec<_> = a.events.iter().map(|e| e.id).collect();
         assert_eq!(ids, b.events.iter().map(|e| e.id).collect::<Vec<_>>());
         assert_ne!(ids[0], ids[1]);
+    }
+
+    use crate::config::{FlappingConfig, LevelConfig};
+    use std::time::Duration;
+
+    fn levels(hold: Duration, flapping: Option<FlappingConfig>) -> Hysteresis {
+        let config = ThresholdsConfig {
+            metric: "temperature".into(),
+            normal: "normal".into(),
+            levels: vec![
+                LevelConfig {
+                    name: "warning".into(),
+                    set_above: 70.0,
+                    reset_below: 65.0,
+                },
+                LevelConfig {
+                    name: "critical".into(),
+                    set_above: 90.0,
+                    reset_below: 85.0,
+                },
+            ],
+            hold,
+            flapping,
+        };
+        let rule = RuleMeta {
+            index: 0,
+            name: "levels".into(),
+        };
+        Hysteresis::thresholds(rule, &config, 0)
+    }
+
+    /// Every event as `from->to@ts` (state changes) or `flapping:from->to@ts`.
+    fn run(op: &Hysteresis, values: &[(i64, f64)]) -> Vec<String> {
+        let origin = origin("d1");
+        let mut state = HysteresisState::default();
+        let mut out = Output::default();
+        for (ts, value) in values {
+            op.on_reading(
+                &mut state,
+                &reading(&origin, *ts, &[Some(*value)]),
+                &mut out,
+            );
+        }
+        out.events
+            .iter()
+            .map(|e| match &e.body {
+                EventBody::StateChange { from, to, .. } => format!("{from}->{to}@{}", e.ts),
+                EventBody::Flapping { from, to, .. } => format!("flapping:{from}->{to}@{}", e.ts),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn levels_rise_and_fall_past_their_own_set_and_reset_values() {
+        let events = run(
+            &levels(Duration::ZERO, None),
+            &[
+                (1, 60.0),
+                (2, 71.0),
+                (3, 95.0),
+                (4, 87.0),
+                (5, 84.0),
+                (6, 66.0),
+                (7, 64.0),
+                (8, 99.0),
+                (9, 10.0),
+            ],
+        );
+        assert_eq!(
+            events,
+            [
+                "normal->warning@2",
+                "warning->critical@3",
+                "critical->warning@5",
+                "warning->normal@7",
+                "normal->critical@8",
+                "critical->normal@9",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_state_is_entered_only_after_its_condition_held_for_the_hold_time() {
+        let events = run(
+            &levels(Duration::from_secs(30), None),
+            &[
+                (0, 75.0),      // warning wanted since 0
+                (10_000, 76.0), // held 10 s
+                (20_000, 60.0), // back to normal before 30 s: nothing
+                (25_000, 75.0), // wanted again since 25 s
+                (54_999, 75.0), // 29.999 s
+                (55_000, 75.0), // 30 s: enters warning
+                (60_000, 50.0), // normal wanted since 60 s
+                (90_000, 50.0), // 30 s: back to normal
+            ],
+        );
+        assert_eq!(events, ["normal->warning@55000", "warning->normal@90000"]);
+    }
+
+    #[test]
+    fn a_higher_level_restarts_the_hold() {
+        let events = run(
+            &levels(Duration::from_secs(10), None),
+            &[(0, 75.0), (5_000, 95.0), (10_000, 95.0), (15_000, 95.0)],
+        );
+        assert_eq!(events, ["normal->critical@15000"]);
+    }
+
+    #[test]
+    fn flapping_holds_transitions_back_until_the_device_settles() {
+        let flapping = FlappingConfig {
+            max_changes: 2,
+            within: Duration::from_secs(60),
+        };
+        let events = run(
+            &levels(Duration::ZERO, Some(flapping)),
+            &[
+                (0, 75.0),       // normal->warning
+                (10_000, 60.0),  // warning->normal
+                (20_000, 75.0),  // third change within 60 s: flapping
+                (30_000, 60.0),  // held
+                (40_000, 75.0),  // held
+                (99_999, 75.0),  // last change at 40 s: not yet settled
+                (100_000, 75.0), // settled; published state is normal, current is warning
+                (110_000, 60.0), // an ordinary transition again
+            ],
+        );
+        assert_eq!(
+            events,
+            [
+                "normal->warning@0",
+                "warning->normal@10000",
+                "flapping:settled->flapping@20000",
+                "flapping:flapping->settled@100000",
+                "normal->warning@100000",
+                "warning->normal@110000",
+            ]
+        );
+    }
+
+    #[test]
+    fn settling_in_the_published_state_emits_no_state_change() {
+        let flapping = FlappingConfig {
+            max_changes: 1,
+            within: Duration::from_secs(10),
+        };
+        let events = run(
+            &levels(Duration::ZERO, Some(flapping)),
+            &[(0, 75.0), (1_000, 60.0), (2_000, 75.0), (20_000, 75.0)],
+        );
+        assert_eq!(
+            events,
+            [
+                "normal->warning@0",
+                "flapping:settled->flapping@1000",
+                "flapping:flapping->settled@20000",
+            ]
+        );
+    }
+
+    #[test]
+    fn hold_time_ignores_older_readings() {
+        let op = levels(Duration::from_secs(10), None);
+        let origin = origin("d1");
+        let mut state = HysteresisState::default();
+        let mut out = Output::default();
+        for (ts, value) in [(0, 75.0), (20_000, 75.0), (5_000, 10.0)] {
+            op.on_reading(&mut state, &reading(&origin, ts, &[Some(value)]), &mut out);
+        }
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.out_of_order, 1);
     }
 }

@@ -5,14 +5,27 @@
 //! separate `State` value owned by the engine, so state can be counted, capped and (later)
 //! snapshotted without the operator knowing.
 
+pub mod anomaly;
+pub mod change;
+pub mod deadband;
+pub mod flapping;
 pub mod hysteresis;
+pub mod liveness;
+pub mod rate_of_change;
+pub mod stuck;
 pub mod window;
 
+pub use anomaly::Anomaly;
+pub use change::Change;
+pub use deadband::Deadband;
 pub use hysteresis::Hysteresis;
+pub use liveness::Liveness;
+pub use rate_of_change::RateOfChange;
+pub use stuck::Stuck;
 pub use window::{CountWindows, Hopping, SessionWindows, Tumbling};
 
 use crate::decode::{Origin, Reading};
-use crate::event::DerivedEvent;
+use crate::event::{Cause, DerivedEvent, EventBody, EventId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
@@ -31,6 +44,8 @@ pub struct Output {
     pub window_limit: u64,
     /// Change in the number of windows held (open, or fired and kept for lateness).
     pub open_windows_delta: i64,
+    /// Change in the number of devices this rule reports offline (liveness).
+    pub offline: i64,
 }
 
 /// Identity of the rule an operator runs for, stamped on its events.
@@ -38,6 +53,58 @@ pub struct Output {
 pub struct RuleMeta {
     pub index: usize,
     pub name: Arc<str>,
+}
+
+impl RuleMeta {
+    /// An event of this rule. Its id is derived from the rule, the device, the kind, `ts` and
+    /// `key` (what tells apart events of one kind at one time: a metric, a target state), so a
+    /// replay of the same readings yields the same ids.
+    pub(crate) fn event(
+        &self,
+        origin: &Arc<Origin>,
+        ts: i64,
+        key: &[&[u8]],
+        body: EventBody,
+        reading: Option<&Reading<'_>>,
+    ) -> DerivedEvent {
+        let ts_bytes = ts.to_be_bytes();
+        // A fixed array rather than a Vec: events are built on the hot path.
+        let mut parts: [&[u8]; 8] = [&[]; 8];
+        parts[..4].copy_from_slice(&[
+            self.name.as_bytes(),
+            origin.device.as_bytes(),
+            body.kind().as_bytes(),
+            &ts_bytes,
+        ]);
+        let used = 4 + key.len().min(4);
+        parts[4..used].copy_from_slice(&key[..used - 4]);
+        DerivedEvent {
+            id: EventId::derive(&parts[..used]),
+            rule_index: self.index,
+            rule: self.name.clone(),
+            origin: origin.clone(),
+            ts,
+            body,
+            cause: reading.map(Cause::of),
+            arrival: reading.map(|r| r.arrival),
+        }
+    }
+}
+
+/// Drops readings older than the last one applied for the device (`last_ts`), counting them in
+/// `out.out_of_order`; returns whether the reading may be applied. Equal timestamps are applied.
+pub(crate) fn in_order(last_ts: &mut Option<i64>, ts: i64, out: &mut Output) -> bool {
+    if last_ts.is_some_and(|last| ts < last) {
+        out.out_of_order += 1;
+        return false;
+    }
+    *last_ts = Some(ts);
+    true
+}
+
+/// Converts a config duration to ms, saturating.
+pub(crate) fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A rule's logic. Time comes in only through readings' timestamps and explicit arguments;
@@ -67,6 +134,9 @@ pub trait Operator: Send + 'static {
     ) {
     }
 
+    /// Registers a device the config expects (liveness reports it even if it never sends).
+    fn on_expected(&self, _state: &mut Self::State) {}
+
     /// Flushes what should flush when input ends (shutdown): called once per device.
     fn on_close(&self, _state: &mut Self::State, _origin: &Arc<Origin>, _out: &mut Output) {}
 }
@@ -89,6 +159,23 @@ pub(crate) mod test_support {
         })
     }
 
+    /// A reading with discrete values.
+    pub fn discrete_reading<'a>(
+        origin: &'a Arc<Origin>,
+        ts: i64,
+        discrete: &'a [crate::decode::DiscreteSlot],
+    ) -> Reading<'a> {
+        Reading {
+            origin,
+            ts,
+            seq: None,
+            values: &[],
+            discrete,
+            arrival: Instant::now(),
+            arrival_ms: ts,
+        }
+    }
+
     /// A reading at `ts` that arrived at `ts` on the gateway clock.
     pub fn reading<'a>(origin: &'a Arc<Origin>, ts: i64, values: &'a [Option<f64>]) -> Reading<'a> {
         Reading {
@@ -96,6 +183,7 @@ pub(crate) mod test_support {
             ts,
             seq: None,
             values,
+            discrete: &[],
             arrival: Instant::now(),
             arrival_ms: ts,
         }

@@ -9,7 +9,8 @@ pub fn encode(event: &DerivedEvent, format: Format) -> Vec<u8> {
     let view = EventView(event);
     match format {
         // Serializing plain maps, strings and numbers into a Vec cannot fail.
-        Format::Json => serde_json::to_vec(&view).unwrap_or_default(),
+        // Text is for inputs only (validation refuses it for outputs); JSON if it ever gets here.
+        Format::Json | Format::Text => serde_json::to_vec(&view).unwrap_or_default(),
         Format::Cbor => {
             let mut out = Vec::with_capacity(256);
             let _ = ciborium::into_writer(&view, &mut out);
@@ -149,6 +150,93 @@ impl Serialize for EventView<'_> {
                     map.serialize_entry("watermark", watermark)?;
                 }
                 map.serialize_entry("values", &LateValues(values))?;
+            }
+            EventBody::Report {
+                metric,
+                value,
+                previous,
+                reason,
+            } => {
+                map.serialize_entry("metric", &**metric)?;
+                map.serialize_entry("value", value)?;
+                if let Some(previous) = previous {
+                    map.serialize_entry("previous", previous)?;
+                }
+                map.serialize_entry("reason", reason)?;
+            }
+            EventBody::Change { field, from, to } => {
+                map.serialize_entry("field", &**field)?;
+                if let Some(from) = from {
+                    map.serialize_entry("from", from)?;
+                }
+                map.serialize_entry("to", to)?;
+            }
+            EventBody::Liveness {
+                from,
+                to,
+                reason,
+                last_seen,
+            } => {
+                map.serialize_entry("from", from)?;
+                map.serialize_entry("to", to)?;
+                map.serialize_entry("reason", reason)?;
+                if let Some(last_seen) = last_seen {
+                    map.serialize_entry("last_seen", last_seen)?;
+                }
+            }
+            EventBody::RateOfChange {
+                metric,
+                from,
+                to,
+                value,
+                rate_per_s,
+                over_ms,
+            } => {
+                map.serialize_entry("metric", &**metric)?;
+                map.serialize_entry("from", from)?;
+                map.serialize_entry("to", to)?;
+                map.serialize_entry("value", value)?;
+                map.serialize_entry("rate_per_s", rate_per_s)?;
+                map.serialize_entry("over_ms", over_ms)?;
+            }
+            EventBody::Stuck {
+                metric,
+                from,
+                to,
+                value,
+                since,
+            } => {
+                map.serialize_entry("metric", &**metric)?;
+                map.serialize_entry("from", from)?;
+                map.serialize_entry("to", to)?;
+                map.serialize_entry("value", value)?;
+                map.serialize_entry("since", since)?;
+            }
+            EventBody::Anomaly {
+                metric,
+                value,
+                mean,
+                stddev,
+                z,
+            } => {
+                map.serialize_entry("metric", &**metric)?;
+                map.serialize_entry("value", value)?;
+                map.serialize_entry("mean", mean)?;
+                map.serialize_entry("stddev", stddev)?;
+                map.serialize_entry("z", z)?;
+            }
+            EventBody::Flapping {
+                metric,
+                from,
+                to,
+                state,
+                changes,
+            } => {
+                map.serialize_entry("metric", &**metric)?;
+                map.serialize_entry("from", from)?;
+                map.serialize_entry("to", to)?;
+                map.serialize_entry("state", &**state)?;
+                map.serialize_entry("changes", changes)?;
             }
         }
         if let Some(cause) = &event.cause {

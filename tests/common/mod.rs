@@ -491,6 +491,36 @@ impl Publisher {
             .expect("publisher task ended");
     }
 
+    /// Publishes at QoS 1 with up to `in_flight` publishes not yet acknowledged, for replaying
+    /// many readings quickly; per-client order is kept. Call [`flush`](Self::flush) at the end.
+    pub async fn publish_pipelined(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+        in_flight: usize,
+    ) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.into())
+            .await
+            .expect("queue the publish request");
+        self.sent += 1;
+        let floor = self.sent.saturating_sub(in_flight);
+        tokio::time::timeout(DEADLINE, self.acks.wait_for(|acked| *acked >= floor))
+            .await
+            .unwrap_or_else(|_| panic!("no PubAck for a publish to {topic} within {DEADLINE:?}"))
+            .expect("publisher task ended");
+    }
+
+    /// Waits until the broker acknowledged every publish so far.
+    pub async fn flush(&mut self) {
+        let sent = self.sent;
+        tokio::time::timeout(DEADLINE, self.acks.wait_for(|acked| *acked >= sent))
+            .await
+            .unwrap_or_else(|_| panic!("publishes not all acknowledged within {DEADLINE:?}"))
+            .expect("publisher task ended");
+    }
+
     /// Publishes one reading of the reference scenario for `site`/`device`.
     pub async fn reading(&mut self, site: &str, device: &str, payload: serde_json::Value) {
         self.publish(&telemetry_topic(site, device), payload.to_string())
@@ -523,17 +553,17 @@ pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
     config
 }
 
-/// Starts weir in-process against `broker` and returns once it is connected and subscribed.
-pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
-    start_weir_with(example_config(broker, tag)).await
-}
-
-/// The example config in at_most_once mode without a state dir (a clean session, QoS 0).
-pub fn at_most_once_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
-    let mut config = example_config(broker, tag);
-    config.delivery.mode = weir::config::DeliveryMode::AtMostOnce;
-    config.delivery.state_dir = None;
-    config.broker.clean_session = true;
+/// A config file of the repository (path relative to the crate root) pointed at `broker`, like
+/// [`example_config`].
+pub fn config_at(broker: &Mosquitto, path: &str, tag: &str) -> weir::config::Config {
+    let overrides = weir::config::Overrides {
+        broker_url: Some(broker.url()),
+        metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        state_dir: None,
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let mut config = weir::config::load(&path, &overrides).unwrap_or_else(|err| panic!("{err}"));
+    config.broker.client_id = unique(&format!("weir-{tag}"));
     config
 }
 
@@ -548,6 +578,20 @@ pub async fn start_weir_with(config: weir::config::Config) -> weir::app::Running
         "weir did not connect and subscribe within {DEADLINE:?}"
     );
     running
+}
+
+/// Starts weir in-process against `broker` and returns once it is connected and subscribed.
+pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
+    start_weir_with(example_config(broker, tag)).await
+}
+
+/// The example config in at_most_once mode without a state dir (a clean session, QoS 0).
+pub fn at_most_once_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
+    let mut config = example_config(broker, tag);
+    config.delivery.mode = weir::config::DeliveryMode::AtMostOnce;
+    config.delivery.state_dir = None;
+    config.broker.clean_session = true;
+    config
 }
 
 /// A config parsed from `text` and pointed at `broker` like [`example_config`]: for tests whose

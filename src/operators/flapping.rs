@@ -1,0 +1,120 @@
+//! Flapping suppression, shared by the state-emitting detectors (hysteresis, thresholds,
+//! change): a device whose state changes more than `max_changes` times within `within` (event
+//! time) is marked `flapping`, and its transitions are held back until it has held one state for
+//! `within`. Kapacitor's `flapping` does the same with percentages of changes.
+
+use crate::config::FlappingConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// A rule's flapping settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Flapping {
+    max_changes: usize,
+    within_ms: i64,
+}
+
+/// Per-device (per-field) flapping state: recent transition times, bounded by `max_changes + 1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlapState {
+    changes: VecDeque<i64>,
+    flapping: bool,
+}
+
+/// What to do with a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not flapping: publish the transition.
+    Publish,
+    /// This transition made the device flapping: publish a `flapping` event instead.
+    Started { changes: u32 },
+    /// Already flapping: hold the transition back.
+    Held,
+}
+
+impl Flapping {
+    pub fn new(config: &FlappingConfig) -> Self {
+        Self {
+            max_changes: config.max_changes.max(1),
+            within_ms: super::millis(config.within).max(1),
+        }
+    }
+
+    /// Records a transition at event time `ts`.
+    pub fn on_transition(&self, state: &mut FlapState, ts: i64) -> Verdict {
+        state.changes.push_back(ts);
+        while state
+            .changes
+            .front()
+            .is_some_and(|first| *first <= ts.saturating_sub(self.within_ms))
+        {
+            state.changes.pop_front();
+        }
+        while state.changes.len() > self.max_changes + 1 {
+            state.changes.pop_front();
+        }
+        if state.flapping {
+            Verdict::Held
+        } else if state.changes.len() > self.max_changes {
+            state.flapping = true;
+            Verdict::Started {
+                changes: state.changes.len() as u32,
+            }
+        } else {
+            Verdict::Publish
+        }
+    }
+
+    /// Called on every reading before its transition is evaluated: true when a flapping device
+    /// has held its state for `within` by `ts`, which ends flapping.
+    pub fn settles(&self, state: &mut FlapState, ts: i64) -> bool {
+        let quiet = state
+            .changes
+            .back()
+            .is_none_or(|last| ts.saturating_sub(*last) >= self.within_ms);
+        if state.flapping && quiet {
+            state.flapping = false;
+            state.changes.clear();
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn flapping() -> Flapping {
+        Flapping::new(&FlappingConfig {
+            max_changes: 2,
+            within: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn more_than_max_changes_within_the_window_starts_flapping() {
+        let f = flapping();
+        let mut state = FlapState::default();
+        assert_eq!(f.on_transition(&mut state, 0), Verdict::Publish);
+        assert_eq!(f.on_transition(&mut state, 1_000), Verdict::Publish);
+        assert_eq!(
+            f.on_transition(&mut state, 2_000),
+            Verdict::Started { changes: 3 }
+        );
+        assert_eq!(f.on_transition(&mut state, 3_000), Verdict::Held);
+        assert!(!f.settles(&mut state, 12_999));
+        assert!(f.settles(&mut state, 13_000));
+        assert_eq!(f.on_transition(&mut state, 14_000), Verdict::Publish);
+    }
+
+    #[test]
+    fn changes_spread_wider_than_the_window_never_flap() {
+        let f = flapping();
+        let mut state = FlapState::default();
+        for ts in (0..10).map(|i| i * 6_000) {
+            assert_eq!(f.on_transition(&mut state, ts), Verdict::Publish);
+        }
+    }
+}
