@@ -7,7 +7,7 @@
 
 use crate::engine::Plan;
 use crate::metrics::{Connection, Metrics};
-use crate::mqtt::Backoff;
+use crate::mqtt::{Backoff, ConnectFailures};
 use crate::route::Outgoing;
 use crate::source::wall_clock_ms;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
@@ -31,6 +31,7 @@ pub async fn run(
     let poll_metrics = metrics.clone();
     let poller = tokio::spawn(async move {
         let mut backoff = Backoff::default();
+        let mut failures = ConnectFailures::default();
         let mut connected = false;
         loop {
             let event = tokio::select! {
@@ -41,6 +42,7 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
                     backoff.reset();
+                    failures.reset();
                     poll_metrics.set_connected(Connection::Sink, true);
                     tracing::info!("sink connected to the broker");
                 }
@@ -51,6 +53,8 @@ pub async fn run(
                         tracing::warn!(%err, "sink lost the broker connection; reconnecting");
                         connected = false;
                         poll_metrics.set_connected(Connection::Sink, false);
+                    } else {
+                        failures.report(Connection::Sink.label(), &err);
                     }
                     poll_metrics
                         .mqtt_reconnects

@@ -8,7 +8,7 @@
 
 use crate::engine::{Plan, RawMessage};
 use crate::metrics::{Connection, Metrics};
-use crate::mqtt::Backoff;
+use crate::mqtt::{Backoff, ConnectFailures};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +41,7 @@ pub async fn run(
         })
         .collect();
     let mut backoff = Backoff::default();
+    let mut failures = ConnectFailures::default();
     let mut connected = false;
     tokio::pin!(shutdown);
     loop {
@@ -74,6 +75,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 connected = true;
                 backoff.reset();
+                failures.reset();
                 metrics.set_connected(Connection::Source, true);
                 tracing::info!(
                     session_present = ack.session_present,
@@ -107,7 +109,7 @@ pub async fn run(
                     metrics.set_connected(Connection::Source, false);
                     connected = false;
                 } else {
-                    tracing::debug!(%err, "source cannot reach the broker yet");
+                    failures.report(Connection::Source.label(), &err);
                 }
                 metrics
                     .mqtt_reconnects

@@ -465,6 +465,7 @@ pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         state_dir: Some(temp_dir(&format!("state-{tag}"))),
+        ..weir::config::Overrides::default()
     };
     let mut config = weir::config::load(Path::new(EXAMPLE_CONFIG), &overrides)
         .unwrap_or_else(|err| panic!("{err}"));
