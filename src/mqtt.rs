@@ -267,17 +267,7 @@ pub async fn try_connect(broker: &BrokerConfig, timeout: Duration) -> anyhow::Re
 /// a TLS failure (`TLS: I/O: invalid peer certificate: UnknownIssuer`) does not say which
 /// setting to change.
 pub fn describe(err: &ConnectionError) -> String {
-    let io = match err {
-        ConnectionError::Io(io) | ConnectionError::Tls(rumqttc::TlsError::Io(io)) => Some(io),
-        _ => None,
-    };
-    let tls = match err {
-        ConnectionError::Tls(rumqttc::TlsError::TLS(tls)) => Some(tls),
-        _ => io
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
-    };
-    if let Some(tls) = tls {
+    if let Some(tls) = rustls_cause(err) {
         return describe_tls(tls);
     }
     match err {
@@ -291,6 +281,28 @@ pub fn describe(err: &ConnectionError) -> String {
         }
         other => format!("{other}"),
     }
+}
+
+/// The rustls error behind a connection error, wherever rumqttc wrapped it: a failed handshake
+/// comes as `Tls(Io(..))`, but a broker's alert after the handshake (TLS 1.3 client-certificate
+/// checks) surfaces while reading the CONNACK, as `MqttState(Deserialization(Io(..)))`.
+fn rustls_cause(err: &ConnectionError) -> Option<&rustls::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = current {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // io::Error::source() skips the error it wraps, so look inside it explicitly.
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(inner);
+        }
+        current = error.source();
+    }
+    None
 }
 
 fn describe_tls(err: &rustls::Error) -> String {
@@ -499,6 +511,16 @@ mod tests {
         let text = describe(&unknown_issuer);
         assert!(text.contains("broker.ca_file"), "{text}");
         assert!(text.contains("UnknownIssuer"), "{text}");
+        // A TLS 1.3 broker refuses a missing client certificate after the handshake, so the
+        // alert arrives while rumqttc reads the CONNACK.
+        let alert = ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+            )),
+        ));
+        let text = describe(&alert);
+        assert!(text.contains("broker.cert_file"), "{text}");
         let refused = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
         assert!(describe(&refused).contains("broker.password_file"));
     }

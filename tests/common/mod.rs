@@ -77,6 +77,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// True when running the in-process rumqttd fallback, which cannot be stopped.
     embedded: bool,
+    /// Lines appended to the generated mosquitto.conf (see [`Mosquitto::start_with`]).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -93,17 +95,35 @@ impl Mosquitto {
                 dir,
                 child: None,
                 embedded: true,
+                extra: String::new(),
             };
         }
+        Self::spawn_with(dir, String::new())
+    }
+
+    /// Starts Mosquitto with `extra` appended to the generated config, after the anonymous
+    /// plain listener on [`port`](Self::port) that the test clients use: e.g. a second
+    /// `listener PORT 127.0.0.1` with TLS settings, or a global `password_file`. `None` (and a
+    /// printed line) when no mosquitto binary exists, since rumqttd cannot take that config.
+    pub fn start_with(extra: &str) -> Option<Self> {
+        if !Path::new(MOSQUITTO).exists() {
+            println!("no {MOSQUITTO} binary: skipped a test that needs Mosquitto's own config");
+            return None;
+        }
+        Some(Self::spawn_with(temp_dir("mosquitto"), extra.to_owned()))
+    }
+
+    fn spawn_with(dir: PathBuf, extra: String) -> Self {
         // The port may be taken between probing and binding; try a few.
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = spawn_mosquitto(&dir, port) {
+            if let Some(child) = spawn_mosquitto(&dir, port, &extra) {
                 return Self {
                     port,
                     dir,
                     child: Some(child),
                     embedded: false,
+                    extra,
                 };
             }
         }
@@ -111,6 +131,11 @@ impl Mosquitto {
             "mosquitto did not start after 5 attempts; see {}",
             dir.join("mosquitto.log").display()
         );
+    }
+
+    /// What Mosquitto logged so far (empty for rumqttd), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn port(&self) -> u16 {
@@ -139,7 +164,7 @@ impl Mosquitto {
     /// Starts the broker again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let child = spawn_mosquitto(&self.dir, self.port).unwrap_or_else(|| {
+        let child = spawn_mosquitto(&self.dir, self.port, &self.extra).unwrap_or_else(|| {
             panic!(
                 "mosquitto did not restart on port {}; see {}",
                 self.port,
@@ -150,14 +175,14 @@ impl Mosquitto {
     }
 }
 
-/// Runs mosquitto on 127.0.0.1:`port` with a generated config in `dir`; `None` if it exited
-/// before accepting connections (port taken).
-fn spawn_mosquitto(dir: &Path, port: u16) -> Option<Child> {
+/// Runs mosquitto on 127.0.0.1:`port` with a generated config (plus `extra` lines) in `dir`;
+/// `None` if it exited before accepting connections (port taken).
+fn spawn_mosquitto(dir: &Path, port: u16, extra: &str) -> Option<Child> {
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n{extra}"
         ),
     )
     .expect("write mosquitto.conf");
@@ -475,7 +500,12 @@ pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
 
 /// Starts weir in-process against `broker` and returns once it is connected and subscribed.
 pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
-    let running = weir::app::start(example_config(broker, tag))
+    start_weir_with(example_config(broker, tag)).await
+}
+
+/// Starts weir in-process with `config` and returns once it is connected and subscribed.
+pub async fn start_weir_with(config: weir::config::Config) -> weir::app::Running {
+    let running = weir::app::start(config)
         .await
         .unwrap_or_else(|err| panic!("weir did not start: {err:#}"));
     let metrics = running.metrics.clone();
