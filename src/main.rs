@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use weir::config::{self, Overrides};
+use weir::config::{self, Overrides, Secret};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,9 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Connect to the broker and process telemetry until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Environment:\n  WEIR_BROKER_PASSWORD  Broker password; replaces broker.password and broker.password_file.\n                        Only from the environment: a flag would show in `ps`."
+    )]
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -87,6 +90,18 @@ enum Command {
     },
 }
 
+/// `WEIR_BROKER_PASSWORD`, the one way to give the password outside the config files.
+fn password_from_env() -> anyhow::Result<Option<Secret>> {
+    match std::env::var("WEIR_BROKER_PASSWORD") {
+        Ok(password) if password.is_empty() => Ok(None),
+        Ok(password) => Ok(Some(Secret::new(password))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("WEIR_BROKER_PASSWORD is not valid UTF-8; MQTT passwords are UTF-8 text")
+        }
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|err| format!("`{text}`: {err}; write e.g. 30s or 2m"))
 }
@@ -131,7 +146,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     if let Command::Check { config } = &cli.command {
-        return match config::load(config, &Overrides::default()) {
+        // The files the config names (password, CA, certificate, key) are read too, so a
+        // deployment is checked before it connects.
+        let checked = config::load(config, &Overrides::default()).map_err(anyhow::Error::from);
+        let checked =
+            checked.and_then(|loaded| weir::mqtt::options(&loaded.broker, "").map(|_| loaded));
+        return match checked {
             Ok(loaded) => {
                 println!(
                     "{}: valid ({} input{}, {} rule{})",
@@ -180,6 +200,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 broker_url: broker,
                 metrics_addr,
                 state_dir,
+                broker_password: password_from_env()?,
             };
             let loaded = config::load(&config, &overrides)?;
             weir::app::run(loaded, shutdown_signal()).await

@@ -1,10 +1,16 @@
 //! Broker connection settings shared by the source and the sink: URL parsing, rumqttc options
-//! (TLS, limits, session), and the jittered exponential backoff used between reconnects.
+//! (TLS with client certificates, credentials, limits, session), connection errors explained,
+//! and the jittered exponential backoff used between reconnects.
 
-use crate::config::BrokerConfig;
-use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use crate::config::{BrokerConfig, Secret};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, TlsConfiguration,
+    Transport,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Host, port and transport parsed from `mqtt://host:port` or `mqtts://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,10 +76,12 @@ fn parse_port(url: &str, port: &str) -> Result<u16, String> {
 /// Builds rumqttc options for one of weir's connections.
 ///
 /// `suffix` distinguishes the connections (`""` for intake, `"-out"` for publishing): a broker
-/// disconnects the older of two clients with the same id.
+/// disconnects the older of two clients with the same id. Files named in the config (password,
+/// CA, client certificate and key) are read here, once per connection, at start.
 ///
 /// # Errors
-/// An unreadable or invalid CA file.
+/// An unreadable or invalid password, CA, certificate or key file; the message names the file
+/// and says what to do.
 pub fn options(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<MqttOptions> {
     let endpoint = BrokerEndpoint::parse(&broker.url).map_err(anyhow::Error::msg)?;
     let client_id = format!("{}{suffix}", broker.client_id);
@@ -82,8 +90,12 @@ pub fn options(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<MqttOption
         .set_keep_alive(broker.keep_alive)
         .set_clean_session(broker.clean_session)
         .set_max_packet_size(broker.max_packet_bytes, broker.max_packet_bytes);
-    if let (Some(user), password) = (&broker.username, &broker.password) {
-        options.set_credentials(user.clone(), password.clone().unwrap_or_default());
+    if let Some(user) = &broker.username {
+        let password = password(broker)?;
+        options.set_credentials(
+            user.clone(),
+            password.as_ref().map_or("", Secret::expose).to_owned(),
+        );
     }
     if endpoint.tls {
         options.set_transport(Transport::Tls(tls_configuration(broker)?));
@@ -91,21 +103,48 @@ pub fn options(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<MqttOption
     Ok(options)
 }
 
+/// The broker password: `broker.password` (which `WEIR_BROKER_PASSWORD` replaces), or the
+/// content of `broker.password_file` without its trailing newline.
+///
+/// # Errors
+/// The password file cannot be read, is not UTF-8, or is empty.
+pub fn password(broker: &BrokerConfig) -> anyhow::Result<Option<Secret>> {
+    if let Some(password) = &broker.password {
+        return Ok(Some(password.clone()));
+    }
+    let Some(path) = &broker.password_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot read broker.password_file {}: {err}; check the path and that weir's user may read it",
+            path.display()
+        )
+    })?;
+    // Editors and `echo` end the file with a newline that is not part of the password.
+    let password = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if password.is_empty() {
+        anyhow::bail!(
+            "broker.password_file {} is empty; write the password in it (one line)",
+            path.display()
+        );
+    }
+    Ok(Some(Secret::new(password)))
+}
+
 fn tls_configuration(broker: &BrokerConfig) -> anyhow::Result<TlsConfiguration> {
     let mut roots = rustls::RootCertStore::empty();
     match &broker.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|err| {
-                anyhow::anyhow!("cannot read broker.ca_file {}: {err}", path.display())
-            })?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert?)?;
-            }
-            if roots.is_empty() {
-                anyhow::bail!(
-                    "broker.ca_file {} holds no PEM certificates",
-                    path.display()
-                );
+            for cert in read_certs("ca_file", path)? {
+                roots.add(cert).map_err(|err| {
+                    anyhow::anyhow!(
+                        "broker.ca_file {} holds a certificate rustls cannot use as a CA ({err}); give the PEM of the CA that signs the broker's certificate",
+                        path.display()
+                    )
+                })?;
             }
         }
         None => {
@@ -116,11 +155,227 @@ fn tls_configuration(broker: &BrokerConfig) -> anyhow::Result<TlsConfiguration> 
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match (&broker.cert_file, &broker.key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let certs = read_certs("cert_file", cert_path)?;
+            let key = read_key(key_path)?;
+            builder.with_client_auth_cert(certs, key).map_err(|err| {
+                anyhow::anyhow!(
+                    "cannot use broker.cert_file {} with broker.key_file {}: {err}; check that the key is the one the certificate was issued for",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            })?
+        }
+        // Validation rejects one without the other; treat that as no client certificate.
+        _ => builder.with_no_client_auth(),
+    };
     Ok(TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+/// Every certificate in a PEM file; `key` names the config key in messages.
+fn read_certs(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot read broker.{key} {}: {err}; check the path and that weir's user may read it",
+            path.display()
+        )
+    })?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "broker.{key} {} is not valid PEM ({err}); give a file with -----BEGIN CERTIFICATE----- blocks",
+                path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "broker.{key} {} holds no PEM certificates; give a file with -----BEGIN CERTIFICATE----- blocks",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot read broker.key_file {}: {err}; check the path and that weir's user may read it",
+            path.display()
+        )
+    })?;
+    match rustls_pemfile::private_key(&mut pem.as_slice()) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => anyhow::bail!(
+            "broker.key_file {} holds no PEM private key; give an unencrypted key (-----BEGIN PRIVATE KEY-----, RSA or EC)",
+            path.display()
+        ),
+        Err(err) => anyhow::bail!(
+            "broker.key_file {} is not valid PEM ({err}); give an unencrypted PEM private key",
+            path.display()
+        ),
+    }
+}
+
+/// Opens one connection with `broker`'s settings (as `<client_id>-probe`, clean session), waits
+/// for the broker's CONNACK and disconnects: the check that TLS, certificates and credentials
+/// work, with the reason when they do not.
+///
+/// # Errors
+/// The options cannot be built, or the connection failed: the message is [`describe`]'s.
+pub async fn try_connect(broker: &BrokerConfig, timeout: Duration) -> anyhow::Result<()> {
+    let mut options = options(broker, "-probe")?;
+    // A probe must not leave a persistent session behind on the broker.
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let attempt = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(err) => return Err(err),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Ok(event) = eventloop.poll().await {
+                    if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            Ok(())
+        }
+        Ok(Err(err)) => Err(anyhow::Error::msg(describe(&err))),
+        Err(_) => anyhow::bail!(
+            "the broker at {} did not answer within {timeout:?}; check broker.url and the network",
+            broker.url
+        ),
+    }
+}
+
+/// A sentence for a failed connection attempt that says what to check: rumqttc's own text for
+/// a TLS failure (`TLS: I/O: invalid peer certificate: UnknownIssuer`) does not say which
+/// setting to change.
+pub fn describe(err: &ConnectionError) -> String {
+    if let Some(tls) = rustls_cause(err) {
+        return describe_tls(tls);
+    }
+    match err {
+        ConnectionError::ConnectionRefused(code) => match code {
+            ConnectReturnCode::BadUserNamePassword => "the broker refused the username or password; check broker.username and broker.password, broker.password_file or WEIR_BROKER_PASSWORD".into(),
+            ConnectReturnCode::NotAuthorized => "the broker refused the connection as not authorized; check the credentials or client certificate and the broker's ACL".into(),
+            other => format!("the broker refused the connection ({other:?})"),
+        },
+        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused: no broker listens at broker.url; check the url and that the broker runs".into()
+        }
+        other => format!("{other}"),
+    }
+}
+
+/// The rustls error behind a connection error, wherever rumqttc wrapped it: a failed handshake
+/// comes as `Tls(Io(..))`, but a broker's alert after the handshake (TLS 1.3 client-certificate
+/// checks) surfaces while reading the CONNACK, as `MqttState(Deserialization(Io(..)))`.
+fn rustls_cause(err: &ConnectionError) -> Option<&rustls::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = current {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // io::Error::source() skips the error it wraps, so look inside it explicitly.
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(inner);
+        }
+        current = error.source();
+    }
+    None
+}
+
+fn describe_tls(err: &rustls::Error) -> String {
+    use rustls::{AlertDescription, CertificateError};
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
+            "TLS: the broker's certificate is not signed by a trusted CA ({err}); set broker.ca_file to the PEM of the CA that signed it"
+        ),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => format!(
+            "TLS: the broker's certificate does not name the host in broker.url ({err}); connect with a host name or IP address the certificate lists"
+        ),
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => format!(
+            "TLS: the broker's certificate is outside its validity period ({err}); renew it, or check this machine's clock"
+        ),
+        rustls::Error::InvalidCertificate(_) => format!(
+            "TLS: the broker's certificate was rejected ({err}); check it against broker.ca_file"
+        ),
+        rustls::Error::AlertReceived(
+            AlertDescription::CertificateRequired
+            | AlertDescription::HandshakeFailure
+            | AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown,
+        ) => format!(
+            "TLS: the broker refused the handshake ({err}); if it requires client certificates, set broker.cert_file and broker.key_file to a certificate signed by a CA it trusts"
+        ),
+        other => format!("TLS: the handshake failed ({other})"),
+    }
+}
+
+/// Logs failed connection attempts of one connection at warn level, so a deployment problem
+/// (wrong CA, refused credentials) shows without debug logs: each new reason at once, the same
+/// reason again at most once a minute with the number of attempts folded in.
+#[derive(Debug, Default)]
+pub struct ConnectFailures {
+    last: Option<String>,
+    logged_at: Option<Instant>,
+    folded: u64,
+}
+
+impl ConnectFailures {
+    const REPEAT: Duration = Duration::from_secs(60);
+
+    /// Records one failed attempt of `connection` (`source` or `sink`).
+    pub fn report(&mut self, connection: &'static str, err: &ConnectionError) {
+        let reason = describe(err);
+        let due = self.logged_at.is_none_or(|at| at.elapsed() >= Self::REPEAT);
+        if self.last.as_deref() != Some(reason.as_str()) || due {
+            tracing::warn!(
+                connection,
+                error = %reason,
+                attempts_since_last_log = self.folded,
+                "cannot connect to the broker; retrying with backoff"
+            );
+            self.last = Some(reason);
+            self.logged_at = Some(Instant::now());
+            self.folded = 0;
+        } else {
+            self.folded += 1;
+        }
+    }
+
+    /// Forgets the last reason once connected, so the next failure is logged at once.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// Jittered exponential backoff between reconnect attempts.
@@ -196,6 +451,78 @@ mod tests {
         assert!(BrokerEndpoint::parse("tcp://x:1").is_err());
         assert!(BrokerEndpoint::parse("mqtt://x:99999").is_err());
         assert!(BrokerEndpoint::parse("mqtt://:1883").is_err());
+    }
+
+    fn temp_file(name: &str, content: &[u8]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-mqtt-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_password_file_loses_only_its_trailing_newline() {
+        let mut broker = BrokerConfig::new("mqtt://127.0.0.1:1883");
+        for (content, expected) in [
+            (&b"s3cret\n"[..], "s3cret"),
+            (b"s3cret\r\n", "s3cret"),
+            (b"s3cret", "s3cret"),
+            (b" pass word \n", " pass word "),
+        ] {
+            broker.password_file = Some(temp_file("pw", content));
+            let password = password(&broker).unwrap().unwrap();
+            assert_eq!(password.expose(), expected);
+        }
+        broker.password_file = Some(temp_file("empty", b"\n"));
+        let err = password(&broker).unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        broker.password_file = Some("/nonexistent/weir/pw".into());
+        let err = password(&broker).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/weir/pw"), "{err}");
+    }
+
+    #[test]
+    fn unusable_pem_files_are_named_with_what_to_do() {
+        let mut broker = BrokerConfig::new("mqtts://127.0.0.1:8883");
+        let garbage = temp_file("garbage.pem", b"not a certificate\n");
+        broker.ca_file = Some(garbage.clone());
+        let err = options(&broker, "").unwrap_err().to_string();
+        assert!(err.contains("broker.ca_file"), "{err}");
+        assert!(err.contains(&garbage.display().to_string()), "{err}");
+        assert!(err.contains("BEGIN CERTIFICATE"), "{err}");
+
+        broker.ca_file = None;
+        broker.cert_file = Some("/nonexistent/weir/client.pem".into());
+        broker.key_file = Some(garbage.clone());
+        let err = options(&broker, "").unwrap_err().to_string();
+        assert!(
+            err.contains("cannot read broker.cert_file /nonexistent/weir/client.pem"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_failures_say_which_setting_to_change() {
+        let unknown_issuer = ConnectionError::Tls(rumqttc::TlsError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        )));
+        let text = describe(&unknown_issuer);
+        assert!(text.contains("broker.ca_file"), "{text}");
+        assert!(text.contains("UnknownIssuer"), "{text}");
+        // A TLS 1.3 broker refuses a missing client certificate after the handshake, so the
+        // alert arrives while rumqttc reads the CONNACK.
+        let alert = ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+            )),
+        ));
+        let text = describe(&alert);
+        assert!(text.contains("broker.cert_file"), "{text}");
+        let refused = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
+        assert!(describe(&refused).contains("broker.password_file"));
     }
 
     #[test]

@@ -104,6 +104,27 @@ fn check_rejects_exit_below_not_below_enter_above_and_names_the_line() {
 }
 
 #[test]
+fn check_reads_the_password_file_and_names_it_when_missing() {
+    let line = line_of(&example_text(), "# password_file");
+    let copy = edited_copy(line, |_| {
+        "username = \"weir\"\npassword_file = \"/nonexistent/weir/broker-password\"".into()
+    });
+    let output = check(&copy);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "weir check accepted a missing password file"
+    );
+    assert!(
+        stderr.contains("cannot read broker.password_file /nonexistent/weir/broker-password"),
+        "{stderr}"
+    );
+    if let Some(dir) = copy.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
 fn check_rejects_an_unknown_key_and_names_the_line() {
     // The misspelled key goes on its own line right after `exit_below`.
     let line = line_of(&example_text(), "exit_below");

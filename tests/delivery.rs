@@ -387,6 +387,7 @@ topic = "alerts/{site}/{device}/{rule}"
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         state_dir: Some(temp_dir("corpus-state")),
+        ..weir::config::Overrides::default()
     };
     let mut config = weir::config::parse(&text, Path::new("corpus.toml"), &overrides)
         .unwrap_or_else(|err| panic!("{err}"));

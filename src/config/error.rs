@@ -100,14 +100,19 @@ impl ConfigError {
         let problems = problems
             .into_iter()
             .map(|problem| {
-                let overridden = problem.path == "broker.url" && overrides.broker_url.is_some();
-                let (line_col, message) = if overridden {
+                let source = match problem.path.as_str() {
+                    "broker.url" if overrides.broker_url.is_some() => {
+                        Some("--broker / WEIR_BROKER")
+                    }
+                    "broker.password" if overrides.broker_password.is_some() => {
+                        Some("WEIR_BROKER_PASSWORD")
+                    }
+                    _ => None,
+                };
+                let (line_col, message) = if let Some(source) = source {
                     (
                         None,
-                        format!(
-                            "{} (the value came from --broker / WEIR_BROKER)",
-                            problem.message
-                        ),
+                        format!("{} (the value came from {source})", problem.message),
                     )
                 } else {
                     let line_col = match problem.offset {

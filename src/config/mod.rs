@@ -127,6 +127,9 @@ pub struct DeadLetterConfig {
 
 /// How to reach the MQTT broker. weir opens two connections with it: `<client_id>` subscribes,
 /// `<client_id>-out` publishes.
+///
+/// `Debug` is derived, but the password is a [`Secret`], which prints as `***`: a config dumped
+/// into a log never carries it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -138,7 +141,12 @@ pub struct BrokerConfig {
     #[serde(default = "default_client_id")]
     pub client_id: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// The password in the file itself; `password_file` or `WEIR_BROKER_PASSWORD` keep it out of
+    /// the config.
+    pub password: Option<Secret>,
+    /// A file holding only the password (one trailing newline is ignored), read at start, so the
+    /// config can be world-readable while the password file is not.
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_keep_alive", deserialize_with = "duration")]
     pub keep_alive: Duration,
     /// false keeps the broker-side session (subscriptions, queued QoS 1 messages) across reconnects.
@@ -150,6 +158,53 @@ pub struct BrokerConfig {
     /// PEM file with the CA certificates that sign the broker's certificate (mqtts only);
     /// the system's roots are used when absent.
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) that weir presents to the broker (mqtts only; with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    /// Settings for `url` with every other key at its default, as the file would give them.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            publish_url: None,
+            client_id: default_client_id(),
+            username: None,
+            password: None,
+            password_file: None,
+            keep_alive: default_keep_alive(),
+            clean_session: true,
+            max_packet_bytes: default_max_packet_bytes(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// A value that must never reach a log: its `Debug` prints `***`. Read it with
+/// [`Secret::expose`], only where it is handed to the broker connection.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; for the connection options only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// The HTTP endpoint for `/metrics` and `/healthz`.
@@ -669,6 +724,9 @@ pub struct Overrides {
     pub metrics_addr: Option<SocketAddr>,
     /// `--state-dir` / `WEIR_STATE_DIR`.
     pub state_dir: Option<PathBuf>,
+    /// `WEIR_BROKER_PASSWORD` only (a flag would show in `ps`): replaces `broker.password` and
+    /// `broker.password_file`.
+    pub broker_password: Option<Secret>,
 }
 
 impl Config {
@@ -703,6 +761,10 @@ impl Config {
         }
         if let Some(dir) = &overrides.state_dir {
             self.delivery.state_dir = Some(dir.clone());
+        }
+        if let Some(password) = &overrides.broker_password {
+            self.broker.password = Some(password.clone());
+            self.broker.password_file = None;
         }
     }
 
@@ -965,6 +1027,94 @@ mod tests {
         let problem = &err.problems()[0];
         assert_eq!(problem.line_col, None);
         assert!(problem.message.contains("--broker"));
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let text = EXAMPLE.replace(
+            "# username = \"weir\"\n# password = \"secret\"",
+            "username = \"weir\"\npassword = \"hunter2\"",
+        );
+        let config = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap();
+        assert_eq!(
+            config.broker.password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        let debug = format!("{config:?} {:#?}", config.broker);
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("password: Some(***)"), "{debug}");
+    }
+
+    #[test]
+    fn password_and_password_file_exclude_each_other() {
+        let text = EXAMPLE.replace(
+            "# username = \"weir\"\n# password = \"secret\"",
+            "username = \"weir\"\npassword = \"x\"\npassword_file = \"/etc/weir/pw\"",
+        );
+        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert_eq!(err.problems()[0].path, "broker.password_file");
+        assert_eq!(
+            err.problems()[0].line_col.map(|lc| lc.0),
+            Some(line_of(&text, "password_file"))
+        );
+    }
+
+    #[test]
+    fn the_env_password_replaces_the_file_and_needs_a_username() {
+        let overrides = Overrides {
+            broker_password: Some(Secret::new("from-env")),
+            ..Overrides::default()
+        };
+        let text = EXAMPLE.replace(
+            "# username = \"weir\"",
+            "username = \"weir\"\npassword_file = \"/etc/weir/pw\"",
+        );
+        let config = parse(&text, Path::new("x.toml"), &overrides).unwrap();
+        assert_eq!(
+            config.broker.password.as_ref().map(Secret::expose),
+            Some("from-env")
+        );
+        assert_eq!(config.broker.password_file, None);
+
+        let err = parse(EXAMPLE, Path::new("x.toml"), &overrides).unwrap_err();
+        let problem = &err.problems()[0];
+        assert_eq!(problem.path, "broker.password");
+        assert!(problem.message.contains("WEIR_BROKER_PASSWORD"), "{err}");
+        assert!(!err.to_string().contains("from-env"), "{err}");
+    }
+
+    #[test]
+    fn client_certificates_need_both_files_and_tls() {
+        let plain = EXAMPLE.replace(
+            "# ca_file = \"/etc/weir/ca.pem\"",
+            "cert_file = \"c.pem\"\nkey_file = \"k.pem\"",
+        );
+        let err = parse(&plain, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["broker.cert_file", "broker.key_file"], "{err}");
+        assert!(err.to_string().contains("is only used with TLS"), "{err}");
+
+        let tls = EXAMPLE.replace("mqtt://127.0.0.1:1883", "mqtts://127.0.0.1:8883");
+        for (line, path, needs) in [
+            (
+                "cert_file = \"c.pem\"",
+                "broker.cert_file",
+                "needs key_file",
+            ),
+            ("key_file = \"k.pem\"", "broker.key_file", "needs cert_file"),
+        ] {
+            let text = tls.replace("# ca_file = \"/etc/weir/ca.pem\"", line);
+            let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+            assert_eq!(err.problems().len(), 1, "{err}");
+            assert_eq!(err.problems()[0].path, path);
+            assert!(err.problems()[0].message.contains(needs), "{err}");
+        }
+        let both = tls.replace(
+            "# ca_file = \"/etc/weir/ca.pem\"",
+            "ca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"",
+        );
+        parse(&both, Path::new("x.toml"), &Overrides::default()).unwrap();
     }
 
     #[test]

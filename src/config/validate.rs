@@ -176,17 +176,47 @@ fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
             "must be at least 1024 bytes; 262144 suits most telemetry",
         );
     }
+    if broker.password.is_some() && broker.password_file.is_some() {
+        problems.add(
+            "broker.password_file",
+            "is set together with password; keep one of them (password_file keeps the secret out of the config)",
+        );
+    }
     if broker.password.is_some() && broker.username.is_none() {
         problems.add(
             "broker.password",
             "is set without a username; MQTT sends a password only with a username",
         );
     }
-    if broker.ca_file.is_some() && !broker.url.starts_with("mqtts://") {
+    if broker.password_file.is_some() && broker.username.is_none() {
         problems.add(
-            "broker.ca_file",
-            "is only used with TLS; use an mqtts:// url or remove ca_file",
+            "broker.password_file",
+            "is set without a username; MQTT sends a password only with a username",
         );
+    }
+    let tls = broker.url.starts_with("mqtts://");
+    for (key, value) in [
+        ("ca_file", &broker.ca_file),
+        ("cert_file", &broker.cert_file),
+        ("key_file", &broker.key_file),
+    ] {
+        if value.is_some() && !tls {
+            problems.add(
+                format!("broker.{key}"),
+                format!("is only used with TLS; use an mqtts:// url or remove {key}"),
+            );
+        }
+    }
+    match (&broker.cert_file, &broker.key_file) {
+        (Some(_), None) => problems.add(
+            "broker.cert_file",
+            "needs key_file too: a client certificate is presented with its private key",
+        ),
+        (None, Some(_)) => problems.add(
+            "broker.key_file",
+            "needs cert_file too: a private key is presented with its client certificate",
+        ),
+        _ => {}
     }
 }
 

@@ -66,6 +66,7 @@ pub async fn run(
         broker_url: Some(broker.url()),
         metrics_addr: options.metrics_addr,
         state_dir: Some(state_dir),
+        ..Overrides::default()
     };
     let config = match &options.config {
         Some(path) => crate::config::load(path, &overrides)?,

@@ -179,15 +179,10 @@ impl SimulatorOptions {
 /// `mqtts://` (TLS with the system's roots) works for `weir simulate` too.
 fn broker_config(options: &SimulatorOptions) -> BrokerConfig {
     BrokerConfig {
-        url: options.broker_url.clone(),
-        publish_url: None,
         client_id: options.client_id.clone(),
-        username: None,
-        password: None,
         keep_alive: KEEP_ALIVE,
-        clean_session: true,
         max_packet_bytes: MAX_PACKET_BYTES,
-        ca_file: None,
+        ..BrokerConfig::new(options.broker_url.clone())
     }
 }
 

@@ -13,7 +13,7 @@
 use crate::config::OutboxPolicy;
 use crate::engine::Plan;
 use crate::metrics::{Connection, Metrics};
-use crate::mqtt::Backoff;
+use crate::mqtt::{Backoff, ConnectFailures};
 use crate::route::Outgoing;
 use crate::source::wall_clock_ms;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
@@ -105,6 +105,7 @@ pub async fn run(
     let poll_connected = connected.clone();
     let poller = tokio::spawn(async move {
         let mut backoff = Backoff::default();
+        let mut failures = ConnectFailures::default();
         let mut connected = false;
         loop {
             let event = tokio::select! {
@@ -121,6 +122,7 @@ pub async fn run(
                     connected = true;
                     poll_connected.store(true, Ordering::Release);
                     backoff.reset();
+                    failures.reset();
                     poll_metrics.set_connected(Connection::Sink, true);
                     tracing::info!("sink connected to the broker");
                 }
@@ -132,6 +134,8 @@ pub async fn run(
                         tracing::warn!(%err, "sink lost the broker connection; reconnecting");
                         connected = false;
                         poll_metrics.set_connected(Connection::Sink, false);
+                    } else {
+                        failures.report(Connection::Sink.label(), &err);
                     }
                     poll_metrics
                         .mqtt_reconnects

@@ -11,7 +11,7 @@
 
 use crate::engine::{Plan, RawMessage, WorkerInput};
 use crate::metrics::{Connection, Metrics};
-use crate::mqtt::Backoff;
+use crate::mqtt::{Backoff, ConnectFailures};
 use crate::store::writer::{AckBatch, AckToken, LogCommand};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use std::future::Future;
@@ -78,6 +78,7 @@ pub async fn run(
         })
         .collect();
     let mut backoff = Backoff::default();
+    let mut failures = ConnectFailures::default();
     let mut connected = false;
     let mut snapshots = snapshot_interval.map(|every| {
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -148,6 +149,7 @@ pub async fn run(
                 connected = true;
                 generation.fetch_add(1, Ordering::Relaxed);
                 backoff.reset();
+                failures.reset();
                 metrics.set_connected(Connection::Source, true);
                 tracing::info!(
                     session_present = ack.session_present,
@@ -181,7 +183,7 @@ pub async fn run(
                     metrics.set_connected(Connection::Source, false);
                     connected = false;
                 } else {
-                    tracing::debug!(%err, "source cannot reach the broker yet");
+                    failures.report(Connection::Source.label(), &err);
                 }
                 metrics
                     .mqtt_reconnects

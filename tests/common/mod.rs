@@ -79,6 +79,8 @@ pub struct Mosquitto {
     persistent: bool,
     /// True when running the in-process rumqttd fallback, which cannot be stopped.
     embedded: bool,
+    /// Lines appended to the generated mosquitto.conf (see [`Mosquitto::start_with`]).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -96,18 +98,36 @@ impl Mosquitto {
                 child: None,
                 persistent: false,
                 embedded: true,
+                extra: String::new(),
             };
         }
+        Self::spawn_with(dir, String::new())
+    }
+
+    /// Starts Mosquitto with `extra` appended to the generated config, after the anonymous
+    /// plain listener on [`port`](Self::port) that the test clients use: e.g. a second
+    /// `listener PORT 127.0.0.1` with TLS settings, or a global `password_file`. `None` (and a
+    /// printed line) when no mosquitto binary exists, since rumqttd cannot take that config.
+    pub fn start_with(extra: &str) -> Option<Self> {
+        if !Path::new(MOSQUITTO).exists() {
+            println!("no {MOSQUITTO} binary: skipped a test that needs Mosquitto's own config");
+            return None;
+        }
+        Some(Self::spawn_with(temp_dir("mosquitto"), extra.to_owned()))
+    }
+
+    fn spawn_with(dir: PathBuf, extra: String) -> Self {
         // The port may be taken between probing and binding; try a few.
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = spawn_mosquitto(&dir, port, false) {
+            if let Some(child) = spawn_mosquitto(&dir, port, false, &extra) {
                 return Self {
                     port,
                     dir,
                     child: Some(child),
                     persistent: false,
                     embedded: false,
+                    extra,
                 };
             }
         }
@@ -126,7 +146,7 @@ impl Mosquitto {
             return None;
         }
         let dir = temp_dir("mosquitto");
-        let child = spawn_mosquitto(&dir, port, true)
+        let child = spawn_mosquitto(&dir, port, true, "")
             .unwrap_or_else(|| panic!("mosquitto did not start on port {port}"));
         Some(Self {
             port,
@@ -134,6 +154,7 @@ impl Mosquitto {
             child: Some(child),
             persistent: true,
             embedded: false,
+            extra: String::new(),
         })
     }
 
@@ -150,9 +171,14 @@ impl Mosquitto {
 
     /// Starts the broker again on the same port after [`terminate`](Self::terminate).
     pub fn start_again(&mut self) {
-        let child = spawn_mosquitto(&self.dir, self.port, self.persistent)
+        let child = spawn_mosquitto(&self.dir, self.port, self.persistent, &self.extra)
             .unwrap_or_else(|| panic!("mosquitto did not restart on port {}", self.port));
         self.child = Some(child);
+    }
+
+    /// What Mosquitto logged so far (empty for rumqttd), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn port(&self) -> u16 {
@@ -181,20 +207,21 @@ impl Mosquitto {
     /// Starts the broker again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let child = spawn_mosquitto(&self.dir, self.port, self.persistent).unwrap_or_else(|| {
-            panic!(
-                "mosquitto did not restart on port {}; see {}",
-                self.port,
-                self.dir.join("mosquitto.log").display()
-            )
-        });
+        let child = spawn_mosquitto(&self.dir, self.port, self.persistent, &self.extra)
+            .unwrap_or_else(|| {
+                panic!(
+                    "mosquitto did not restart on port {}; see {}",
+                    self.port,
+                    self.dir.join("mosquitto.log").display()
+                )
+            });
         self.child = Some(child);
     }
 }
 
-/// Runs mosquitto on 127.0.0.1:`port` with a generated config in `dir`; `None` if it exited
-/// before accepting connections (port taken).
-fn spawn_mosquitto(dir: &Path, port: u16, persistent: bool) -> Option<Child> {
+/// Runs mosquitto on 127.0.0.1:`port` with a generated config (plus `extra` lines) in `dir`;
+/// `None` if it exited before accepting connections (port taken).
+fn spawn_mosquitto(dir: &Path, port: u16, persistent: bool, extra: &str) -> Option<Child> {
     let conf = dir.join("mosquitto.conf");
     let persistence = if persistent {
         // Run as root, mosquitto drops to its own user before saving; let it write here.
@@ -209,7 +236,9 @@ fn spawn_mosquitto(dir: &Path, port: u16, persistent: bool) -> Option<Child> {
     };
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\n"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\n{extra}"
+        ),
     )
     .expect("write mosquitto.conf");
     let log = File::options()
@@ -546,6 +575,7 @@ pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         state_dir: Some(temp_dir(&format!("state-{tag}"))),
+        ..weir::config::Overrides::default()
     };
     let mut config = weir::config::load(Path::new(EXAMPLE_CONFIG), &overrides)
         .unwrap_or_else(|err| panic!("{err}"));
@@ -560,11 +590,17 @@ pub fn config_at(broker: &Mosquitto, path: &str, tag: &str) -> weir::config::Con
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         state_dir: None,
+        ..weir::config::Overrides::default()
     };
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
     let mut config = weir::config::load(&path, &overrides).unwrap_or_else(|err| panic!("{err}"));
     config.broker.client_id = unique(&format!("weir-{tag}"));
     config
+}
+
+/// Starts weir in-process against `broker` and returns once it is connected and subscribed.
+pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
+    start_weir_with(example_config(broker, tag)).await
 }
 
 /// Starts weir in-process with `config` and returns once it is connected and subscribed.
@@ -578,11 +614,6 @@ pub async fn start_weir_with(config: weir::config::Config) -> weir::app::Running
         "weir did not connect and subscribe within {DEADLINE:?}"
     );
     running
-}
-
-/// Starts weir in-process against `broker` and returns once it is connected and subscribed.
-pub async fn start_weir(broker: &Mosquitto, tag: &str) -> weir::app::Running {
-    start_weir_with(example_config(broker, tag)).await
 }
 
 /// The example config in at_most_once mode without a state dir (a clean session, QoS 0).
@@ -601,6 +632,7 @@ pub fn config_from_text(broker: &Mosquitto, text: &str, tag: &str) -> weir::conf
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         state_dir: None,
+        ..weir::config::Overrides::default()
     };
     let mut config = weir::config::parse(text, Path::new("test.toml"), &overrides)
         .unwrap_or_else(|err| panic!("{err}"));
