@@ -3,8 +3,9 @@
 //! drive it directly; [`Worker::run`] is the async loop between the source and the sink.
 
 use super::{OperatorPlan, Plan};
+use crate::config::Format;
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TapEvent, WarnLimit, WorkerStats};
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
 use bytes::Bytes;
@@ -37,6 +38,8 @@ trait RuleRunner: Send {
     fn wants_ticks(&self) -> bool;
     fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output);
     fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output);
+    /// Windows open over all devices (a scan; called about once a second).
+    fn open_windows(&self) -> usize;
 }
 
 struct Keyed<O: Operator> {
@@ -69,6 +72,13 @@ impl<O: Operator> RuleRunner for Keyed<O> {
             self.operator.on_close(state, origin, out);
         }
     }
+
+    fn open_windows(&self) -> usize {
+        self.states
+            .iter()
+            .map(|state| self.operator.open_windows(state))
+            .sum()
+    }
 }
 
 /// Counters of one rule, resolved once so the hot path does no label lookups.
@@ -82,37 +92,6 @@ struct RuleCounters {
 struct InputCounters {
     decoded: IntCounter,
     refused_device_limit: IntCounter,
-}
-
-/// Rate limit for repeated warnings: at most one line per interval, saying how many were folded.
-struct WarnLimit {
-    interval: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl WarnLimit {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(suppressed since the last line)` when a line may be logged now.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.duration_since(last) < self.interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
 }
 
 /// The state and logic of one shard of devices.
@@ -134,6 +113,13 @@ pub struct Worker {
     input_counters: Vec<InputCounters>,
     decode_warnings: WarnLimit,
     limit_warnings: WarnLimit,
+    /// Where this worker reports its state sizes and newest event times.
+    stats: Arc<WorkerStats>,
+    /// Devices per input on this worker.
+    input_devices: Vec<u64>,
+    /// Newest event time seen per input on this worker (ms); `i64::MIN` before any.
+    newest_event_ms: Vec<i64>,
+    ticks: u64,
 }
 
 impl Worker {
@@ -193,6 +179,10 @@ impl Worker {
             input_counters,
             decode_warnings: WarnLimit::new(Duration::from_secs(10)),
             limit_warnings: WarnLimit::new(Duration::from_secs(60)),
+            stats: metrics.worker_stats(plan.rules.len(), plan.inputs.len()),
+            input_devices: vec![0; plan.inputs.len()],
+            newest_event_ms: vec![i64::MIN; plan.inputs.len()],
+            ticks: 0,
             plan,
             metrics,
         }
@@ -223,6 +213,7 @@ impl Worker {
                 let device = self.device_origins.len();
                 self.devices.insert((input, device_name.into()), device);
                 self.metrics.devices_tracked.inc();
+                self.input_devices[input] += 1;
                 device
             }
         };
@@ -272,21 +263,35 @@ impl Worker {
             return self.decode_failed(input, topic, err);
         }
         self.input_counters[input].decoded.inc();
+        let ts = decoded.ts.unwrap_or(message.arrival_ms);
+        let newest = &mut self.newest_event_ms[input];
+        *newest = (*newest).max(ts);
         let reading = Reading {
             origin: &origin,
-            ts: decoded.ts.unwrap_or(message.arrival_ms),
+            ts,
             seq: decoded.seq,
             values: &decoded.values,
             arrival: message.arrival,
         };
         for &rule in &input_plan.rules {
             self.runners[rule].on_reading(device, &reading, &mut self.output);
-            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+            drain_output(
+                &self.plan,
+                &self.metrics,
+                &self.rule_counters[rule],
+                &mut self.output,
+                out,
+            );
         }
     }
 
-    /// Runs the processing-time timers of every rule that has them, for every device.
+    /// Runs the processing-time timers of every rule that has them, for every device, and
+    /// reports this worker's state sizes (every fourth tick, about once a second).
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
+        if self.ticks % 4 == 0 {
+            self.report_stats();
+        }
+        self.ticks += 1;
         for rule in 0..self.runners.len() {
             if !self.runners[rule].wants_ticks() {
                 continue;
@@ -294,7 +299,27 @@ impl Worker {
             for (device, origin) in self.device_origins.iter().enumerate() {
                 self.runners[rule].on_tick(device, origin, now_ms, &mut self.output);
             }
-            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+            drain_output(
+                &self.plan,
+                &self.metrics,
+                &self.rule_counters[rule],
+                &mut self.output,
+                out,
+            );
+        }
+    }
+
+    /// Publishes devices and open windows per rule and the newest event time per input to this
+    /// worker's [`WorkerStats`]; a scrape sums them over the workers.
+    pub fn report_stats(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (rule, runner) in self.runners.iter().enumerate() {
+            let input = self.plan.rules[rule].input;
+            self.stats.rule_devices[rule].store(self.input_devices[input], Relaxed);
+            self.stats.rule_windows[rule].store(runner.open_windows() as u64, Relaxed);
+        }
+        for (input, newest) in self.newest_event_ms.iter().enumerate() {
+            self.stats.newest_event_ms[input].store(*newest, Relaxed);
         }
     }
 
@@ -304,7 +329,13 @@ impl Worker {
             for (device, origin) in self.device_origins.iter().enumerate() {
                 self.runners[rule].on_close(device, origin, &mut self.output);
             }
-            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+            drain_output(
+                &self.plan,
+                &self.metrics,
+                &self.rule_counters[rule],
+                &mut self.output,
+                out,
+            );
         }
     }
 
@@ -315,6 +346,7 @@ impl Worker {
             .decode_errors
             .with_label_values(&[&input_plan.name, err.reason()])
             .inc();
+        tracing::trace!(input = %input_plan.name, topic, reason = err.reason(), "skipped a payload");
         if let Some(suppressed) = self.decode_warnings.allow(Instant::now()) {
             tracing::warn!(
                 input = %input_plan.name,
@@ -357,6 +389,7 @@ impl Worker {
             }
         }
         self.close(&mut out);
+        self.report_stats();
         for message in out.drain(..) {
             if sink.send(message).await.is_err() {
                 return;
@@ -365,9 +398,11 @@ impl Worker {
     }
 }
 
-/// Counts what an operator reported and routes the events it produced.
+/// Counts what an operator reported, routes the events it produced, and offers them to the live
+/// tap while someone watches.
 fn drain_output(
     plan: &Plan,
+    metrics: &Metrics,
     counters: &RuleCounters,
     output: &mut Output,
     out: &mut Vec<Outgoing>,
@@ -382,8 +417,32 @@ fn drain_output(
     }
     for event in output.events.drain(..) {
         counters.emitted.inc();
-        tracing::trace!(id = %event.id, rule = %event.rule, device = %event.origin.device, "derived event");
-        out.push(plan.rules[event.rule_index].route.apply(&event));
+        tracing::trace!(
+            id = %event.id,
+            rule = %event.rule,
+            device = %event.origin.device,
+            topic = %event.origin.topic,
+            cause_ts = event.cause.as_ref().map(|c| c.ts),
+            "derived event"
+        );
+        let route = &plan.rules[event.rule_index].route;
+        let routed = route.apply(&event);
+        if metrics.tap.is_watched() {
+            let json = match route.format {
+                Format::Json => String::from_utf8_lossy(&routed.payload).into_owned(),
+                Format::Cbor => {
+                    String::from_utf8_lossy(&crate::route::encode(&event, Format::Json))
+                        .into_owned()
+                }
+            };
+            metrics.tap.offer(TapEvent {
+                id: event.id.to_string(),
+                rule: event.rule.clone(),
+                device: event.origin.device.clone(),
+                json,
+            });
+        }
+        out.push(routed);
     }
 }
 

@@ -61,6 +61,12 @@ pub trait Operator: Send + 'static {
     ) {
     }
 
+    /// Windows open in `state`, for `weir_windows_open` and `/api/rules`; 0 for operators
+    /// without windows.
+    fn open_windows(&self, _state: &Self::State) -> usize {
+        0
+    }
+
     /// Flushes what should flush when input ends (shutdown): called once per device.
     fn on_close(&self, _state: &mut Self::State, _origin: &Arc<Origin>, _out: &mut Output) {}
 }

@@ -192,6 +192,10 @@ impl Operator for Tumbling {
         }
     }
 
+    fn open_windows(&self, state: &TumblingState) -> usize {
+        state.windows.len()
+    }
+
     fn on_close(&self, state: &mut TumblingState, origin: &Arc<Origin>, out: &mut Output) {
         for window in state.windows.drain(..) {
             out.events.push(self.event(window, origin, None, true));

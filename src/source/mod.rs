@@ -7,7 +7,7 @@
 //! TCP window instead of growing memory); the wait is visible as `weir_queue_depth`.
 
 use crate::engine::{Plan, RawMessage};
-use crate::metrics::{Connection, Metrics};
+use crate::metrics::{Connection, Metrics, WarnLimit};
 use crate::mqtt::Backoff;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
 use std::future::Future;
@@ -42,6 +42,8 @@ pub async fn run(
         .collect();
     let mut backoff = Backoff::default();
     let mut connected = false;
+    // A flapping broker logs one line per interval; the reconnect counter counts them all.
+    let mut lost_warnings = WarnLimit::new(crate::mqtt::RECONNECT_WARN_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         let event = tokio::select! {
@@ -103,7 +105,9 @@ pub async fn run(
             Ok(_) => {}
             Err(err) => {
                 if connected {
-                    tracing::warn!(%err, "source lost the broker connection; reconnecting");
+                    if let Some(suppressed) = lost_warnings.allow(Instant::now()) {
+                        tracing::warn!(%err, suppressed, "source lost the broker connection; reconnecting");
+                    }
                     metrics.set_connected(Connection::Source, false);
                     connected = false;
                 } else {
