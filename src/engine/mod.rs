@@ -56,6 +56,14 @@ pub enum OperatorPlan {
 }
 
 impl OperatorPlan {
+    /// The operator's name, as in the config table (`/api/rules` shows it).
+    pub fn operator_name(&self) -> &'static str {
+        match self {
+            OperatorPlan::Hysteresis(_) => "hysteresis",
+            OperatorPlan::Tumbling(_) => "tumbling",
+        }
+    }
+
     /// The `kind` of the events this operator emits.
     pub fn event_kind(&self) -> &'static str {
         match self {
