@@ -681,3 +681,100 @@ pub fn percent_encode(value: &str) -> String {
         })
         .collect()
 }
+
+/// A real Prometheus (Debian package `prometheus`) on a free loopback port, scraping one target
+/// every second, with its own temp dir for config and TSDB. Killed and removed on drop.
+pub struct Prometheus {
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` (job `weir`) with `rule_files` loaded, and returns
+    /// once it is ready; `None` (printed) when no `prometheus` binary is installed.
+    pub async fn start(target: SocketAddr, rule_files: &[&Path]) -> Option<Self> {
+        let installed = Command::new("prometheus")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !installed {
+            println!(
+                "skipped: no prometheus binary (Debian package `prometheus`; .ci/run installs it)"
+            );
+            return None;
+        }
+        let dir = temp_dir("prometheus");
+        let rules: Vec<String> = rule_files
+            .iter()
+            .map(|path| format!("  - {}\n", path.display()))
+            .collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: weir\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.concat()
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+        for _ in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = File::create(dir.join("prometheus.log")).expect("create prometheus.log");
+            let mut child = Command::new("prometheus")
+                .arg(format!(
+                    "--config.file={}",
+                    dir.join("prometheus.yml").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg("--log.level=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|err| panic!("cannot run prometheus: {err}"));
+            let deadline = Instant::now() + DEADLINE;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                if matches!(try_http_get(addr, "/-/ready").await, Ok((200, _))) {
+                    return Some(Self { addr, dir, child });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "prometheus did not become ready after 5 attempts; see {}",
+            dir.join("prometheus.log").display()
+        );
+    }
+
+    /// Runs an instant query through the HTTP API and returns the whole JSON answer (also when
+    /// Prometheus reports an error, which carries `"status": "error"`).
+    pub async fn query(&self, expr: &str) -> serde_json::Value {
+        self.get(&format!("/api/v1/query?query={}", percent_encode(expr)))
+            .await
+    }
+
+    /// GET `path` from the HTTP API as JSON.
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http_get(self.addr, path).await;
+        serde_json::from_str(&body)
+            .unwrap_or_else(|err| panic!("GET {path}: status {status}, not JSON ({err}): {body}"))
+    }
+
+    /// The server's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
