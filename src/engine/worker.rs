@@ -117,7 +117,7 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     /// Devices per input on this worker.
     input_devices: Vec<u64>,
-    /// Newest event time seen per input on this worker (ms); `i64::MIN` before any.
+    /// Newest event time seen per input on this worker (ms), mirrored in `stats`.
     newest_event_ms: Vec<i64>,
     ticks: u64,
 }
@@ -264,8 +264,11 @@ impl Worker {
         }
         self.input_counters[input].decoded.inc();
         let ts = decoded.ts.unwrap_or(message.arrival_ms);
-        let newest = &mut self.newest_event_ms[input];
-        *newest = (*newest).max(ts);
+        if ts > self.newest_event_ms[input] {
+            // This worker's own slot: a relaxed store that only a scrape reads.
+            self.newest_event_ms[input] = ts;
+            self.stats.newest_event_ms[input].store(ts, std::sync::atomic::Ordering::Relaxed);
+        }
         let reading = Reading {
             origin: &origin,
             ts,
@@ -309,17 +312,14 @@ impl Worker {
         }
     }
 
-    /// Publishes devices and open windows per rule and the newest event time per input to this
-    /// worker's [`WorkerStats`]; a scrape sums them over the workers.
+    /// Publishes devices and open windows per rule to this worker's [`WorkerStats`] (the newest
+    /// event time goes there as readings arrive); a scrape sums them over the workers.
     pub fn report_stats(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         for (rule, runner) in self.runners.iter().enumerate() {
             let input = self.plan.rules[rule].input;
             self.stats.rule_devices[rule].store(self.input_devices[input], Relaxed);
             self.stats.rule_windows[rule].store(runner.open_windows() as u64, Relaxed);
-        }
-        for (input, newest) in self.newest_event_ms.iter().enumerate() {
-            self.stats.newest_event_ms[input].store(*newest, Relaxed);
         }
     }
 

@@ -355,8 +355,8 @@ mod tests {
             histogram
                 .get_bucket()
                 .iter()
-                .find(|b| b.get_upper_bound() == bound)
-                .map(|b| b.get_cumulative_count())
+                .find(|b| b.upper_bound() == bound)
+                .map(|b| b.cumulative_count())
                 .unwrap_or_default()
         };
         assert_eq!(le(0.000_5), 0);
@@ -367,10 +367,10 @@ mod tests {
 
         let summary = families[1].get_metric()[0].get_summary();
         for (quantile, expected) in summary.get_quantile().iter().zip([0.5, 0.99, 0.999]) {
-            let relative = (quantile.get_value() - expected).abs() / expected;
-            assert!(relative < 0.01, "{} vs {expected}", quantile.get_value());
+            let relative = (quantile.value() - expected).abs() / expected;
+            assert!(relative < 0.01, "{} vs {expected}", quantile.value());
         }
-        assert_eq!(families[1].get_metric()[0].get_label()[0].get_value(), "r1");
+        assert_eq!(families[1].get_metric()[0].get_label()[0].value(), "r1");
     }
 
     #[test]
@@ -388,6 +388,6 @@ mod tests {
         assert!(summary
             .get_quantile()
             .iter()
-            .all(|q| q.get_value().is_nan()));
+            .all(|q| q.value().is_nan()));
     }
 }

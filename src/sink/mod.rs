@@ -10,7 +10,6 @@ use crate::metrics::{Connection, LatencyRecorder, Metrics, WarnLimit};
 use crate::mqtt::Backoff;
 use crate::mqtt::RECONNECT_WARN_INTERVAL;
 use crate::route::Outgoing;
-use crate::source::wall_clock_ms;
 use prometheus::IntCounter;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use std::sync::Arc;
@@ -19,6 +18,13 @@ use tokio::sync::{mpsc, watch};
 
 /// How long the sink keeps trying to hand over the last messages at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wall-clock us since the epoch.
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
 
 /// The per-rule handles of the publish loop, resolved once.
 struct RuleCounters {
@@ -108,9 +114,11 @@ pub async fn run(
                 if let Some(arrival) = arrival {
                     processing_latency.record(arrival.elapsed());
                 }
-                let behind_ms = wall_clock_ms().saturating_sub(ts);
-                if let Ok(behind_ms) = u64::try_from(behind_ms) {
-                    rule.event_latency.record(Duration::from_millis(behind_ms));
+                // Event times are whole ms; the clock is read in us so that sub-ms latencies
+                // are not all rounded to zero.
+                let behind_us = wall_clock_us().saturating_sub(ts.saturating_mul(1000));
+                if let Ok(behind_us) = u64::try_from(behind_us) {
+                    rule.event_latency.record(Duration::from_micros(behind_us));
                 }
             }
             Err(err) => {
