@@ -1,4 +1,5 @@
-//! Wires the stages: source -> workers (decode, operators, route) -> sink, plus the HTTP endpoint.
+//! Wires the stages: source -> workers (decode, operators, route) -> sink, plus the HTTP endpoint
+//! (metrics, health, rules API, live tap).
 //!
 //! Shutdown flows downstream: only the source watches the signal; each worker ends when its input
 //! channel closes (flushing open windows), then the sink publishes what is left and disconnects.
@@ -25,7 +26,7 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running pipeline.
 pub struct Running {
     pub metrics: Arc<Metrics>,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served (resolved if port 0 was asked).
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/api/*` are served (resolved if port 0 was asked).
     pub http_addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
@@ -91,13 +92,35 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
-    let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), async {
+    let rules = plan
+        .rules
+        .iter()
+        .map(|rule| http::RuleInfo {
+            name: rule.name.to_string(),
+            operator: rule.operator.operator_name(),
+            emits: rule.operator.event_kind(),
+            input: plan.inputs[rule.input].name.to_string(),
+            output_topic: config
+                .rules
+                .get(&*rule.name)
+                .map(|r| r.output.topic.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), rules, async {
         let _ = http_stop_rx.await;
     })
     .await?;
     let server = tokio::spawn(server);
 
     let capacity = config.pipeline.queue_capacity;
+    let capacity_gauge = |stage: &str, n: usize| {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.queue_capacity.with_label_values(&[stage]).set(n);
+    };
+    capacity_gauge("workers", capacity.saturating_mul(config.worker_count()));
+    capacity_gauge("sink", capacity);
+
     let (log_tx, ack_rx, log_thread) = if let (true, Some(dir)) = (logged, &state_dir) {
         let (log_tx, log_rx) = mpsc::channel(capacity);
         let (ack_tx, ack_rx) = mpsc::channel(1024);
@@ -175,6 +198,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         state_dir = ?delivery.state_dir,
         "weir started"
     );
+    let tap_metrics = metrics.clone();
     let task = tokio::spawn(async move {
         source.await;
         for task in worker_tasks {
@@ -188,6 +212,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         depth.abort();
+        // Live tap clients would keep the server's graceful shutdown waiting forever.
+        tap_metrics.tap.close();
         let _ = http_stop_tx.send(());
         let _ = server.await;
         tracing::info!("weir stopped");

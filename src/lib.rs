@@ -14,7 +14,8 @@
 //! - [`sink`]: publishes over its own MQTT connection, so a slow publish never stalls intake.
 //!
 //! Around the path: [`config`] (TOML types and validation), [`topic`] (patterns and templates),
-//! [`metrics`] (every metric defined once, plus the HTTP endpoints), [`mqtt`] (connection options
+//! [`metrics`] (every metric defined once, latency histograms, the live tap of derived events,
+//! and the HTTP endpoints: metrics, health, rules API, tap), [`mqtt`] (connection options
 //! and reconnect backoff shared by source and sink), [`app`] (wires the stages together),
 //! [`store`] (input log and snapshots in the state dir), [`demo`] (embedded broker and device
 //! simulator).

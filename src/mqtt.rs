@@ -12,6 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// At most one "lost the broker connection" warning per connection in this interval.
+pub const RECONNECT_WARN_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Host, port and transport parsed from `mqtt://host:port` or `mqtts://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerEndpoint {

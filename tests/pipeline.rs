@@ -352,7 +352,7 @@ async fn metrics_endpoint_serves_valid_prometheus_text_and_health_checks() {
     alerts.take(1).await;
     // The latency is observed when the sink has published; that may trail our receipt.
     let latency = &weir.metrics.processing_latency;
-    assert!(wait_until(DEADLINE, || latency.get_sample_count() == 1).await);
+    assert!(wait_until(DEADLINE, || latency.sample_count("") == 1).await);
 
     let (status, body) = http_get(weir.http_addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");

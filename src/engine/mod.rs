@@ -137,6 +137,23 @@ pub enum OperatorPlan {
 }
 
 impl OperatorPlan {
+    /// The operator's name, as in the config table (`/api/rules` shows it).
+    pub fn operator_name(&self) -> &'static str {
+        match self {
+            OperatorPlan::Hysteresis(_) => "hysteresis",
+            OperatorPlan::Tumbling(_) => "tumbling",
+            OperatorPlan::Hopping(_) => "hopping",
+            OperatorPlan::Session(_) => "session",
+            OperatorPlan::Count(_) => "count",
+            OperatorPlan::Deadband(_) => "deadband",
+            OperatorPlan::Change(_) => "change",
+            OperatorPlan::Liveness(_) => "liveness",
+            OperatorPlan::RateOfChange(_) => "rate_of_change",
+            OperatorPlan::Stuck(_) => "stuck",
+            OperatorPlan::Anomaly(_) => "anomaly",
+        }
+    }
+
     /// The `kind` of the events this operator mainly emits.
     pub fn event_kind(&self) -> &'static str {
         self.event_kinds()[0]

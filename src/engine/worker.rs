@@ -3,9 +3,10 @@
 //! drive it directly; [`Worker::run`] is the async loop between the source and the sink.
 
 use super::{OperatorPlan, Plan};
+use crate::config::Format;
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
 use crate::event::{EventBody, EventId};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TapEvent, WarnLimit, WorkerStats};
 use crate::operators::window::LateReason;
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
@@ -148,37 +149,6 @@ struct InputCounters {
     duplicates: IntCounter,
 }
 
-/// Rate limit for repeated warnings: at most one line per interval, saying how many were folded.
-struct WarnLimit {
-    interval: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl WarnLimit {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(suppressed since the last line)` when a line may be logged now.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.duration_since(last) < self.interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 /// The state and logic of one shard of devices.
 pub struct Worker {
     plan: Arc<Plan>,
@@ -203,6 +173,13 @@ pub struct Worker {
     decode_warnings: WarnLimit,
     limit_warnings: WarnLimit,
     window_limit_warnings: WarnLimit,
+    /// Where this worker reports its state sizes and newest event times.
+    stats: Arc<WorkerStats>,
+    /// Devices per input on this worker.
+    input_devices: Vec<u64>,
+    /// Newest event time seen per input on this worker (ms), mirrored in `stats`.
+    newest_event_ms: Vec<i64>,
+    ticks: u64,
 }
 
 impl Worker {
@@ -290,6 +267,10 @@ impl Worker {
             decode_warnings: WarnLimit::new(Duration::from_secs(10)),
             limit_warnings: WarnLimit::new(Duration::from_secs(60)),
             window_limit_warnings: WarnLimit::new(Duration::from_secs(60)),
+            stats: metrics.worker_stats(plan.rules.len(), plan.inputs.len()),
+            input_devices: vec![0; plan.inputs.len()],
+            newest_event_ms: vec![i64::MIN; plan.inputs.len()],
+            ticks: 0,
             plan,
             metrics,
         }
@@ -332,6 +313,7 @@ impl Worker {
         self.device_inputs.push(input);
         self.recent.push(VecDeque::new());
         self.metrics.devices_tracked.inc();
+        self.input_devices[input] += 1;
         Some(device)
     }
 
@@ -424,9 +406,15 @@ impl Worker {
             recent.push_back(key);
         }
         self.input_counters[input].decoded.inc();
+        let ts = decoded.ts.unwrap_or(message.arrival_ms);
+        if ts > self.newest_event_ms[input] {
+            // This worker's own slot: a relaxed store that only a scrape reads.
+            self.newest_event_ms[input] = ts;
+            self.stats.newest_event_ms[input].store(ts, std::sync::atomic::Ordering::Relaxed);
+        }
         let reading = Reading {
             origin: &origin,
-            ts: decoded.ts.unwrap_or(message.arrival_ms),
+            ts,
             seq: decoded.seq,
             values: &decoded.values,
             discrete: &decoded.discrete,
@@ -449,12 +437,23 @@ impl Worker {
                     );
                 }
             }
-            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+            drain_output(
+                &self.plan,
+                &self.metrics,
+                &self.rule_counters[rule],
+                &mut self.output,
+                out,
+            );
         }
     }
 
-    /// Runs the processing-time timers of every rule that has them, for every device.
+    /// Runs the processing-time timers of every rule that has them, for every device, and
+    /// reports this worker's state sizes (every fourth tick, about once a second).
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
+        if self.ticks % 4 == 0 {
+            self.report_stats();
+        }
+        self.ticks += 1;
         for rule in 0..self.runners.len() {
             if !self.runners[rule].wants_ticks() {
                 continue;
@@ -462,7 +461,23 @@ impl Worker {
             for (device, origin) in self.device_origins.iter().enumerate() {
                 self.runners[rule].on_tick(device, origin, now_ms, &mut self.output);
             }
-            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+            drain_output(
+                &self.plan,
+                &self.metrics,
+                &self.rule_counters[rule],
+                &mut self.output,
+                out,
+            );
+        }
+    }
+
+    /// Publishes devices per rule to this worker's [`WorkerStats`] (the newest event time goes
+    /// there as readings arrive; open windows are kept by `weir_windows_open` directly); a scrape
+    /// sums them over the workers.
+    pub fn report_stats(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (rule, plan) in self.plan.rules.iter().enumerate() {
+            self.stats.rule_devices[rule].store(self.input_devices[plan.input], Relaxed);
         }
     }
 
@@ -472,7 +487,13 @@ impl Worker {
             for (device, origin) in self.device_origins.iter().enumerate() {
                 self.runners[rule].on_close(device, origin, &mut self.output);
             }
-            drain_output(&self.plan, &self.rule_counters[rule], &mut self.output, out);
+            drain_output(
+                &self.plan,
+                &self.metrics,
+                &self.rule_counters[rule],
+                &mut self.output,
+                out,
+            );
         }
     }
 
@@ -485,6 +506,7 @@ impl Worker {
             .decode_errors
             .with_label_values(&[&input_plan.name, reason])
             .inc();
+        tracing::trace!(input = %input_plan.name, topic = %message.topic, reason, "skipped a payload");
         if let Some(suppressed) = self.decode_warnings.allow(Instant::now()) {
             tracing::warn!(
                 input = %input_plan.name,
@@ -601,6 +623,7 @@ impl Worker {
         if !self.plan.durable_state {
             self.close(&mut out);
         }
+        self.report_stats();
         send_all(&sink, &mut out).await;
     }
 }
@@ -664,9 +687,11 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// Counts what an operator reported and routes the events it produced.
+/// Counts what an operator reported, routes the events it produced, and offers them to the live
+/// tap while someone watches.
 fn drain_output(
     plan: &Plan,
+    metrics: &Metrics,
     counters: &RuleCounters,
     output: &mut Output,
     out: &mut Vec<Outgoing>,
@@ -709,8 +734,31 @@ fn drain_output(
         if let Some((_, counter)) = counters.emitted.iter().find(|(k, _)| *k == kind) {
             counter.inc();
         }
-        tracing::trace!(id = %event.id, rule = %event.rule, device = %event.origin.device, "derived event");
-        out.push(rule.route.apply(&event));
+        tracing::trace!(
+            id = %event.id,
+            rule = %event.rule,
+            device = %event.origin.device,
+            topic = %event.origin.topic,
+            cause_ts = event.cause.as_ref().map(|c| c.ts),
+            "derived event"
+        );
+        let routed = rule.route.apply(&event);
+        if metrics.tap.is_watched() {
+            let json = match rule.route.format {
+                Format::Cbor => {
+                    String::from_utf8_lossy(&crate::route::encode(&event, Format::Json))
+                        .into_owned()
+                }
+                _ => String::from_utf8_lossy(&routed.payload).into_owned(),
+            };
+            metrics.tap.offer(TapEvent {
+                id: event.id.to_string(),
+                rule: event.rule.clone(),
+                device: event.origin.device.clone(),
+                json,
+            });
+        }
+        out.push(routed);
     }
 }
 

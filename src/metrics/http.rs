@@ -1,16 +1,38 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is alive) and
-//! `/readyz` (connected to the broker and subscribed).
+//! The HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is alive),
+//! `/readyz` (connected to the broker and subscribed), `/api/rules` (each rule with its counters
+//! and state sizes, JSON) and `/api/events` (the live tap of derived events, Server-Sent Events).
 
+use super::tap::{TapItem, TapSubscription};
 use super::Metrics;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+
+/// What `/api/rules` says about a rule besides its live numbers; fixed at start.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleInfo {
+    pub name: String,
+    /// The operator: `hysteresis`, `tumbling`, ...
+    pub operator: &'static str,
+    /// The `kind` of the events it emits.
+    pub emits: &'static str,
+    pub input: String,
+    pub output_topic: String,
+}
+
+struct Api {
+    metrics: Arc<Metrics>,
+    rules: Vec<RuleInfo>,
+}
 
 /// Binds `addr` (port 0 picks a free one) and returns the bound address and the server future.
 ///
@@ -19,6 +41,7 @@ use tokio::net::TcpListener;
 pub async fn bind(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
+    rules: Vec<RuleInfo>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await.map_err(|err| {
@@ -29,23 +52,25 @@ pub async fn bind(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(metrics);
+        .route("/api/rules", get(list_rules))
+        .route("/api/events", get(events))
+        .with_state(Arc::new(Api { metrics, rules }));
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
 }
 
-async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn render_metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics.render(),
+        api.metrics.render(),
     )
 }
 
-async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.is_ready() {
+async fn ready(State(api): State<Arc<Api>>) -> impl IntoResponse {
+    if api.metrics.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (
@@ -53,4 +78,130 @@ async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
             "not ready: not connected to the broker or not subscribed\n",
         )
     }
+}
+
+/// One rule in `/api/rules`.
+#[derive(Serialize)]
+struct RuleReport<'a> {
+    #[serde(flatten)]
+    info: &'a RuleInfo,
+    counters: RuleCounters,
+    state: RuleStateReport,
+}
+
+#[derive(Serialize)]
+struct RuleCounters {
+    emitted: u64,
+    publish_attempts: u64,
+    published: u64,
+    publish_errors: u64,
+    /// Readings window rules did not apply, over every reason (late, future, window_limit).
+    late: u64,
+    out_of_order: u64,
+}
+
+#[derive(Serialize)]
+struct RuleStateReport {
+    devices: u64,
+    open_windows: u64,
+    /// Exact recent quantiles of event time to publish, seconds (null before any event).
+    event_latency_p50_seconds: Option<f64>,
+    event_latency_p99_seconds: Option<f64>,
+}
+
+async fn list_rules(State(api): State<Arc<Api>>) -> Response {
+    let m = &api.metrics;
+    let reports: Vec<RuleReport<'_>> = api
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(index, info)| {
+            let name = info.name.as_str();
+            let state = m.rule_state(index);
+            RuleReport {
+                info,
+                counters: RuleCounters {
+                    emitted: m
+                        .events_emitted
+                        .with_label_values(&[name, info.emits])
+                        .get(),
+                    publish_attempts: m.publish_attempts.with_label_values(&[name]).get(),
+                    published: m.events_published.with_label_values(&[name]).get(),
+                    publish_errors: m.publish_errors.with_label_values(&[name]).get(),
+                    late: crate::operators::window::LateReason::ALL
+                        .iter()
+                        .map(|reason| {
+                            m.readings_late
+                                .with_label_values(&[name, reason.label()])
+                                .get()
+                        })
+                        .sum(),
+                    out_of_order: m.readings_out_of_order.with_label_values(&[name]).get(),
+                },
+                state: RuleStateReport {
+                    devices: state.devices,
+                    open_windows: state.open_windows,
+                    event_latency_p50_seconds: m.event_latency.recent_quantile(name, 0.5),
+                    event_latency_p99_seconds: m.event_latency.recent_quantile(name, 0.99),
+                },
+            }
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "rules": reports }).to_string(),
+    )
+}
+
+fn json_response(status: StatusCode, body: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+/// `GET /api/events?rule=..&device=..`: both filters optional.
+#[derive(Debug, Deserialize)]
+struct TapFilter {
+    rule: Option<String>,
+    device: Option<String>,
+}
+
+/// Streams derived events as Server-Sent Events: `id` is the event id, `data` the event's
+/// schema v1 JSON. A client that falls behind gets an `event: skipped` with the number missed.
+async fn events(State(api): State<Arc<Api>>, Query(filter): Query<TapFilter>) -> Response {
+    if let Some(rule) = &filter.rule {
+        if !api.rules.iter().any(|r| &r.name == rule) {
+            let known: Vec<&str> = api.rules.iter().map(|r| r.name.as_str()).collect();
+            let body = serde_json::json!({
+                "error": format!("no rule named {rule:?}; the rules are {known:?}"),
+            });
+            return json_response(StatusCode::NOT_FOUND, &body.to_string());
+        }
+    }
+    let subscription = api.metrics.tap.subscribe();
+    let stream = futures_util::stream::unfold(
+        (subscription, filter),
+        |(mut subscription, filter): (TapSubscription, TapFilter)| async move {
+            loop {
+                let item = match subscription.next().await? {
+                    TapItem::Event(event) => {
+                        let wanted = filter.rule.as_deref().is_none_or(|r| r == &*event.rule)
+                            && filter.device.as_deref().is_none_or(|d| d == &*event.device);
+                        if !wanted {
+                            continue;
+                        }
+                        Event::default().id(&event.id).data(&event.json)
+                    }
+                    TapItem::Skipped(n) => Event::default().event("skipped").data(n.to_string()),
+                };
+                return Some((Ok::<_, Infallible>(item), (subscription, filter)));
+            }
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

@@ -1,22 +1,22 @@
 //! Every metric weir exports, defined once: names carry the `weir_` prefix and their unit, labels
 //! are bounded (input, rule, kind, reason, connection, stage; never the device).
 //!
-//! [`http`] serves them at `/metrics` next to `/healthz` and `/readyz`.
+//! [`http`] serves them at `/metrics` next to `/healthz`, `/readyz`, `/api/rules` and the live
+//! tap `/api/events` ([`tap`]). [`latency`] holds the hdrhistogram-backed latency metrics;
+//! [`warn`] the rate limit for repeated warnings.
 
 pub mod http;
+pub mod latency;
+pub mod tap;
+pub mod warn;
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+pub use latency::{Latency, LatencyRecorder};
+pub use tap::{Tap, TapEvent};
+pub use warn::WarnLimit;
 
-/// Latency buckets from 50 us to 60 s, roughly x2.5 per step.
-const LATENCY_BUCKETS: [f64; 17] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 5.0, 15.0, 60.0,
-];
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// The two broker connections, as the `connection` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,44 +47,88 @@ pub struct Metrics {
     pub readings_refused: IntCounterVec,
     pub readings_out_of_order: IntCounterVec,
     pub readings_late: IntCounterVec,
-    pub windows_open: IntGaugeVec,
-    pub events_emitted: IntCounterVec,
-    pub events_published: IntCounterVec,
-    pub publish_errors: IntCounterVec,
-    pub mqtt_connected: IntGaugeVec,
-    pub mqtt_reconnects: IntCounterVec,
-    pub subscriptions_active: IntGauge,
-    pub queue_depth: IntGaugeVec,
-    pub devices_tracked: IntGauge,
     pub dead_letters: IntCounterVec,
     pub duplicates_dropped: IntCounterVec,
-    pub outbox_messages: IntGauge,
     pub outbox_dropped: IntCounterVec,
     pub snapshots_written: IntCounter,
     pub inputs_acked: IntCounter,
     pub devices_offline: IntGaugeVec,
-    pub processing_latency: Histogram,
-    pub event_latency: HistogramVec,
+    pub events_emitted: IntCounterVec,
+    pub publish_attempts: IntCounterVec,
+    pub events_published: IntCounterVec,
+    pub publish_errors: IntCounterVec,
+    pub outbox_messages: IntGauge,
+    pub mqtt_connected: IntGaugeVec,
+    pub mqtt_reconnects: IntCounterVec,
+    pub subscriptions_active: IntGauge,
+    pub queue_depth: IntGaugeVec,
+    pub queue_capacity: IntGaugeVec,
+    pub devices_tracked: IntGauge,
+    /// Set from the workers' [`WorkerStats`] at scrape time.
+    rule_devices: IntGaugeVec,
+    /// Kept by the workers as windows open and close.
+    pub windows_open: IntGaugeVec,
+    watermark_lag: GaugeVec,
+    /// Arrival to publish; recorded by the sink.
+    pub processing_latency: Latency,
+    /// Event time to publish, by rule; recorded by the sink.
+    pub event_latency: Latency,
+    /// The live tap of derived events. It lives here because `Metrics` is the handle every
+    /// stage already holds; its clients and skips are metrics too.
+    pub tap: Tap,
     build_info: IntGaugeVec,
     subscribed: AtomicBool,
+    /// Input and rule names by index, for the per-worker state gauges.
+    names: RwLock<(Vec<String>, Vec<String>)>,
+    workers: Mutex<Vec<Arc<WorkerStats>>>,
+}
+
+/// What one worker reports about its state. Each worker writes only its own (about once a
+/// second), a scrape sums them; nothing contends on the hot path.
+#[derive(Debug)]
+pub struct WorkerStats {
+    /// Devices with state, by rule index.
+    pub rule_devices: Vec<AtomicU64>,
+    /// Newest event time seen (ms since the epoch), by input index; `i64::MIN` before any.
+    pub newest_event_ms: Vec<AtomicI64>,
+}
+
+/// The state sizes of one rule, over all workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleState {
+    pub devices: u64,
+    pub open_windows: u64,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|err| panic!("metric registered twice: {err}"));
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help)
+        .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
+    register(registry, metric)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric =
+        IntGauge::new(name, help).unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
+    register(registry, metric)
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
-    registry
-        .register(Box::new(metric.clone()))
-        .unwrap_or_else(|err| panic!("metric {name} registered twice: {err}"));
-    metric
+    register(registry, metric)
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
-    registry
-        .register(Box::new(metric.clone()))
-        .unwrap_or_else(|err| panic!("metric {name} registered twice: {err}"));
-    metric
+    register(registry, metric)
 }
 
 impl Metrics {
@@ -93,83 +137,64 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
-        let processing_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "weir_processing_latency_seconds",
-                "Time from a reading's arrival to the publish of an event it caused.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|err| panic!("latency histogram: {err}"));
-        registry
-            .register(Box::new(processing_latency.clone()))
-            .unwrap_or_else(|err| panic!("latency histogram: {err}"));
-        let event_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "weir_event_latency_seconds",
-                "Time from an event's event time (payload clock) to its publish, by rule.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["rule"],
-        )
-        .unwrap_or_else(|err| panic!("event latency histogram: {err}"));
-        registry
-            .register(Box::new(event_latency.clone()))
-            .unwrap_or_else(|err| panic!("event latency histogram: {err}"));
-        let subscriptions_active = IntGauge::new(
-            "weir_mqtt_subscriptions_active",
-            "Topic filters currently subscribed on the source connection.",
-        )
-        .unwrap_or_else(|err| panic!("subscriptions gauge: {err}"));
-        registry
-            .register(Box::new(subscriptions_active.clone()))
-            .unwrap_or_else(|err| panic!("subscriptions gauge: {err}"));
-        let devices_tracked = IntGauge::new(
-            "weir_devices_tracked",
-            "Devices with operator state, over all workers.",
-        )
-        .unwrap_or_else(|err| panic!("devices gauge: {err}"));
-        registry
-            .register(Box::new(devices_tracked.clone()))
-            .unwrap_or_else(|err| panic!("devices gauge: {err}"));
-        let outbox_messages = IntGauge::new(
-            "weir_outbox_messages",
-            "Derived events queued for the broker or awaiting its acknowledgement.",
-        )
-        .unwrap_or_else(|err| panic!("outbox gauge: {err}"));
-        registry
-            .register(Box::new(outbox_messages.clone()))
-            .unwrap_or_else(|err| panic!("outbox gauge: {err}"));
-        let snapshots_written = IntCounter::new(
-            "weir_snapshots_written_total",
-            "State snapshots written to the state dir.",
-        )
-        .unwrap_or_else(|err| panic!("snapshot counter: {err}"));
-        registry
-            .register(Box::new(snapshots_written.clone()))
-            .unwrap_or_else(|err| panic!("snapshot counter: {err}"));
-        let inputs_acked = IntCounter::new(
-            "weir_inputs_acked_total",
-            "QoS 1 inputs acknowledged to the broker after they were logged durably.",
-        )
-        .unwrap_or_else(|err| panic!("ack counter: {err}"));
-        registry
-            .register(Box::new(inputs_acked.clone()))
-            .unwrap_or_else(|err| panic!("ack counter: {err}"));
-        let readings_unmatched = IntCounter::new(
-            "weir_readings_unmatched_total",
-            "Messages whose topic matched no input pattern (dropped).",
-        )
-        .unwrap_or_else(|err| panic!("unmatched counter: {err}"));
-        registry
-            .register(Box::new(readings_unmatched.clone()))
-            .unwrap_or_else(|err| panic!("unmatched counter: {err}"));
+        let processing_latency = register(
+            r,
+            Latency::new(
+                (
+                    "weir_processing_latency_seconds",
+                    "Time from a reading's arrival to the publish of an event it caused.",
+                ),
+                (
+                    "weir_processing_latency_recent_seconds",
+                    "Arrival to publish: exact quantiles (within 1%) over the last 1-2 minutes.",
+                ),
+                None,
+            ),
+        );
+        processing_latency.register("");
+        let event_latency = register(
+            r,
+            Latency::new(
+                (
+                    "weir_event_latency_seconds",
+                    "Time from an event's event time (payload clock) to its publish, by rule.",
+                ),
+                (
+                    "weir_event_latency_recent_seconds",
+                    "Event time to publish, by rule: exact quantiles over the last 1-2 minutes.",
+                ),
+                Some("rule"),
+            ),
+        );
         #[cfg(target_os = "linux")]
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();
             // Registration fails only where /proc is unreadable; weir works without it.
             let _ = registry.register(Box::new(process));
         }
+        let watermark_lag = register(
+            r,
+            GaugeVec::new(
+                Opts::new(
+                    "weir_watermark_lag_seconds",
+                    "Wall clock minus the newest event time seen on the input (0 when ahead).",
+                ),
+                &["input"],
+            )
+            .unwrap_or_else(|err| panic!("watermark lag: {err}")),
+        );
+        let tap = Tap::new(
+            gauge(
+                r,
+                "weir_tap_clients",
+                "Clients watching the live tap (/api/events).",
+            ),
+            counter(
+                r,
+                "weir_tap_events_skipped_total",
+                "Derived events a slow tap client skipped (the pipeline never waits for it).",
+            ),
+        );
 
         let metrics = Self {
             readings_received: counter_vec(
@@ -196,6 +221,11 @@ impl Metrics {
                 "Payloads that could not be decoded, by input and reason; each is skipped.",
                 &["input", "reason"],
             ),
+            readings_unmatched: counter(
+                r,
+                "weir_readings_unmatched_total",
+                "Messages whose topic matched no input pattern (dropped).",
+            ),
             readings_refused: counter_vec(
                 r,
                 "weir_readings_refused_total",
@@ -211,50 +241,8 @@ impl Metrics {
             readings_late: counter_vec(
                 r,
                 "weir_readings_late_total",
-                "Readings window rules could not apply, by rule and reason (late, future, window_limit).",
+                "Readings a window rule could not apply, by rule and reason (late, future, window_limit).",
                 &["rule", "reason"],
-            ),
-            windows_open: gauge_vec(
-                r,
-                "weir_windows_open",
-                "Windows held by window rules (open, or fired and kept for allowed lateness), by rule.",
-                &["rule"],
-            ),
-            events_emitted: counter_vec(
-                r,
-                "weir_events_emitted_total",
-                "Derived events produced by the rules, by rule and kind.",
-                &["rule", "kind"],
-            ),
-            events_published: counter_vec(
-                r,
-                "weir_events_published_total",
-                "Derived events handed to the broker connection, by rule.",
-                &["rule"],
-            ),
-            publish_errors: counter_vec(
-                r,
-                "weir_publish_errors_total",
-                "Publishes that failed, by rule.",
-                &["rule"],
-            ),
-            mqtt_connected: gauge_vec(
-                r,
-                "weir_mqtt_connected",
-                "1 while the connection to the broker is up, by connection (source, sink).",
-                &["connection"],
-            ),
-            mqtt_reconnects: counter_vec(
-                r,
-                "weir_mqtt_reconnects_total",
-                "Connection losses followed by a reconnect attempt, by connection.",
-                &["connection"],
-            ),
-            queue_depth: gauge_vec(
-                r,
-                "weir_queue_depth",
-                "Messages waiting in the bounded channel in front of a stage.",
-                &["stage"],
             ),
             dead_letters: counter_vec(
                 r,
@@ -274,10 +262,95 @@ impl Metrics {
                 "Derived events dropped because the outbox was full, by policy (drop_oldest, drop_newest).",
                 &["policy"],
             ),
+            snapshots_written: counter(
+                r,
+                "weir_snapshots_written_total",
+                "State snapshots written to the state dir.",
+            ),
+            inputs_acked: counter(
+                r,
+                "weir_inputs_acked_total",
+                "QoS 1 inputs acknowledged to the broker after they were logged durably.",
+            ),
             devices_offline: gauge_vec(
                 r,
                 "weir_devices_offline",
                 "Devices a liveness rule currently reports offline, by rule.",
+                &["rule"],
+            ),
+            events_emitted: counter_vec(
+                r,
+                "weir_events_emitted_total",
+                "Derived events produced by the rules, by rule and kind.",
+                &["rule", "kind"],
+            ),
+            publish_attempts: counter_vec(
+                r,
+                "weir_publish_attempts_total",
+                "Derived events offered to the broker connection, by rule.",
+                &["rule"],
+            ),
+            events_published: counter_vec(
+                r,
+                "weir_events_published_total",
+                "Derived events handed to the broker connection, by rule.",
+                &["rule"],
+            ),
+            publish_errors: counter_vec(
+                r,
+                "weir_publish_errors_total",
+                "Publishes that failed, by rule.",
+                &["rule"],
+            ),
+            outbox_messages: gauge(
+                r,
+                "weir_outbox_messages",
+                "Derived events queued for the broker or awaiting its acknowledgement.",
+            ),
+            mqtt_connected: gauge_vec(
+                r,
+                "weir_mqtt_connected",
+                "1 while the connection to the broker is up, by connection (source, sink).",
+                &["connection"],
+            ),
+            mqtt_reconnects: counter_vec(
+                r,
+                "weir_mqtt_reconnects_total",
+                "Connection losses followed by a reconnect attempt, by connection.",
+                &["connection"],
+            ),
+            subscriptions_active: gauge(
+                r,
+                "weir_mqtt_subscriptions_active",
+                "Topic filters currently subscribed on the source connection.",
+            ),
+            queue_depth: gauge_vec(
+                r,
+                "weir_queue_depth",
+                "Messages waiting in the bounded channel in front of a stage.",
+                &["stage"],
+            ),
+            queue_capacity: gauge_vec(
+                r,
+                "weir_queue_capacity",
+                "Capacity of the bounded channel(s) in front of a stage.",
+                &["stage"],
+            ),
+            devices_tracked: gauge(
+                r,
+                "weir_devices_tracked",
+                "Devices with operator state, over all workers.",
+            ),
+            rule_devices: gauge_vec(
+                r,
+                "weir_rule_devices",
+                "Devices with state in the rule, over all workers.",
+                &["rule"],
+            ),
+            windows_open: gauge_vec(
+                r,
+                "weir_windows_open",
+                "Windows open (not yet fired) in the rule, over all devices.",
                 &["rule"],
             ),
             build_info: gauge_vec(
@@ -287,20 +360,21 @@ impl Metrics {
                 &["version"],
             ),
             registry,
-            subscriptions_active,
-            devices_tracked,
-            outbox_messages,
-            snapshots_written,
-            inputs_acked,
-            readings_unmatched,
+            watermark_lag,
             processing_latency,
             event_latency,
+            tap,
             subscribed: AtomicBool::new(false),
+            names: RwLock::new((Vec::new(), Vec::new())),
+            workers: Mutex::new(Vec::new()),
         };
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        for policy in ["drop_oldest", "drop_newest"] {
+            metrics.outbox_dropped.with_label_values(&[policy]);
+        }
         for connection in [Connection::Source, Connection::Sink] {
             metrics
                 .mqtt_connected
@@ -320,6 +394,7 @@ impl Metrics {
         inputs: impl IntoIterator<Item = &'a str>,
         rules: impl IntoIterator<Item = (&'a str, &'static str)>,
     ) {
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
         for input in inputs {
             self.readings_received.with_label_values(&[input]);
             self.received_bytes.with_label_values(&[input]);
@@ -329,9 +404,11 @@ impl Metrics {
                 self.decode_errors.with_label_values(&[input, reason]);
                 self.dead_letters.with_label_values(&[input, reason]);
             }
+            names.0.push(input.to_owned());
         }
         for (rule, kind) in rules {
             self.events_emitted.with_label_values(&[rule, kind]);
+            self.publish_attempts.with_label_values(&[rule]);
             self.events_published.with_label_values(&[rule]);
             self.publish_errors.with_label_values(&[rule]);
             for reason in crate::operators::window::LateReason::ALL {
@@ -339,6 +416,77 @@ impl Metrics {
                     .with_label_values(&[rule, reason.label()]);
             }
             self.readings_out_of_order.with_label_values(&[rule]);
+            self.rule_devices.with_label_values(&[rule]);
+            self.windows_open.with_label_values(&[rule]);
+            self.event_latency.register(rule);
+            names.1.push(rule.to_owned());
+        }
+    }
+
+    /// A worker's slot for reporting its state sizes; summed at scrape time.
+    pub fn worker_stats(&self, rules: usize, inputs: usize) -> Arc<WorkerStats> {
+        let stats = Arc::new(WorkerStats {
+            rule_devices: (0..rules).map(|_| AtomicU64::new(0)).collect(),
+            newest_event_ms: (0..inputs).map(|_| AtomicI64::new(i64::MIN)).collect(),
+        });
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(stats.clone());
+        stats
+    }
+
+    /// The state sizes of rule `rule` (its index in the plan), over all workers.
+    pub fn rule_state(&self, rule: usize) -> RuleState {
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let sum = |pick: fn(&WorkerStats) -> &Vec<AtomicU64>| {
+            workers
+                .iter()
+                .filter_map(|w| pick(w).get(rule))
+                .map(|n| n.load(Ordering::Relaxed))
+                .sum()
+        };
+        let open_windows = self
+            .names
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .get(rule)
+            .map_or(0, |name| self.windows_open.with_label_values(&[name]).get());
+        RuleState {
+            devices: sum(|w| &w.rule_devices),
+            open_windows: u64::try_from(open_windows).unwrap_or(0),
+        }
+    }
+
+    /// Newest event time seen on input `input` over all workers (ms), if any.
+    fn newest_event_ms(&self, input: usize) -> Option<i64> {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(|w| w.newest_event_ms.get(input))
+            .map(|ms| ms.load(Ordering::Relaxed))
+            .max()
+            .filter(|ms| *ms != i64::MIN)
+    }
+
+    /// Sets the gauges that are sums over the workers' reports.
+    fn refresh_worker_gauges(&self) {
+        let names = self.names.read().unwrap_or_else(PoisonError::into_inner);
+        for (index, rule) in names.1.iter().enumerate() {
+            let state = self.rule_state(index);
+            let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.rule_devices
+                .with_label_values(&[rule])
+                .set(as_i64(state.devices));
+        }
+        let now_ms = crate::source::wall_clock_ms();
+        for (index, input) in names.0.iter().enumerate() {
+            if let Some(newest) = self.newest_event_ms(index) {
+                let lag = now_ms.saturating_sub(newest).max(0) as f64 / 1e3;
+                self.watermark_lag.with_label_values(&[input]).set(lag);
+            }
         }
     }
 
@@ -368,29 +516,25 @@ impl Metrics {
                 == 1
     }
 
-    /// Records the arrival-to-publish latency of one published event.
-    pub fn observe_latency(&self, latency: Duration) {
-        self.processing_latency.observe(latency.as_secs_f64());
-    }
-
     /// Total messages received over all inputs (for the demo's live line).
     pub fn readings_total(&self) -> u64 {
-        sum_counters(&self.registry, "weir_readings_received_total")
+        sum_counters(&self.readings_received)
     }
 
     /// Total derived events published over all rules (for the demo's live line).
     pub fn events_total(&self) -> u64 {
-        sum_counters(&self.registry, "weir_events_published_total")
+        sum_counters(&self.events_published)
     }
 
     /// Total decode errors over all inputs and reasons.
     pub fn decode_errors_total(&self) -> u64 {
-        sum_counters(&self.registry, "weir_decode_errors_total")
+        sum_counters(&self.decode_errors)
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         use prometheus::Encoder;
+        self.refresh_worker_gauges();
         let mut buffer = Vec::new();
         let encoder = prometheus::TextEncoder::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
@@ -405,11 +549,11 @@ impl Default for Metrics {
     }
 }
 
-fn sum_counters(registry: &Registry, name: &str) -> u64 {
-    registry
-        .gather()
+fn sum_counters(counters: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    counters
+        .collect()
         .iter()
-        .filter(|family| family.name() == name)
         .flat_map(|family| family.get_metric())
         .map(|metric| metric.get_counter().get_value() as u64)
         .sum()
@@ -436,6 +580,46 @@ mod tests {
             );
         }
         assert_eq!(metrics.readings_total(), 1);
-        assert!(text.contains("weir_processing_latency_seconds_bucket"));
+        for name in [
+            "weir_processing_latency_seconds_bucket",
+            "weir_processing_latency_recent_seconds{quantile=\"0.999\"}",
+            "weir_event_latency_seconds_bucket{rule=\"overheat\",le=\"0.00005\"}",
+            "weir_outbox_messages 0",
+            "weir_duplicates_dropped_total{input=\"telemetry\"} 0",
+            "weir_windows_open{rule=\"overheat\"} 0",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn worker_reports_are_summed_per_rule_and_give_the_watermark_lag() {
+        let metrics = Metrics::new();
+        metrics.register_labels(["telemetry"], [("climate", "window")]);
+        let a = metrics.worker_stats(1, 1);
+        let b = metrics.worker_stats(1, 1);
+        a.rule_devices[0].store(3, Ordering::Relaxed);
+        b.rule_devices[0].store(4, Ordering::Relaxed);
+        metrics.windows_open.with_label_values(&["climate"]).set(5);
+        assert!(!metrics.render().contains("weir_watermark_lag_seconds{"));
+        a.newest_event_ms[0].store(crate::source::wall_clock_ms() - 60_000, Ordering::Relaxed);
+        assert_eq!(
+            metrics.rule_state(0),
+            RuleState {
+                devices: 7,
+                open_windows: 5
+            }
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains("weir_rule_devices{rule=\"climate\"} 7"),
+            "{text}"
+        );
+        let lag: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("weir_watermark_lag_seconds{input=\"telemetry\"} "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        assert!((60.0..70.0).contains(&lag), "{lag}");
     }
 }

@@ -12,16 +12,16 @@
 
 use crate::config::OutboxPolicy;
 use crate::engine::Plan;
-use crate::metrics::{Connection, Metrics};
-use crate::mqtt::{Backoff, ConnectFailures};
+use crate::metrics::{Connection, LatencyRecorder, Metrics, WarnLimit};
+use crate::mqtt::{Backoff, ConnectFailures, RECONNECT_WARN_INTERVAL};
 use crate::route::Outgoing;
-use crate::source::wall_clock_ms;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
+use prometheus::IntCounter;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// How long the sink keeps trying to hand over and get acknowledged the last events at shutdown.
@@ -87,6 +87,82 @@ pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
     }
 }
 
+/// Wall-clock us since the epoch.
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The per-rule handles of the publish loop, resolved once.
+struct RuleCounters {
+    attempts: IntCounter,
+    published: IntCounter,
+    event_latency: LatencyRecorder,
+}
+
+/// Where the sink hands events to the connection, and what it records when it does.
+struct Handover<'a> {
+    client: &'a AsyncClient,
+    connected: &'a AtomicBool,
+    unacked: &'a Unacked,
+    counters: Vec<RuleCounters>,
+    processing_latency: LatencyRecorder,
+}
+
+impl Handover<'_> {
+    /// Hands queued events to the connection while it is up, until its request queue is full.
+    fn run(&mut self, queue: &mut VecDeque<Outgoing>) {
+        if !self.connected.load(Ordering::Acquire) {
+            return;
+        }
+        while let Some(message) = queue.front() {
+            if let Some(rule) = message.rule_index {
+                self.counters[rule].attempts.inc();
+            }
+            let result = self.client.try_publish(
+                message.topic.clone(),
+                message.qos,
+                message.retain,
+                message.payload.clone(),
+            );
+            if result.is_err() {
+                break;
+            }
+            let Some(message) = queue.pop_front() else {
+                break;
+            };
+            if let Some(rule) = message.rule_index {
+                let rule = &mut self.counters[rule];
+                rule.published.inc();
+                // Event times are whole ms; the clock is read in us so that sub-ms latencies
+                // are not all rounded to zero.
+                let behind_us = wall_clock_us().saturating_sub(message.ts.saturating_mul(1000));
+                if let Ok(behind_us) = u64::try_from(behind_us) {
+                    rule.event_latency.record(Duration::from_micros(behind_us));
+                }
+            }
+            if let Some(arrival) = message.arrival {
+                self.processing_latency.record(arrival.elapsed());
+            }
+            if message.qos != QoS::AtMostOnce {
+                if let Ok(mut unacked) = self.unacked.lock() {
+                    unacked.push_back(message);
+                }
+            }
+        }
+    }
+
+    /// Moves recorded latencies to the shared histograms (batched, so a scrape never waits on
+    /// the publish path).
+    fn flush(&mut self) {
+        self.processing_latency.flush();
+        self.counters
+            .iter_mut()
+            .for_each(|c| c.event_latency.flush());
+    }
+}
+
 /// Publishes everything from `input` until the workers close it, then drains and disconnects.
 pub async fn run(
     options: SinkOptions,
@@ -107,6 +183,8 @@ pub async fn run(
         let mut backoff = Backoff::default();
         let mut failures = ConnectFailures::default();
         let mut connected = false;
+        // A flapping broker logs one line per interval; the reconnect counter counts them all.
+        let mut lost_warnings = WarnLimit::new(RECONNECT_WARN_INTERVAL);
         loop {
             let event = tokio::select! {
                 _ = stop_rx.changed() => break,
@@ -131,7 +209,9 @@ pub async fn run(
                 Err(err) => {
                     poll_connected.store(false, Ordering::Release);
                     if connected {
-                        tracing::warn!(%err, "sink lost the broker connection; reconnecting");
+                        if let Some(suppressed) = lost_warnings.allow(Instant::now()) {
+                            tracing::warn!(%err, suppressed, "sink lost the broker connection; reconnecting");
+                        }
                         connected = false;
                         poll_metrics.set_connected(Connection::Sink, false);
                     } else {
@@ -155,54 +235,23 @@ pub async fn run(
     let counters: Vec<_> = plan
         .rules
         .iter()
-        .map(|rule| {
-            (
-                metrics.events_published.with_label_values(&[&rule.name]),
-                metrics.event_latency.with_label_values(&[&rule.name]),
-            )
+        .map(|rule| RuleCounters {
+            attempts: metrics.publish_attempts.with_label_values(&[&rule.name]),
+            published: metrics.events_published.with_label_values(&[&rule.name]),
+            event_latency: metrics.event_latency.recorder(&rule.name),
         })
         .collect();
+    let mut handover = Handover {
+        client: &client,
+        connected: &connected,
+        unacked: &unacked,
+        counters,
+        processing_latency: metrics.processing_latency.recorder(""),
+    };
     let mut queue: VecDeque<Outgoing> = options.restored.into();
     let mut barriers: BTreeMap<u64, (usize, Vec<DeviceSnapshot>)> = BTreeMap::new();
     let unacked_len = |unacked: &Unacked| unacked.lock().map_or(0, |u| u.len());
     let mut input_open = true;
-
-    // Hands queued events to the connection until its request queue is full.
-    let hand_over = |queue: &mut VecDeque<Outgoing>| {
-        if !connected.load(Ordering::Acquire) {
-            return;
-        }
-        while let Some(message) = queue.front() {
-            let result = client.try_publish(
-                message.topic.clone(),
-                message.qos,
-                message.retain,
-                message.payload.clone(),
-            );
-            if result.is_err() {
-                break;
-            }
-            let Some(message) = queue.pop_front() else {
-                break;
-            };
-            if let Some(rule) = message.rule_index {
-                let (published, event_latency) = &counters[rule];
-                published.inc();
-                let behind_ms = wall_clock_ms().saturating_sub(message.ts);
-                if behind_ms >= 0 {
-                    event_latency.observe(behind_ms as f64 / 1e3);
-                }
-            }
-            if let Some(arrival) = message.arrival {
-                metrics.observe_latency(arrival.elapsed());
-            }
-            if message.qos != QoS::AtMostOnce {
-                if let Ok(mut unacked) = unacked.lock() {
-                    unacked.push_back(message);
-                }
-            }
-        }
-    };
 
     while input_open {
         let outbox_len = queue.len() + unacked_len(&unacked);
@@ -249,13 +298,16 @@ pub async fn run(
             },
             () = tokio::time::sleep(Duration::from_millis(5)), if !queue.is_empty() || !accepting => {}
         }
-        hand_over(&mut queue);
+        handover.run(&mut queue);
+        if input.is_empty() {
+            handover.flush();
+        }
     }
 
     // Input closed: hand over what is queued and wait for acknowledgements, within a bound.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         loop {
-            hand_over(&mut queue);
+            handover.run(&mut queue);
             if queue.is_empty() && unacked_len(&unacked) == 0 {
                 break;
             }
@@ -263,6 +315,8 @@ pub async fn run(
         }
     })
     .await;
+    handover.flush();
+    drop(handover);
     let left = queue.len() + unacked_len(&unacked);
     metrics.outbox_messages.set(left as i64);
     if drained.is_err() {

@@ -10,7 +10,7 @@
 //! receive order, and only on the connection that delivered them.
 
 use crate::engine::{Plan, RawMessage, WorkerInput};
-use crate::metrics::{Connection, Metrics};
+use crate::metrics::{Connection, Metrics, WarnLimit};
 use crate::mqtt::{Backoff, ConnectFailures};
 use crate::store::writer::{AckBatch, AckToken, LogCommand};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
@@ -85,6 +85,8 @@ pub async fn run(
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
     });
+    // A flapping broker logs one line per interval; the reconnect counter counts them all.
+    let mut lost_warnings = WarnLimit::new(crate::mqtt::RECONNECT_WARN_INTERVAL);
     tokio::pin!(shutdown);
     'intake: loop {
         let event = tokio::select! {
@@ -179,7 +181,9 @@ pub async fn run(
             Ok(_) => {}
             Err(err) => {
                 if connected {
-                    tracing::warn!(%err, "source lost the broker connection; reconnecting");
+                    if let Some(suppressed) = lost_warnings.allow(Instant::now()) {
+                        tracing::warn!(%err, suppressed, "source lost the broker connection; reconnecting");
+                    }
                     metrics.set_connected(Connection::Source, false);
                     connected = false;
                 } else {

@@ -714,3 +714,228 @@ pub fn promtool_check(body: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Polls the async `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// A client of a Server-Sent Events endpoint over a raw HTTP/1.0 connection (so the body is
+/// plain, not chunked).
+pub struct SseClient {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl SseClient {
+    /// Connects and returns once the response headers arrived; `Err((status, body))` when the
+    /// server answered something other than 200.
+    pub async fn connect(addr: SocketAddr, path: &str) -> Result<Self, (u16, String)> {
+        use tokio::io::AsyncBufReadExt;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .expect("send the request");
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        let status_line = next_line(&mut lines).await;
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {status_line:?}"));
+        loop {
+            let line = next_line(&mut lines).await;
+            if line.is_empty() {
+                break;
+            }
+        }
+        if status != 200 {
+            let mut body = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                body.push_str(&line);
+            }
+            return Err((status, body));
+        }
+        Ok(Self { lines })
+    }
+
+    /// The next event with data (keep-alive comments skipped), or `None` within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
+        let lines = &mut self.lines;
+        tokio::time::timeout(timeout, async move {
+            let mut event = SseEvent::default();
+            let mut has_data = false;
+            loop {
+                let line = lines.next_line().await.ok()??;
+                if line.is_empty() {
+                    if has_data {
+                        return Some(event);
+                    }
+                    event = SseEvent::default();
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "id" => event.id = Some(value.to_owned()),
+                    "event" => event.event = Some(value.to_owned()),
+                    "data" => {
+                        if has_data {
+                            event.data.push('\n');
+                        }
+                        event.data.push_str(value);
+                        has_data = true;
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// The next line of a response within [`DEADLINE`]; "" at its end.
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+) -> String {
+    tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("no response line within {DEADLINE:?}"))
+        .unwrap_or_else(|err| panic!("cannot read the response: {err}"))
+        .unwrap_or_default()
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986 unreserved characters).
+pub fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus (Debian package `prometheus`) on a free loopback port, scraping one target
+/// every second, with its own temp dir for config and TSDB. Killed and removed on drop.
+pub struct Prometheus {
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` (job `weir`) with `rule_files` loaded, and returns
+    /// once it is ready; `None` (printed) when no `prometheus` binary is installed.
+    pub async fn start(target: SocketAddr, rule_files: &[&Path]) -> Option<Self> {
+        let installed = Command::new("prometheus")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !installed {
+            println!(
+                "skipped: no prometheus binary (Debian package `prometheus`; .ci/run installs it)"
+            );
+            return None;
+        }
+        let dir = temp_dir("prometheus");
+        let rules: Vec<String> = rule_files
+            .iter()
+            .map(|path| format!("  - {}\n", path.display()))
+            .collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: weir\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.concat()
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+        for _ in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = File::create(dir.join("prometheus.log")).expect("create prometheus.log");
+            let mut child = Command::new("prometheus")
+                .arg(format!(
+                    "--config.file={}",
+                    dir.join("prometheus.yml").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg("--log.level=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|err| panic!("cannot run prometheus: {err}"));
+            let deadline = Instant::now() + DEADLINE;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                if matches!(try_http_get(addr, "/-/ready").await, Ok((200, _))) {
+                    return Some(Self { addr, dir, child });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "prometheus did not become ready after 5 attempts; see {}",
+            dir.join("prometheus.log").display()
+        );
+    }
+
+    /// Runs an instant query through the HTTP API and returns the whole JSON answer (also when
+    /// Prometheus reports an error, which carries `"status": "error"`).
+    pub async fn query(&self, expr: &str) -> serde_json::Value {
+        self.get(&format!("/api/v1/query?query={}", percent_encode(expr)))
+            .await
+    }
+
+    /// GET `path` from the HTTP API as JSON.
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http_get(self.addr, path).await;
+        serde_json::from_str(&body)
+            .unwrap_or_else(|err| panic!("GET {path}: status {status}, not JSON ({err}): {body}"))
+    }
+
+    /// The server's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
