@@ -260,7 +260,8 @@ fn nab_times_and_scores_are_computed_right() {
     assert_eq!(score.precision(), 0.6);
 }
 
-const NAB: &str = "/work/shared/data/nab";
+/// The shared NAB data set, beside the repository (as CI lays it out).
+const NAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/nab");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nab_machine_temperature_replay_finds_the_labeled_failures() {
