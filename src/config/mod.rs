@@ -235,10 +235,24 @@ pub struct PipelineConfig {
     /// waits: backpressure reaches the broker connection rather than growing memory.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
-    /// Devices tracked per worker; readings of further devices are refused and counted
-    /// (`reason="device_limit"`) until weir restarts.
+    /// Devices with state per worker; `when_device_limit` says what happens beyond it.
     #[serde(default = "default_max_devices")]
     pub max_devices_per_worker: usize,
+    #[serde(default)]
+    pub when_device_limit: DeviceLimitPolicy,
+}
+
+/// What a worker does with a new device when it already tracks `max_devices_per_worker`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceLimitPolicy {
+    /// Forget the device least recently heard from (approximately: a clock sweep) and give its
+    /// place to the new one; counted in `weir_devices_evicted_total`. A flood of new ids cannot
+    /// grow memory, and real devices keep being served.
+    #[default]
+    EvictIdle,
+    /// Refuse readings of new devices (counted, `reason="device_limit"`) until weir restarts.
+    Refuse,
 }
 
 impl Default for PipelineConfig {
@@ -247,6 +261,7 @@ impl Default for PipelineConfig {
             workers: 0,
             queue_capacity: default_queue_capacity(),
             max_devices_per_worker: default_max_devices(),
+            when_device_limit: DeviceLimitPolicy::default(),
         }
     }
 }

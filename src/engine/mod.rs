@@ -27,6 +27,7 @@ pub struct Plan {
     pub rules: Vec<RulePlan>,
     /// Devices a worker tracks before refusing new ones.
     pub max_devices_per_worker: usize,
+    pub when_device_limit: crate::config::DeviceLimitPolicy,
     /// Recent readings remembered per device to drop redeliveries.
     pub dedup_horizon: usize,
     /// Dead-letter topic (`{input}` and `{reason}` replaced), if dead letters are published.
@@ -400,6 +401,7 @@ impl Plan {
             inputs,
             rules,
             max_devices_per_worker: config.pipeline.max_devices_per_worker,
+            when_device_limit: config.pipeline.when_device_limit,
             dedup_horizon: config.delivery.dedup_horizon,
             dead_letter_topic: config.dead_letter.topic.clone(),
             dead_letter_qos: qos(config.effective_qos(None)),

@@ -3,6 +3,7 @@
 //! drive it directly; [`Worker::run`] is the async loop between the source and the sink.
 
 use super::{OperatorPlan, Plan};
+use crate::config::DeviceLimitPolicy;
 use crate::config::Format;
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
 use crate::event::{EventBody, EventId};
@@ -57,6 +58,8 @@ trait RuleRunner: Send {
     /// Replaces the device's state with a saved one.
     fn restore(&mut self, device: DeviceId, saved: &[u8]) -> Result<(), String>;
     fn on_expected(&mut self, device: DeviceId);
+    /// Forgets a device's state (its place is reused by another device).
+    fn reset(&mut self, device: DeviceId);
 }
 
 struct Keyed<O: Operator> {
@@ -89,6 +92,12 @@ impl<O: Operator> RuleRunner for Keyed<O> {
         self.state(device);
         self.operator
             .on_reading(&mut self.states[device], reading, out);
+    }
+
+    fn reset(&mut self, device: DeviceId) {
+        if let Some(state) = self.states.get_mut(device) {
+            *state = O::State::default();
+        }
     }
 
     fn on_expected(&mut self, device: DeviceId) {
@@ -165,6 +174,13 @@ pub struct Worker {
     device_inputs: Vec<usize>,
     /// Dedup keys of each device's recent readings, oldest first, at most `dedup_horizon`.
     recent: Vec<VecDeque<u64>>,
+    /// The key of each device in `devices`, to forget it on eviction.
+    device_keys: Vec<(usize, Box<str>)>,
+    /// Set when a known device is heard from again; the eviction sweep clears it and takes the
+    /// first device it finds clear (the CLOCK approximation of least recently used).
+    referenced: Vec<bool>,
+    /// Where the eviction sweep stands.
+    hand: usize,
     /// One reusable decode buffer per input.
     decoded: Vec<Decoded>,
     output: Output,
@@ -260,6 +276,9 @@ impl Worker {
             device_origins: Vec::new(),
             device_inputs: Vec::new(),
             recent: Vec::new(),
+            device_keys: Vec::new(),
+            referenced: Vec::new(),
+            hand: 0,
             decoded,
             output: Output::default(),
             rule_counters,
@@ -302,25 +321,68 @@ impl Worker {
         }
     }
 
-    /// Registers a new device with its per-device tables; `None` at the device limit.
+    /// Registers a new device with its per-device tables; at the device limit it takes the place
+    /// of an idle device (`evict_idle`) or is refused (`None`).
     fn register(&mut self, input: usize, name: &str, origin: Arc<Origin>) -> Option<DeviceId> {
         if self.devices.len() >= self.plan.max_devices_per_worker {
-            return None;
+            return match self.plan.when_device_limit {
+                DeviceLimitPolicy::Refuse => None,
+                DeviceLimitPolicy::EvictIdle => Some(self.evict_for(input, name, origin)),
+            };
         }
         let device = self.device_origins.len();
         self.devices.insert((input, name.into()), device);
+        self.device_keys.push((input, name.into()));
         self.device_origins.push(origin);
         self.device_inputs.push(input);
         self.recent.push(VecDeque::new());
+        // A new device earns its second chance only by being heard from again, so a flood of
+        // one-shot ids evicts itself before it evicts devices that keep talking.
+        self.referenced.push(false);
         self.metrics.devices_tracked.inc();
         self.input_devices[input] += 1;
         Some(device)
     }
 
+    /// Forgets the first device the clock sweep finds idle and gives its place to a new one.
+    fn evict_for(&mut self, input: usize, name: &str, origin: Arc<Origin>) -> DeviceId {
+        let count = self.referenced.len();
+        let victim = loop {
+            let at = self.hand % count;
+            self.hand = (at + 1) % count;
+            if std::mem::take(&mut self.referenced[at]) {
+                continue;
+            }
+            break at;
+        };
+        let (old_input, old_name) =
+            std::mem::replace(&mut self.device_keys[victim], (input, name.into()));
+        self.devices.remove(&(old_input, old_name));
+        self.devices.insert((input, name.into()), victim);
+        for runner in &mut self.runners {
+            runner.reset(victim);
+        }
+        self.recent[victim].clear();
+        self.referenced[victim] = false;
+        self.device_origins[victim] = origin;
+        self.input_devices[old_input] -= 1;
+        self.input_devices[input] += 1;
+        self.device_inputs[victim] = input;
+        self.metrics
+            .devices_evicted
+            .with_label_values(&[&self.plan.inputs[old_input].name])
+            .inc();
+        victim
+    }
+
     /// The device and origin of a topic, registering a new device if there is room.
     fn resolve(&mut self, input: usize, topic: &str) -> Result<(DeviceId, Arc<Origin>), Refusal> {
         if let Some((device, origin)) = self.origins.get(topic) {
-            return Ok((*device, origin.clone()));
+            // The entry is stale if its device's place was taken by another device since.
+            if Arc::ptr_eq(origin, &self.device_origins[*device]) {
+                self.referenced[*device] = true;
+                return Ok((*device, origin.clone()));
+            }
         }
         let input_plan = &self.plan.inputs[input];
         let captures = input_plan
@@ -338,6 +400,7 @@ impl Worker {
         let device = match self.devices.get(&(input, device_name.into())) {
             Some(device) => {
                 self.device_origins[*device] = origin.clone();
+                self.referenced[*device] = true;
                 *device
             }
             None => self

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub snapshots_written: IntCounter,
     pub inputs_acked: IntCounter,
     pub devices_offline: IntGaugeVec,
+    pub devices_evicted: IntCounterVec,
     pub events_emitted: IntCounterVec,
     pub publish_attempts: IntCounterVec,
     pub events_published: IntCounterVec,
@@ -272,6 +273,12 @@ impl Metrics {
                 "weir_inputs_acked_total",
                 "QoS 1 inputs acknowledged to the broker after they were logged durably.",
             ),
+            devices_evicted: counter_vec(
+                r,
+                "weir_devices_evicted_total",
+                "Devices forgotten to make room for new ones at max_devices_per_worker, by input.",
+                &["input"],
+            ),
             devices_offline: gauge_vec(
                 r,
                 "weir_devices_offline",
@@ -400,6 +407,7 @@ impl Metrics {
             self.received_bytes.with_label_values(&[input]);
             self.readings_decoded.with_label_values(&[input]);
             self.duplicates_dropped.with_label_values(&[input]);
+            self.devices_evicted.with_label_values(&[input]);
             for reason in crate::decode::DecodeError::REASONS {
                 self.decode_errors.with_label_values(&[input, reason]);
                 self.dead_letters.with_label_values(&[input, reason]);
