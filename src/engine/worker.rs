@@ -56,10 +56,10 @@ trait RuleRunner: Send {
     /// The device's state as CBOR, if it has any.
     fn save(&self, device: DeviceId) -> Option<Vec<u8>>;
     /// Replaces the device's state with a saved one.
-    fn restore(&mut self, device: DeviceId, saved: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, device: DeviceId, saved: &[u8], out: &mut Output) -> Result<(), String>;
     fn on_expected(&mut self, device: DeviceId);
     /// Forgets a device's state (its place is reused by another device).
-    fn reset(&mut self, device: DeviceId);
+    fn reset(&mut self, device: DeviceId, out: &mut Output);
 }
 
 struct Keyed<O: Operator> {
@@ -94,8 +94,9 @@ impl<O: Operator> RuleRunner for Keyed<O> {
             .on_reading(&mut self.states[device], reading, out);
     }
 
-    fn reset(&mut self, device: DeviceId) {
+    fn reset(&mut self, device: DeviceId, out: &mut Output) {
         if let Some(state) = self.states.get_mut(device) {
+            out.offline -= self.operator.offline_devices(state);
             *state = O::State::default();
         }
     }
@@ -128,11 +129,13 @@ impl<O: Operator> RuleRunner for Keyed<O> {
         Some(bytes)
     }
 
-    fn restore(&mut self, device: DeviceId, saved: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, device: DeviceId, saved: &[u8], out: &mut Output) -> Result<(), String> {
         let state: O::State = ciborium::from_reader(saved).map_err(|err| err.to_string())?;
         if self.states.len() <= device {
             self.states.resize_with(device + 1, Default::default);
         }
+        out.offline += self.operator.offline_devices(&state)
+            - self.operator.offline_devices(&self.states[device]);
         self.states[device] = state;
         Ok(())
     }
@@ -359,8 +362,11 @@ impl Worker {
             std::mem::replace(&mut self.device_keys[victim], (input, name.into()));
         self.devices.remove(&(old_input, old_name));
         self.devices.insert((input, name.into()), victim);
-        for runner in &mut self.runners {
-            runner.reset(victim);
+        for (rule, runner) in self.runners.iter_mut().enumerate() {
+            runner.reset(victim, &mut self.output);
+            if let Some(gauge) = &self.rule_counters[rule].offline {
+                gauge.add(std::mem::take(&mut self.output.offline));
+            }
         }
         self.recent[victim].clear();
         self.referenced[victim] = false;
@@ -637,8 +643,11 @@ impl Worker {
             let Some(rule) = self.plan.rules.iter().position(|r| &*r.name == rule_name) else {
                 continue;
             };
-            if let Err(err) = self.runners[rule].restore(device, bytes) {
+            if let Err(err) = self.runners[rule].restore(device, bytes, &mut self.output) {
                 tracing::warn!(rule = %rule_name, device = %saved.device, %err, "saved state does not fit the rule any more; starting fresh");
+            }
+            if let Some(gauge) = &self.rule_counters[rule].offline {
+                gauge.add(std::mem::take(&mut self.output.offline));
             }
         }
         self.recent[device] = saved.recent.iter().copied().collect();

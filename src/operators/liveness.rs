@@ -118,6 +118,10 @@ impl Liveness {
 }
 
 impl Operator for Liveness {
+    fn offline_devices(&self, state: &LivenessState) -> i64 {
+        i64::from(state.status == Status::Offline)
+    }
+
     type State = LivenessState;
 
     fn on_reading(&self, state: &mut LivenessState, reading: &Reading<'_>, out: &mut Output) {

@@ -137,6 +137,12 @@ pub trait Operator: Send + 'static {
     /// Registers a device the config expects (liveness reports it even if it never sends).
     fn on_expected(&self, _state: &mut Self::State) {}
 
+    /// How many devices this state counts as offline (0 or 1), so the offline gauge stays right
+    /// when states are restored from a snapshot or forgotten on eviction.
+    fn offline_devices(&self, _state: &Self::State) -> i64 {
+        0
+    }
+
     /// Flushes what should flush when input ends (shutdown): called once per device.
     fn on_close(&self, _state: &mut Self::State, _origin: &Arc<Origin>, _out: &mut Output) {}
 }
