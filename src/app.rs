@@ -107,9 +107,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .unwrap_or_default(),
         })
         .collect();
-    let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), rules, async {
-        let _ = http_stop_rx.await;
-    })
+    let api_token = config.http.api_token()?;
+    let (http_addr, server) = http::bind(
+        config.http.listen,
+        metrics.clone(),
+        rules,
+        api_token,
+        async {
+            let _ = http_stop_rx.await;
+        },
+    )
     .await?;
     let server = tokio::spawn(server);
 

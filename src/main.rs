@@ -201,6 +201,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 metrics_addr,
                 state_dir,
                 broker_password: password_from_env()?,
+                api_token: std::env::var("WEIR_API_TOKEN")
+                    .ok()
+                    .filter(|token| !token.is_empty())
+                    .map(Secret::new),
             };
             let loaded = config::load(&config, &overrides)?;
             weir::app::run(loaded, shutdown_signal()).await

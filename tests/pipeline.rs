@@ -412,3 +412,44 @@ async fn open_windows_survive_a_restart_with_the_state_dir() {
     );
     weir.stop().await.expect("weir stops cleanly");
 }
+
+/// GET `path` with an `Authorization` header; the status code.
+async fn status_with_token(addr: std::net::SocketAddr, path: &str, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_bearer_token_when_one_is_set_and_metrics_stay_open() {
+    let broker = Mosquitto::start();
+    let mut config = example_config(&broker, "token");
+    config.http.api_token_env = Some(weir::config::Secret::new("s3cret-token"));
+    let weir = start_weir_with(config).await;
+    let addr = weir.http_addr;
+    assert_eq!(http_get(addr, "/api/rules").await.0, 401);
+    assert_eq!(
+        status_with_token(addr, "/api/rules", "wrong-token!").await,
+        401
+    );
+    assert_eq!(
+        status_with_token(addr, "/api/rules", "s3cret-token").await,
+        200
+    );
+    assert_eq!(http_get(addr, "/metrics").await.0, 200);
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    weir.stop().await.expect("weir stops cleanly");
+}

@@ -213,12 +213,21 @@ impl std::fmt::Debug for Secret {
 pub struct HttpConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// File holding a bearer token that `/api/*` requests must present
+    /// (`Authorization: Bearer TOKEN`); `/metrics`, `/healthz` and `/readyz` stay open. The env
+    /// var `WEIR_API_TOKEN` replaces it.
+    pub api_token_file: Option<PathBuf>,
+    /// From `WEIR_API_TOKEN` (set through [`Overrides`], never from the file).
+    #[serde(skip)]
+    pub api_token_env: Option<Secret>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            api_token_file: None,
+            api_token_env: None,
         }
     }
 }
@@ -742,6 +751,37 @@ pub struct Overrides {
     /// `WEIR_BROKER_PASSWORD` only (a flag would show in `ps`): replaces `broker.password` and
     /// `broker.password_file`.
     pub broker_password: Option<Secret>,
+    /// `WEIR_API_TOKEN` only: replaces `http.api_token_file`.
+    pub api_token: Option<Secret>,
+}
+
+impl HttpConfig {
+    /// The token `/api/*` requires, if any: `WEIR_API_TOKEN`, else the file's content (trimmed).
+    ///
+    /// # Errors
+    /// The file cannot be read or is empty; the message names it.
+    pub fn api_token(&self) -> anyhow::Result<Option<Secret>> {
+        if let Some(token) = &self.api_token_env {
+            return Ok(Some(token.clone()));
+        }
+        let Some(path) = &self.api_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            anyhow::anyhow!(
+                "cannot read http.api_token_file {}: {err}; give weir read access or remove the key",
+                path.display()
+            )
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            anyhow::bail!(
+                "http.api_token_file {} is empty; write the token into it",
+                path.display()
+            );
+        }
+        Ok(Some(Secret::new(token)))
+    }
 }
 
 impl Config {
@@ -773,6 +813,9 @@ impl Config {
         }
         if let Some(addr) = overrides.metrics_addr {
             self.http.listen = addr;
+        }
+        if let Some(token) = &overrides.api_token {
+            self.http.api_token_env = Some(token.clone());
         }
         if let Some(dir) = &overrides.state_dir {
             self.delivery.state_dir = Some(dir.clone());

@@ -32,6 +32,39 @@ pub struct RuleInfo {
 struct Api {
     metrics: Arc<Metrics>,
     rules: Vec<RuleInfo>,
+    /// Bearer token `/api/*` requires, if set.
+    token: Option<crate::config::Secret>,
+}
+
+impl Api {
+    /// `Err(401)` unless the request carries the API token (when one is set).
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compare without an early exit, so the time taken says nothing about the token.
+        let expected = token.expose().as_bytes();
+        let matches = presented.len() == expected.len()
+            && presented
+                .bytes()
+                .zip(expected)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0;
+        if matches {
+            Ok(())
+        } else {
+            Err(json_response(
+                StatusCode::UNAUTHORIZED,
+                r#"{"error":"this endpoint needs the API token: send Authorization: Bearer TOKEN"}"#,
+            ))
+        }
+    }
 }
 
 /// Binds `addr` (port 0 picks a free one) and returns the bound address and the server future.
@@ -42,6 +75,7 @@ pub async fn bind(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     rules: Vec<RuleInfo>,
+    token: Option<crate::config::Secret>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await.map_err(|err| {
@@ -54,7 +88,11 @@ pub async fn bind(
         .route("/readyz", get(ready))
         .route("/api/rules", get(list_rules))
         .route("/api/events", get(events))
-        .with_state(Arc::new(Api { metrics, rules }));
+        .with_state(Arc::new(Api {
+            metrics,
+            rules,
+            token,
+        }));
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
 }
@@ -109,7 +147,10 @@ struct RuleStateReport {
     event_latency_p99_seconds: Option<f64>,
 }
 
-async fn list_rules(State(api): State<Arc<Api>>) -> Response {
+async fn list_rules(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(denied) = api.authorize(&headers) {
+        return denied;
+    }
     let m = &api.metrics;
     let reports: Vec<RuleReport<'_>> = api
         .rules
@@ -171,7 +212,14 @@ struct TapFilter {
 
 /// Streams derived events as Server-Sent Events: `id` is the event id, `data` the event's
 /// schema v1 JSON. A client that falls behind gets an `event: skipped` with the number missed.
-async fn events(State(api): State<Arc<Api>>, Query(filter): Query<TapFilter>) -> Response {
+async fn events(
+    State(api): State<Arc<Api>>,
+    headers: axum::http::HeaderMap,
+    Query(filter): Query<TapFilter>,
+) -> Response {
+    if let Err(denied) = api.authorize(&headers) {
+        return denied;
+    }
     if let Some(rule) = &filter.rule {
         if !api.rules.iter().any(|r| &r.name == rule) {
             let known: Vec<&str> = api.rules.iter().map(|r| r.name.as_str()).collect();
