@@ -18,7 +18,7 @@
 //! and the HTTP endpoints: metrics, health, rules API, tap), [`mqtt`] (connection options
 //! and reconnect backoff shared by source and sink), [`app`] (wires the stages together),
 //! [`store`] (input log and snapshots in the state dir), [`demo`] (embedded broker and device
-//! simulator).
+//! simulator), [`top`] (a terminal view of a running weir).
 
 pub mod app;
 pub mod config;
@@ -33,4 +33,5 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod top;
 pub mod topic;

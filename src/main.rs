@@ -70,6 +70,18 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
     },
+    /// A terminal view of a running weir, refreshed in place (reads its HTTP API).
+    Top {
+        /// The weir's http.listen address.
+        #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        addr: SocketAddr,
+        /// Refresh interval (e.g. "1s").
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Publish simulated telemetry (the demo's devices) to any broker.
     Simulate {
         #[arg(long, env = "WEIR_BROKER", default_value = "mqtt://127.0.0.1:1883")]
@@ -249,6 +261,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let stats = weir::demo::simulator::run(options, shutdown_signal()).await?;
             println!("published {} readings", stats.published);
             Ok(())
+        }
+        Command::Top {
+            addr,
+            interval,
+            once,
+        } => {
+            let options = weir::top::TopOptions {
+                addr,
+                token: std::env::var("WEIR_API_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+                interval,
+                once,
+            };
+            weir::top::run(options, shutdown_signal()).await
         }
         Command::Check { .. } => unreachable!("handled before the runtime starts"),
     }

@@ -453,3 +453,39 @@ async fn the_api_needs_the_bearer_token_when_one_is_set_and_metrics_stay_open() 
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
     weir.stop().await.expect("weir stops cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_top_shows_throughput_rules_and_connection_from_the_http_api() {
+    let broker = Mosquitto::start();
+    let weir = start_weir(&broker, "top").await;
+    let mut device = Publisher::start(&broker).await;
+    for (i, t) in [25.0, 31.0].iter().enumerate() {
+        device
+            .reading(
+                "s1",
+                "d1",
+                reading(T0 + i as i64 * 1000, i as u64, *t, 40.0),
+            )
+            .await;
+    }
+    let metrics = weir.metrics.clone();
+    assert!(wait_until(DEADLINE, || metrics.events_total() >= 1).await);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["top", "--once", "--addr"])
+        .arg(weir.http_addr.to_string())
+        .output()
+        .await
+        .expect("run weir top");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("intake up, publish up"), "{text}");
+    assert!(text.contains("(total 2)"), "{text}");
+    for rule in ["overheat", "climate"] {
+        assert!(text.contains(rule), "{text}");
+    }
+    weir.stop().await.expect("weir stops cleanly");
+}
