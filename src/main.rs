@@ -9,10 +9,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 use weir::config::{self, Overrides, Secret};
 
+/// `weir --version`: the crate version and what build.rs found (git commit, target, profile).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("WEIR_BUILD_INFO"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "weir",
-    version,
+    version = VERSION,
     about = "Event stream processor for IoT telemetry: MQTT in, state changes and rollups out."
 )]
 struct Cli {
