@@ -18,7 +18,8 @@
 //! and the HTTP endpoints: metrics, health, rules API, tap), [`mqtt`] (connection options
 //! and reconnect backoff shared by source and sink), [`app`] (wires the stages together),
 //! [`store`] (input log and snapshots in the state dir), [`demo`] (embedded broker and device
-//! simulator), [`top`] (a terminal view of a running weir).
+//! simulator), [`replay`] (the engine over recorded readings on a virtual clock: `weir replay`,
+//! golden cases for `weir test`, and `weir record`), [`top`] (a terminal view of a running weir).
 
 pub mod app;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod event;
 pub mod metrics;
 pub mod mqtt;
 pub mod operators;
+pub mod replay;
 pub mod route;
 pub mod sink;
 pub mod source;

@@ -1,17 +1,26 @@
 //! The `weir` command: parse the CLI, load and validate the config, set up logging, and run the
-//! chosen job (run, check, demo, simulate) until a shutdown signal.
+//! chosen job (run, check, replay, test, record, demo, simulate) until a shutdown signal.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use weir::config::{self, Overrides, Secret};
 
+/// `weir --version`: the crate version and what build.rs found (git commit, target, profile).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("WEIR_BUILD_INFO"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "weir",
-    version,
+    version = VERSION,
     about = "Event stream processor for IoT telemetry: MQTT in, state changes and rollups out."
 )]
 struct Cli {
@@ -51,6 +60,77 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Run the rules over recorded readings on a virtual clock and print the derived events
+    /// (JSON lines: topic and payload), without a broker.
+    #[command(
+        after_help = "Input: JSON lines {\"topic\": \"...\", \"payload\": {...}, \"received\": <ms, optional>}\n(payload_b64, payload_text or payload_cbor instead of payload), as `weir record` writes,\nor CSV with a header line (give --csv-topic)."
+    )]
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Recorded readings: a .jsonl file, or a .csv file with --csv-topic.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Where the derived events go; stdout when absent.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Replay at this many times real time (2 = twice as fast as recorded).
+        #[arg(long, conflicts_with = "fast")]
+        speed: Option<f64>,
+        /// As fast as possible (the default).
+        #[arg(long)]
+        fast: bool,
+        /// Keep the virtual clock running this long after the last reading, so timeouts fire.
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        tail: Duration,
+        /// Leave dead letters (inputs that could not become readings) out of the output.
+        #[arg(long)]
+        no_dead_letters: bool,
+        /// CSV: the topic every row is published on, e.g. sensors/nab/machine-1/telemetry.
+        #[arg(long)]
+        csv_topic: Option<String>,
+        /// CSV: the payload field the value column becomes; every column under its own name when absent.
+        #[arg(long)]
+        csv_metric: Option<String>,
+        /// CSV: the column read for --csv-metric.
+        #[arg(long, default_value = "value")]
+        csv_value_column: String,
+        /// CSV: the time column (YYYY-MM-DD HH:MM:SS in UTC, RFC 3339, or a number).
+        #[arg(long, default_value = "timestamp")]
+        csv_time_column: String,
+        /// CSV: unit of a numeric time column (s, ms, us, ns).
+        #[arg(long, default_value = "ms", value_parser = parse_time_unit)]
+        csv_time_unit: weir::config::TimeUnit,
+    },
+    /// Run golden cases: every DIR/<case>/ with config.toml, input.jsonl and expected.jsonl is
+    /// replayed and compared; a diff is printed for each mismatch, and the exit status is 1.
+    Test {
+        dir: PathBuf,
+        /// Write each case's actual events as its expected.jsonl (review with git diff).
+        #[arg(long)]
+        update: bool,
+    },
+    /// Capture live MQTT traffic as JSON lines that `weir replay` and `weir test` read.
+    Record {
+        /// Take the broker settings (and, without --topic, the input topics) from this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Broker URL; overrides the config's.
+        #[arg(long, env = "WEIR_BROKER")]
+        broker: Option<String>,
+        /// Topic filter to record (repeatable); the config's inputs when absent.
+        #[arg(long = "topic", short)]
+        topics: Vec<String>,
+        /// Where the lines go; stdout when absent.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long (e.g. 10m).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
     },
     /// Run the pipeline against an embedded broker and simulated devices (no broker needed).
     Demo {
@@ -118,6 +198,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|err| format!("`{text}`: {err}; write e.g. 30s or 2m"))
 }
 
+fn parse_time_unit(text: &str) -> Result<weir::config::TimeUnit, String> {
+    use weir::config::TimeUnit;
+    match text {
+        "s" => Ok(TimeUnit::S),
+        "ms" => Ok(TimeUnit::Ms),
+        "us" => Ok(TimeUnit::Us),
+        "ns" => Ok(TimeUnit::Ns),
+        _ => Err(format!("`{text}`: write s, ms, us or ns")),
+    }
+}
+
 fn init_tracing(format: LogFormat) {
     // rumqttd (the demo's embedded broker) logs ordinary client disconnects as errors.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
@@ -181,6 +272,11 @@ fn main() -> ExitCode {
             }
         };
     }
+    match cli.command {
+        Command::Replay { .. } => return exit_with(replay(cli.command)),
+        Command::Test { dir, update } => return golden(&dir, update),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,6 +292,125 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit_with(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A writer for `path`, or stdout when absent.
+fn output(path: Option<&std::path::Path>) -> anyhow::Result<Box<dyn std::io::Write>> {
+    Ok(match path {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .map_err(|err| anyhow::anyhow!("cannot create {}: {err}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    })
+}
+
+/// `weir replay`: synchronous, so it needs no async runtime.
+fn replay(command: Command) -> anyhow::Result<()> {
+    use weir::replay::{self as replay, CsvOptions, ReplayOptions};
+    let Command::Replay {
+        config,
+        input,
+        output: output_path,
+        speed,
+        fast: _,
+        tail,
+        no_dead_letters,
+        csv_topic,
+        csv_metric,
+        csv_value_column,
+        csv_time_column,
+        csv_time_unit,
+    } = command
+    else {
+        unreachable!("called for replay only")
+    };
+    if speed.is_some_and(|s| !(s > 0.0 && s.is_finite())) {
+        anyhow::bail!(
+            "--speed must be a positive number (1 = as recorded, 60 = a minute a second)"
+        );
+    }
+    let loaded = config::load(&config, &Overrides::default())?;
+    let is_csv = input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let records = match (&csv_topic, is_csv) {
+        (Some(topic), _) => replay::read_csv(
+            &input,
+            &CsvOptions {
+                topic: topic.clone(),
+                time_column: csv_time_column,
+                time_unit: csv_time_unit,
+                metric: csv_metric,
+                value_column: csv_value_column,
+            },
+            &loaded,
+        )?,
+        (None, true) => anyhow::bail!(
+            "{} is CSV: give --csv-topic (the topic its readings arrive on) and usually --csv-metric",
+            input.display()
+        ),
+        (None, false) => replay::read_jsonl(&input)?,
+    };
+    let mut out = output(output_path.as_deref())?;
+    let paced = speed.is_some();
+    let summary = replay::replay(&loaded, records, ReplayOptions { speed, tail }, |event| {
+        if no_dead_letters && event.is_dead_letter() {
+            return Ok(());
+        }
+        serde_json::to_writer(&mut out, &event)?;
+        out.write_all(b"\n")?;
+        if paced {
+            out.flush()?;
+        }
+        Ok(())
+    })?;
+    out.flush()?;
+    eprintln!("{summary}");
+    Ok(())
+}
+
+/// `weir test DIR`: 0 when every case passes, 1 when one fails, 2 when none could be found.
+fn golden(dir: &std::path::Path, update: bool) -> ExitCode {
+    match weir::replay::golden::run_dir(dir, update) {
+        Ok(results) if results.is_empty() => {
+            eprintln!(
+                "{}: no cases (a case is a directory with config.toml, input.jsonl and expected.jsonl)",
+                dir.display()
+            );
+            ExitCode::from(2)
+        }
+        Ok(results) => {
+            for result in &results {
+                println!("{result}");
+            }
+            let failed = results.iter().filter(|r| !r.passed()).count();
+            println!(
+                "{} cases: {} passed, {failed} failed",
+                results.len(),
+                results.len() - failed
+            );
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
         }
     }
 }
@@ -277,6 +492,62 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             weir::top::run(options, shutdown_signal()).await
         }
-        Command::Check { .. } => unreachable!("handled before the runtime starts"),
+        Command::Record {
+            config,
+            broker,
+            topics,
+            output: output_path,
+            count,
+            duration,
+        } => {
+            let loaded = match &config {
+                Some(path) => Some(config::load(path, &Overrides::default())?),
+                None => None,
+            };
+            let mut broker_config = match (&loaded, broker) {
+                (_, Some(url)) => {
+                    let mut settings = loaded
+                        .as_ref()
+                        .map_or_else(|| config::BrokerConfig::new(&url), |c| c.broker.clone());
+                    settings.url = url;
+                    settings
+                }
+                (Some(loaded), None) => loaded.broker.clone(),
+                (None, None) => anyhow::bail!("give --broker URL or --config FILE"),
+            };
+            if let Some(password) = password_from_env()? {
+                broker_config.password = Some(password);
+                broker_config.password_file = None;
+            }
+            broker_config.client_id = format!("weir-record-{}", std::process::id());
+            broker_config.clean_session = true;
+            let filters = if topics.is_empty() {
+                let plan = loaded.as_ref().map(weir::engine::Plan::build).transpose()?;
+                plan.map(|p| {
+                    p.inputs
+                        .iter()
+                        .map(|i| i.pattern.subscription_filter())
+                        .collect()
+                })
+                .unwrap_or_default()
+            } else {
+                topics
+            };
+            let mut out = output(output_path.as_deref())?;
+            let options = weir::replay::record::RecordOptions {
+                broker: broker_config,
+                filters,
+                count,
+                duration,
+            };
+            let written =
+                weir::replay::record::record(options, &mut out, shutdown_signal()).await?;
+            out.flush()?;
+            eprintln!("recorded {written} messages");
+            Ok(())
+        }
+        Command::Check { .. } | Command::Replay { .. } | Command::Test { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
