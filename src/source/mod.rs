@@ -53,6 +53,7 @@ pub async fn run(
     let manual_acks = log.is_some();
     mqtt.set_manual_acks(manual_acks);
     let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
+    eventloop.set_network_options(crate::mqtt::network_options());
     let generation = Arc::new(AtomicU64::new(0));
     let acker = acks.map(|acks| {
         tokio::spawn(run_acker(
