@@ -246,8 +246,36 @@ impl EventId {
     }
 }
 
+impl EventId {
+    /// The 16 lowercase hex digits, without allocating or going through `fmt` (the encoder
+    /// writes one per published event).
+    pub fn hex(&self) -> [u8; 16] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = DIGITS[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
+}
+
 impl std::fmt::Display for EventId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        let hex = self.hex();
+        // Always ASCII.
+        f.pad(std::str::from_utf8(&hex).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventId;
+
+    #[test]
+    fn id_is_written_as_sixteen_lowercase_hex_digits() {
+        for id in [0, 0xabc, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(EventId(id).to_string(), format!("{id:016x}"));
+            assert_eq!(&EventId(id).hex(), format!("{id:016x}").as_bytes());
+        }
     }
 }

@@ -106,6 +106,15 @@ pub fn options(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<MqttOption
     Ok(options)
 }
 
+/// Socket options for weir's connections: Nagle off. Alerts are small packets that must leave
+/// at once, and under QoS 1 intake the PUBACKs weir sends would otherwise wait for the broker's
+/// delayed ACK (up to 40 ms on Linux) while the broker's inflight window is full.
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network
+}
+
 /// The broker password: `broker.password` (which `WEIR_BROKER_PASSWORD` replaces), or the
 /// content of `broker.password_file` without its trailing newline.
 ///

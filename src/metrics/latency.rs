@@ -6,9 +6,12 @@
 //! hdrhistogram keeps every value within 1 % at a fixed cost, so the summary's quantiles are
 //! exact to that precision, and the buckets remain for `histogram_quantile` across instances.
 //!
-//! The hot path never contends: each recording stage owns a [`LatencyRecorder`] with a private
-//! hdrhistogram and merges it into the shared one in batches ([`LatencyRecorder::flush`]); a
-//! scrape takes the shared lock once per series.
+//! The hot path never contends: each recording stage owns a [`LatencyRecorder`] that buffers its
+//! values and records them into the shared histogram in batches ([`LatencyRecorder::flush`]); a
+//! scrape takes the shared lock once per series. A flush costs one lock and two histogram records
+//! per value. (Merging a private histogram instead walked all of its ~3,300 counters twice and
+//! cleared 26 KB on every flush; a sink that goes idle after every few events, as it does at
+//! 20k readings/s, spent more CPU there than on everything else.)
 
 use hdrhistogram::Histogram as Hdr;
 use prometheus::core::{Collector, Desc};
@@ -34,7 +37,7 @@ const SIGNIFICANT_DIGITS: u8 = 2;
 /// The summary's quantiles cover the current and the previous window of this length.
 const RECENT_WINDOW: Duration = Duration::from_secs(60);
 /// A recorder merges at least this often (in values) even when its stage is never idle.
-const FLUSH_EVERY: u64 = 1024;
+const FLUSH_EVERY: usize = 1024;
 
 fn new_hdr() -> Hdr<u64> {
     Hdr::new_with_bounds(1, HIGHEST_US, SIGNIFICANT_DIGITS)
@@ -75,11 +78,12 @@ impl Series {
         self.rotated = now;
     }
 
-    fn merge(&mut self, local: &Hdr<u64>, sum_seconds: f64) {
+    fn merge(&mut self, micros: &[u64], sum_seconds: f64) {
         self.rotate(Instant::now());
-        // Same bounds on both sides, so adding cannot fail.
-        let _ = self.total.add(local);
-        let _ = self.recent[0].add(local);
+        for &value in micros {
+            self.total.saturating_record(value);
+            self.recent[0].saturating_record(value);
+        }
         self.sum_seconds += sum_seconds;
     }
 }
@@ -143,9 +147,8 @@ impl Latency {
     /// A recorder for one series, owned by one task.
     pub fn recorder(&self, label_value: &str) -> LatencyRecorder {
         LatencyRecorder {
-            local: new_hdr(),
+            local: Vec::with_capacity(FLUSH_EVERY),
             sum_seconds: 0.0,
-            pending: 0,
             shared: self.series(label_value),
         }
     }
@@ -170,11 +173,10 @@ impl Latency {
     }
 }
 
-/// Records into a private hdrhistogram; [`flush`](Self::flush) merges into the shared series.
+/// Buffers values (us); [`flush`](Self::flush) records them into the shared series.
 pub struct LatencyRecorder {
-    local: Hdr<u64>,
+    local: Vec<u64>,
     sum_seconds: f64,
-    pending: u64,
     shared: Arc<Mutex<Series>>,
 }
 
@@ -182,10 +184,9 @@ impl LatencyRecorder {
     /// Records one value; merges by itself every [`FLUSH_EVERY`] values.
     pub fn record(&mut self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.local.saturating_record(micros.max(1));
+        self.local.push(micros.max(1));
         self.sum_seconds += latency.as_secs_f64();
-        self.pending += 1;
-        if self.pending >= FLUSH_EVERY {
+        if self.local.len() >= FLUSH_EVERY {
             self.flush();
         }
     }
@@ -193,16 +194,15 @@ impl LatencyRecorder {
     /// Merges what was recorded since the last flush into the shared series. Call it when the
     /// stage goes idle, so a scrape never misses more than the current batch.
     pub fn flush(&mut self) {
-        if self.pending == 0 {
+        if self.local.is_empty() {
             return;
         }
         self.shared
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .merge(&self.local, self.sum_seconds);
-        self.local.reset();
+        self.local.clear();
         self.sum_seconds = 0.0;
-        self.pending = 0;
     }
 }
 

@@ -10,9 +10,14 @@ pub fn encode(event: &DerivedEvent, format: Format) -> Vec<u8> {
     match format {
         // Serializing plain maps, strings and numbers into a Vec cannot fail.
         // Text is for inputs only (validation refuses it for outputs); JSON if it ever gets here.
-        Format::Json | Format::Text => serde_json::to_vec(&view).unwrap_or_default(),
+        Format::Json | Format::Text => {
+            // Sized for a state change or a two-metric window, so encoding does not regrow.
+            let mut out = Vec::with_capacity(384);
+            let _ = serde_json::to_writer(&mut out, &view);
+            out
+        }
         Format::Cbor => {
-            let mut out = Vec::with_capacity(256);
+            let mut out = Vec::with_capacity(384);
             let _ = ciborium::into_writer(&view, &mut out);
             out
         }
@@ -103,7 +108,8 @@ impl Serialize for EventView<'_> {
         let event = self.0;
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("v", &SCHEMA_VERSION)?;
-        map.serialize_entry("id", &event.id.to_string())?;
+        let id = event.id.hex();
+        map.serialize_entry("id", std::str::from_utf8(&id).unwrap_or_default())?;
         map.serialize_entry("kind", event.body.kind())?;
         map.serialize_entry("rule", &*event.rule)?;
         map.serialize_entry("device", &*event.origin.device)?;

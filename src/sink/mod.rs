@@ -171,6 +171,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let (client, mut eventloop) = AsyncClient::new(options.mqtt, options.request_capacity.max(10));
+    eventloop.set_network_options(crate::mqtt::network_options());
     let unacked: Unacked = Arc::default();
     // Events are handed to the connection only while it is up; while it is down they stay in the
     // outbox, where the cap and the policy apply (rumqttc's own request queue is not counted).

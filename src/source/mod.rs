@@ -13,6 +13,7 @@ use crate::engine::{Plan, RawMessage, WorkerInput};
 use crate::metrics::{Connection, Metrics, WarnLimit};
 use crate::mqtt::{Backoff, ConnectFailures};
 use crate::store::writer::{AckBatch, AckToken, LogCommand};
+use futures_util::FutureExt as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +54,7 @@ pub async fn run(
     let manual_acks = log.is_some();
     mqtt.set_manual_acks(manual_acks);
     let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
+    eventloop.set_network_options(crate::mqtt::network_options());
     let generation = Arc::new(AtomicU64::new(0));
     let acker = acks.map(|acks| {
         tokio::spawn(run_acker(
@@ -88,17 +90,39 @@ pub async fn run(
     // A flapping broker logs one line per interval; the reconnect counter counts them all.
     let mut lost_warnings = WarnLimit::new(crate::mqtt::RECONNECT_WARN_INTERVAL);
     tokio::pin!(shutdown);
+    // Messages already parsed from the socket are collected and handed to the workers together
+    // when the event loop would wait, so a worker wakes once per socket read, not once per
+    // message (a cross-thread wake-up costs more than processing a reading).
+    let mut pending: Vec<(usize, RawMessage)> = Vec::with_capacity(MAX_READY);
+    let mut ready_in_a_row = 0;
     'intake: loop {
-        let event = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            () = next_snapshot(&mut snapshots) => {
-                if !barrier(next_lsn, &log, &workers).await {
+        let ready = if ready_in_a_row < MAX_READY {
+            eventloop.poll().now_or_never()
+        } else {
+            None
+        };
+        let event = match ready {
+            Some(event) => {
+                ready_in_a_row += 1;
+                event
+            }
+            None => {
+                ready_in_a_row = 0;
+                if !hand_over(&mut pending, &workers).await {
                     break;
                 }
-                continue;
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = next_snapshot(&mut snapshots) => {
+                        if !barrier(next_lsn, &log, &workers).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    event = eventloop.poll() => event,
+                }
             }
-            event = eventloop.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -131,21 +155,17 @@ pub async fn run(
                         break 'intake;
                     }
                 }
-                let message = RawMessage {
-                    input,
-                    topic: publish.topic,
-                    payload: publish.payload,
-                    arrival,
-                    arrival_ms,
-                    lsn,
-                };
-                if workers[shard]
-                    .send(WorkerInput::Message(message))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                pending.push((
+                    shard,
+                    RawMessage {
+                        input,
+                        topic: publish.topic,
+                        payload: publish.payload,
+                        arrival,
+                        arrival_ms,
+                        lsn,
+                    },
+                ));
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 connected = true;
@@ -180,6 +200,9 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(err) => {
+                if !hand_over(&mut pending, &workers).await {
+                    break;
+                }
                 if connected {
                     if let Some(suppressed) = lost_warnings.allow(Instant::now()) {
                         tracing::warn!(%err, suppressed, "source lost the broker connection; reconnecting");
@@ -202,8 +225,10 @@ pub async fn run(
         }
     }
 
-    // Shutdown: a final barrier (so the last snapshot covers everything received), then make the
-    // log durable and send its acks on this connection before disconnecting.
+    // Shutdown: what was received goes to the workers, then a final barrier (so the last snapshot
+    // covers everything received); then make the log durable and send its acks on this
+    // connection before disconnecting.
+    hand_over(&mut pending, &workers).await;
     if snapshots.is_some() {
         barrier(next_lsn, &log, &workers).await;
     }
@@ -243,6 +268,27 @@ pub async fn run(
     }
     metrics.set_connected(Connection::Source, false);
     tracing::info!("source stopped");
+}
+
+/// Events taken from the event loop without waiting before the collected messages are handed
+/// over (and shutdown and snapshot ticks are looked at again).
+const MAX_READY: usize = 256;
+
+/// Sends the collected messages to their workers, in receive order; false when a worker is gone.
+async fn hand_over(
+    pending: &mut Vec<(usize, RawMessage)>,
+    workers: &[mpsc::Sender<WorkerInput>],
+) -> bool {
+    for (shard, message) in pending.drain(..) {
+        if workers[shard]
+            .send(WorkerInput::Message(message))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// The next snapshot tick; never, without a state dir.

@@ -1,0 +1,913 @@
+//! End-to-end benchmark: weir (the release binary, as a child process) against the broker's own
+//! limit, on one machine. Starts its own Mosquitto (or uses `--broker HOST:PORT`), publishes the
+//! reference telemetry of 1,000 devices at a fixed rate and flat out, runs `mosquitto_sub -C N`
+//! as the ceiling side by side with weir, measures the alert latency against the broker-only
+//! floor, and prints one table. The alerts received must equal the transitions computed from
+//! the published sequence; otherwise it exits non-zero.
+//!
+//! Run: `cargo bench --bench e2e` (options after `--`: `--secs 5 --rate 20000 --flat 500000
+//! --broker 127.0.0.1:1883 --big-devices 100000`). Targets: issue 7 and README `## Performance`.
+//!
+//! The MQTT clients here are a few lines of MQTT 3.1.1 over a plain `TcpStream`, so the
+//! publisher and the latency probes cost as little CPU as possible on a 2-core machine.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+const TELEMETRY: &str = "sensors/+/+/telemetry";
+/// Period (in readings) of each device's temperature wave: two transitions per period.
+const PERIOD: u64 = 60;
+
+// ---------------------------------------------------------------------------------------------
+// The reference scenario, deterministic.
+
+/// The temperature of `device` at `step`: a wave across both thresholds (30.0 up, 28.0 down),
+/// phase-shifted per device, in tenths so JSON carries it exactly.
+fn temperature(device: u64, step: u64) -> f64 {
+    let phase = (step + device * 7) % PERIOD;
+    let x = phase as f64 / PERIOD as f64 * std::f64::consts::TAU;
+    (290.0 + 30.0 * x.sin()).round() / 10.0
+}
+
+/// Device names and step of a message index: readings go round-robin over the devices.
+fn split(index: u64, devices: u64) -> (u64, u64) {
+    (index % devices, index / devices)
+}
+
+fn topic(device: u64) -> String {
+    format!("sensors/plant-1/dev-{device:06}/telemetry")
+}
+
+/// The transitions of the overheat rule (hysteresis 30.0 / 28.0, initial normal) over message
+/// indexes `0..count`: index -> the state it enters.
+fn expected_transitions(count: u64, devices: u64) -> HashMap<u64, &'static str> {
+    let mut hot = vec![false; devices as usize];
+    let mut out = HashMap::new();
+    for index in 0..count {
+        let (device, step) = split(index, devices);
+        let t = temperature(device, step);
+        let state = &mut hot[device as usize];
+        if !*state && t > 30.0 {
+            *state = true;
+            out.insert(index, "hot");
+        } else if *state && t < 28.0 {
+            *state = false;
+            out.insert(index, "normal");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal MQTT 3.1.1.
+
+fn push_len(buf: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        buf.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn push_str(buf: &mut Vec<u8>, s: &[u8]) {
+    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    buf.extend_from_slice(s);
+}
+
+fn push_publish(buf: &mut Vec<u8>, topic: &[u8], payload: &[u8], qos: u8, pkid: u16) {
+    buf.push(0x30 | (qos << 1));
+    push_len(
+        buf,
+        2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len(),
+    );
+    push_str(buf, topic);
+    if qos > 0 {
+        buf.extend_from_slice(&pkid.to_be_bytes());
+    }
+    buf.extend_from_slice(payload);
+}
+
+/// Reads one packet: its first byte and its body.
+fn read_packet(reader: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<u8> {
+    let mut byte = [0u8; 1];
+    reader.read_exact(&mut byte)?;
+    let kind = byte[0];
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        reader.read_exact(&mut byte)?;
+        len |= usize::from(byte[0] & 0x7f) << shift;
+        shift += 7;
+        if byte[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    body.resize(len, 0);
+    reader.read_exact(body)?;
+    Ok(kind)
+}
+
+/// A connected client (clean session, no keep-alive) with its read half buffered.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    fn connect(broker: &str, id: &str) -> Client {
+        let stream = TcpStream::connect(broker).expect("connect to the broker");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut packet = vec![0x10];
+        let mut body = Vec::new();
+        push_str(&mut body, b"MQTT");
+        body.extend_from_slice(&[4, 0x02, 0, 0]);
+        push_str(&mut body, id.as_bytes());
+        push_len(&mut packet, body.len());
+        packet.extend_from_slice(&body);
+        let mut writer = stream.try_clone().expect("clone");
+        writer.write_all(&packet).expect("send CONNECT");
+        let mut reader = BufReader::with_capacity(1 << 16, stream);
+        let mut body = Vec::new();
+        let kind = read_packet(&mut reader, &mut body).expect("CONNACK");
+        assert!(
+            kind == 0x20 && body.get(1) == Some(&0),
+            "connection refused"
+        );
+        Client { reader, writer }
+    }
+
+    fn subscribe(&mut self, filter: &str, qos: u8) {
+        let mut body = vec![0, 1];
+        push_str(&mut body, filter.as_bytes());
+        body.push(qos);
+        let mut packet = vec![0x82];
+        push_len(&mut packet, body.len());
+        packet.extend_from_slice(&body);
+        self.writer.write_all(&packet).expect("SUBSCRIBE");
+        let mut body = Vec::new();
+        let kind = read_packet(&mut self.reader, &mut body).expect("SUBACK");
+        assert_eq!(kind & 0xf0, 0x90, "expected SUBACK");
+    }
+
+    /// Reads publishes until the stream ends or `stop` is set, acking QoS 1 ones; calls `on`
+    /// with (topic, payload) of each.
+    fn receive(mut self, stop: Arc<AtomicBool>, mut on: impl FnMut(&str, &[u8])) {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut body = Vec::new();
+        let mut acks = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let kind = match read_packet(&mut self.reader, &mut body) {
+                Ok(kind) => kind,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // A timeout mid-packet would desynchronise; the probes read small packets
+                    // that arrive whole, and a stop only comes after the traffic ends.
+                    continue;
+                }
+                Err(_) => return,
+            };
+            if kind & 0xf0 != 0x30 {
+                continue;
+            }
+            let qos = (kind >> 1) & 3;
+            let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let topic = std::str::from_utf8(&body[2..2 + len]).unwrap_or("");
+            let mut at = 2 + len;
+            if qos > 0 {
+                acks.extend_from_slice(&[0x40, 2, body[at], body[at + 1]]);
+                at += 2;
+            }
+            on(topic, &body[at..]);
+            if !acks.is_empty() && self.reader.buffer().is_empty() {
+                let _ = self.writer.write_all(&acks);
+                acks.clear();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publisher.
+
+/// Publishes messages `from..to` of the scenario at `rate` per second (flat out when `None`),
+/// QoS `qos`, and returns the time each was written, in ns since `epoch`.
+fn publish(
+    broker: &str,
+    qos: u8,
+    devices: u64,
+    (from, to): (u64, u64),
+    rate: Option<f64>,
+    ts0: i64,
+    epoch: Instant,
+) -> Vec<u64> {
+    let client = Client::connect(broker, &format!("bench-pub-{from}"));
+    let mut writer = client.writer;
+    // Drain PUBACKs so the broker never blocks on our receive window.
+    let mut reader = client.reader;
+    thread::spawn(move || {
+        let mut sink = [0u8; 1 << 16];
+        while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let topics: Vec<String> = (0..devices).map(topic).collect();
+    let mut sent = vec![0u64; (to - from) as usize];
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut payload = Vec::with_capacity(128);
+    let start = Instant::now();
+    let mut index = from;
+    let mut pkid: u16 = 0;
+    while index < to {
+        let due = match rate {
+            Some(rate) => {
+                let elapsed = start.elapsed().as_secs_f64();
+                let due = from + (elapsed * rate) as u64;
+                if due <= index {
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                due.min(to)
+            }
+            None => (index + 2000).min(to),
+        };
+        buf.clear();
+        let batch = index;
+        while index < due {
+            let (device, step) = split(index, devices);
+            payload.clear();
+            write!(
+                payload,
+                r#"{{"ts": {}, "seq": {step}, "temperature": {:.1}, "humidity": {:.1}, "battery": 3.90}}"#,
+                ts0 + step as i64 * 1000,
+                temperature(device, step),
+                40.0 + (index % 10) as f64,
+            )
+            .expect("format");
+            pkid = pkid.checked_add(1).unwrap_or(1);
+            push_publish(
+                &mut buf,
+                topics[device as usize].as_bytes(),
+                &payload,
+                qos,
+                pkid,
+            );
+            index += 1;
+        }
+        let at = epoch.elapsed().as_nanos() as u64;
+        sent[(batch - from) as usize..(index - from) as usize].fill(at);
+        writer.write_all(&buf).expect("publish");
+    }
+    sent
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: Mosquitto, weir, mosquitto_sub.
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_mosquitto(dir: &Path) -> (Killed, String) {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\n\
+             max_queued_messages 10000000\nmax_queued_bytes 0\npersistence false\nset_tcp_nodelay true\n"
+        ),
+    )
+    .expect("write mosquitto.conf");
+    let bin = ["/usr/sbin/mosquitto", "mosquitto"]
+        .into_iter()
+        .find(|b| Path::new(b).exists())
+        .unwrap_or("mosquitto");
+    let child = Killed(
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto (Debian package mosquitto)"),
+    );
+    let broker = format!("127.0.0.1:{port}");
+    for _ in 0..200 {
+        if TcpStream::connect(&broker).is_ok() {
+            return (child, broker);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("mosquitto did not start");
+}
+
+/// A running weir and where its metrics are.
+struct Weir {
+    child: Killed,
+    metrics: String,
+    /// Spawn to `/readyz` answering 200 (connected and subscribed).
+    startup: Duration,
+}
+
+fn weir_config(dir: &Path, qos: u8) -> PathBuf {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+            .expect("config/example.toml");
+    let config = if qos == 0 {
+        example
+            .replace(r#"mode = "at_least_once""#, r#"mode = "at_most_once""#)
+            .replace("clean_session = false", "clean_session = true")
+            .replace("qos = 1", "qos = 0")
+    } else {
+        example
+    };
+    let path = dir.join(format!("weir-qos{qos}.toml"));
+    std::fs::write(&path, config).expect("write weir config");
+    path
+}
+
+fn start_weir(dir: &Path, broker: &str, qos: u8) -> Weir {
+    let config = weir_config(dir, qos);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let state = dir.join(format!("state-qos{qos}"));
+    let spawned = Instant::now();
+    let child = Command::new(WEIR)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--broker", &format!("mqtt://{broker}")])
+        .args(["--metrics-addr", &metrics])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("WEIR_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start weir");
+    let child = Killed(child);
+    loop {
+        if http_get(&metrics, "/readyz").is_some_and(|(status, _)| status == 200) {
+            break;
+        }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(10),
+            "weir never got ready"
+        );
+        thread::sleep(Duration::from_micros(500));
+    }
+    Weir {
+        startup: spawned.elapsed(),
+        child,
+        metrics,
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text))
+}
+
+impl Weir {
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// `weir_readings_decoded_total`, summed over inputs.
+    fn decoded(&self) -> u64 {
+        let (_, text) = http_get(&self.metrics, "/metrics").expect("scrape weir");
+        text.lines()
+            .filter(|l| l.starts_with("weir_readings_decoded_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// CPU time of the process (user + system), from /proc.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // Fields 14 and 15 of stat(5), counted from after the command name.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 1000 / clock_ticks())
+    }
+
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+
+    /// Waits until weir has decoded `target` readings; the time it reached it (polled every
+    /// 10 ms), or `None` after `timeout` without progress.
+    fn wait_decoded(&self, target: u64, timeout: Duration) -> Option<Instant> {
+        let mut last = (0, Instant::now());
+        loop {
+            let decoded = self.decoded();
+            if decoded >= target {
+                return Some(Instant::now());
+            }
+            if decoded != last.0 {
+                last = (decoded, Instant::now());
+            } else if last.1.elapsed() > timeout {
+                eprintln!("weir stalled at {decoded} of {target} readings");
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probes: alert subscriber, broker-only relay.
+
+/// Alerts received: (message index of the cause, state entered, arrival in ns since epoch).
+type Alerts = Arc<std::sync::Mutex<Vec<(u64, String, u64)>>>;
+
+fn device_number(topic: &str) -> Option<u64> {
+    let at = topic.find("dev-")? + 4;
+    topic[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn alert_listener(
+    broker: &str,
+    qos: u8,
+    devices: u64,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) -> (Alerts, thread::JoinHandle<()>) {
+    let alerts: Alerts = Arc::default();
+    let mut client = Client::connect(broker, &format!("bench-alerts-{qos}"));
+    client.subscribe("alerts/+/+/overheat", qos);
+    let sink = alerts.clone();
+    let handle = thread::spawn(move || {
+        client.receive(stop, |_, payload| {
+            let at = epoch.elapsed().as_nanos() as u64;
+            let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                return;
+            };
+            let device = event["device"].as_str().and_then(device_number);
+            let seq = event["cause"]["seq"].as_u64();
+            if let (Some(device), Some(seq)) = (device, seq) {
+                let to = event["to"].as_str().unwrap_or("").to_string();
+                sink.lock().unwrap().push((seq * devices + device, to, at));
+            }
+        })
+    });
+    (alerts, handle)
+}
+
+/// The broker-only floor of the alert path: a relay subscribes to the telemetry and republishes
+/// each transition reading at once (publisher -> broker -> relay -> broker -> subscriber, the
+/// same two hops as through weir); the subscriber stamps arrivals.
+fn floor_probe(
+    broker: &str,
+    qos: u8,
+    devices: u64,
+    transitions: Arc<HashMap<u64, &'static str>>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) -> (Alerts, Vec<thread::JoinHandle<()>>) {
+    let (arrivals, sub) = {
+        let arrivals: Alerts = Arc::default();
+        let mut client = Client::connect(broker, "bench-floor-sub");
+        client.subscribe("floor/+", qos);
+        let sink = arrivals.clone();
+        let stop = stop.clone();
+        let handle = thread::spawn(move || {
+            client.receive(stop, |topic, _| {
+                let at = epoch.elapsed().as_nanos() as u64;
+                if let Some(index) = topic.strip_prefix("floor/").and_then(|i| i.parse().ok()) {
+                    sink.lock().unwrap().push((index, String::new(), at));
+                }
+            })
+        });
+        (arrivals, handle)
+    };
+    let mut relay = Client::connect(broker, "bench-floor-relay");
+    relay.subscribe(TELEMETRY, qos);
+    let mut out = relay.writer.try_clone().expect("clone");
+    let relay = thread::spawn(move || {
+        let mut pkid: u16 = 0;
+        let mut buf = Vec::new();
+        relay.receive(stop, |topic, payload| {
+            let text = std::str::from_utf8(payload).unwrap_or("");
+            let seq = text
+                .find("\"seq\": ")
+                .and_then(|at| text[at + 7..].split(',').next()?.parse::<u64>().ok());
+            let (Some(device), Some(seq)) = (device_number(topic), seq) else {
+                return;
+            };
+            let index = seq * devices + device;
+            if transitions.contains_key(&index) {
+                pkid = pkid.checked_add(1).unwrap_or(1);
+                buf.clear();
+                push_publish(
+                    &mut buf,
+                    format!("floor/{index}").as_bytes(),
+                    payload,
+                    qos,
+                    pkid,
+                );
+                let _ = out.write_all(&buf);
+            }
+        })
+    });
+    (arrivals, vec![sub, relay])
+}
+
+/// `mosquitto_sub -C count`, started now; returns when it has subscribed (a moment later) and
+/// a handle that yields when it exited.
+fn ceiling(broker: &str, qos: u8, count: u64) -> thread::JoinHandle<Instant> {
+    let (host, port) = broker.split_once(':').expect("host:port");
+    let mut child = Command::new("mosquitto_sub")
+        .args(["-h", host, "-p", port, "-q", &qos.to_string()])
+        .args(["-C", &count.to_string(), "-t", TELEMETRY])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    thread::sleep(Duration::from_millis(300));
+    thread::spawn(move || {
+        let _ = child.wait();
+        Instant::now()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs and the table.
+
+struct Row {
+    label: String,
+    rate: Option<f64>,
+    ratio: Option<f64>,
+    cpu_us: Option<f64>,
+    latency: Option<[f64; 4]>,
+    rss_mb: Option<f64>,
+}
+
+fn percentiles(mut ns: Vec<u64>) -> Option<[f64; 4]> {
+    if ns.is_empty() {
+        return None;
+    }
+    ns.sort_unstable();
+    let at =
+        |q: f64| ns[((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1] as f64 / 1e6;
+    Some([
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        *ns.last().unwrap() as f64 / 1e6,
+    ])
+}
+
+fn latencies(sent: &[u64], from: u64, arrivals: &[(u64, String, u64)]) -> Vec<u64> {
+    arrivals
+        .iter()
+        .filter(|(index, _, _)| *index >= from && *index < from + sent.len() as u64)
+        .map(|(index, _, at)| at.saturating_sub(sent[(index - from) as usize]))
+        .collect()
+}
+
+struct Options {
+    broker: Option<String>,
+    secs: f64,
+    rate: f64,
+    flat: u64,
+    devices: u64,
+    big_devices: u64,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        broker: None,
+        secs: 5.0,
+        rate: 20_000.0,
+        flat: 400_000,
+        devices: 1000,
+        big_devices: 100_000,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--broker" => o.broker = Some(value),
+            "--secs" => o.secs = value.parse().expect("--secs"),
+            "--rate" => o.rate = value.parse().expect("--rate"),
+            "--flat" => o.flat = value.parse().expect("--flat"),
+            "--devices" => o.devices = value.parse().expect("--devices"),
+            "--big-devices" => o.big_devices = value.parse().expect("--big-devices"),
+            _ => {
+                // `cargo bench` passes `--bench`; filters are not supported.
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    o
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One delivery mode: floor at the fixed rate, weir at the fixed rate, then weir flat out side
+/// by side with `mosquitto_sub`. Returns the rows and whether the alerts were exact.
+fn run_mode(o: &Options, broker: &str, dir: &Path, qos: u8, rows: &mut Vec<Row>) -> bool {
+    let mode = if qos == 0 {
+        "at_most_once"
+    } else {
+        "at_least_once"
+    };
+    let devices = o.devices;
+    let fixed = (o.rate * o.secs) as u64;
+    let total = fixed + o.flat;
+    let transitions = Arc::new(expected_transitions(total, devices));
+    let epoch = Instant::now();
+    // Event time an hour behind the wall clock: nothing is refused as from the future.
+    let ts0 = now_ms() - 3_600_000 - (total / devices) as i64 * 1000;
+
+    // 1. The broker-only floor, at the fixed rate, with nothing else subscribed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (floor, probes) = floor_probe(
+        broker,
+        qos,
+        devices,
+        transitions.clone(),
+        epoch,
+        stop.clone(),
+    );
+    let sent = publish(
+        broker,
+        qos,
+        devices,
+        (0, fixed),
+        Some(o.rate),
+        ts0 - 86_400_000,
+        epoch,
+    );
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    probes.into_iter().for_each(|h| h.join().unwrap());
+    let floor = floor.lock().unwrap().clone();
+    rows.push(Row {
+        label: format!("{mode}: broker-only floor @ {}/s", o.rate),
+        rate: None,
+        ratio: None,
+        cpu_us: None,
+        latency: percentiles(latencies(&sent, 0, &floor)),
+        rss_mb: None,
+    });
+
+    // 2. weir at the fixed rate.
+    let weir = start_weir(dir, broker, qos);
+    rows.push(Row {
+        label: format!(
+            "{mode}: weir start to subscribed: {:.1} ms",
+            weir.startup.as_secs_f64() * 1e3
+        ),
+        rate: None,
+        ratio: None,
+        cpu_us: None,
+        latency: None,
+        rss_mb: Some(weir.rss_mb()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (alerts, listener) = alert_listener(broker, qos, devices, epoch, stop.clone());
+    let (cpu0, t0) = (weir.cpu(), Instant::now());
+    let sent = publish(broker, qos, devices, (0, fixed), Some(o.rate), ts0, epoch);
+    let done = weir.wait_decoded(fixed, Duration::from_secs(5));
+    let cpu = weir.cpu() - cpu0;
+    let elapsed = done.unwrap_or_else(Instant::now) - t0;
+    thread::sleep(Duration::from_millis(300));
+    rows.push(Row {
+        label: format!("{mode}: weir @ {}/s", o.rate),
+        rate: Some(fixed as f64 / elapsed.as_secs_f64()),
+        ratio: None,
+        cpu_us: Some(cpu.as_secs_f64() * 1e6 / fixed as f64),
+        latency: percentiles(latencies(&sent, 0, &alerts.lock().unwrap())),
+        rss_mb: Some(weir.rss_mb()),
+    });
+
+    // 3. Flat out, weir and mosquitto_sub side by side.
+    let sub = ceiling(broker, qos, o.flat);
+    let (cpu0, t0) = (weir.cpu(), Instant::now());
+    let pub_start = Instant::now();
+    let sent_flat = publish(broker, qos, devices, (fixed, total), None, ts0, epoch);
+    let pub_rate = o.flat as f64 / pub_start.elapsed().as_secs_f64();
+    let done = weir.wait_decoded(total, Duration::from_secs(5));
+    let cpu = weir.cpu() - cpu0;
+    let sub_done = sub.join().unwrap();
+    let weir_rate = done.map(|d| o.flat as f64 / (d - t0).as_secs_f64());
+    let sub_rate = o.flat as f64 / (sub_done - t0).as_secs_f64();
+    rows.push(Row {
+        label: format!("{mode}: publisher flat out (sent)"),
+        rate: Some(pub_rate),
+        ratio: None,
+        cpu_us: None,
+        latency: None,
+        rss_mb: None,
+    });
+    rows.push(Row {
+        label: format!("{mode}: mosquitto_sub -q {qos} -C {} (ceiling)", o.flat),
+        rate: Some(sub_rate),
+        ratio: Some(1.0),
+        cpu_us: None,
+        latency: None,
+        rss_mb: None,
+    });
+    rows.push(Row {
+        label: format!("{mode}: weir flat out"),
+        rate: weir_rate,
+        ratio: weir_rate.map(|r| r / sub_rate),
+        cpu_us: Some(cpu.as_secs_f64() * 1e6 / o.flat as f64),
+        latency: percentiles(latencies(&sent_flat, fixed, &alerts.lock().unwrap())),
+        rss_mb: Some(weir.rss_mb()),
+    });
+
+    // The alerts must be exactly the transitions of what was published.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alerts.lock().unwrap().len() < transitions.len() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+    let alerts = alerts.lock().unwrap();
+    let received: HashSet<(u64, &str)> =
+        alerts.iter().map(|(i, to, _)| (*i, to.as_str())).collect();
+    let expected: HashSet<(u64, &str)> = transitions.iter().map(|(i, to)| (*i, *to)).collect();
+    let missing = expected.difference(&received).count();
+    let unexpected = received.difference(&expected).count();
+    let duplicates = alerts.len() - received.len();
+    println!(
+        "{mode}: {} readings, {} alerts expected ({:.1}% of readings), {} received, {missing} missing, {unexpected} unexpected, {duplicates} duplicates",
+        total,
+        expected.len(),
+        expected.len() as f64 * 100.0 / total as f64,
+        alerts.len()
+    );
+    missing == 0 && unexpected == 0
+}
+
+/// RSS at 1,000 devices, then at `big_devices`: every device sends two readings, so it has
+/// state in both rules (and an open window); the RSS difference per added device is the state
+/// a device costs (both rules, the dedup window, its topic and origin).
+fn run_memory(o: &Options, broker: &str, dir: &Path, rows: &mut Vec<Row>) {
+    let weir = start_weir(dir, broker, 0);
+    let epoch = Instant::now();
+    let ts0 = now_ms() - 3_600_000;
+    let mut first = None;
+    for devices in [1000, o.big_devices] {
+        let base = weir.decoded();
+        // Steps 2 and 3 in the second round, so devices of the first are not dropped as
+        // redeliveries of the same sequence numbers.
+        let from = if first.is_some() { 2 * devices } else { 0 };
+        publish(
+            broker,
+            0,
+            devices,
+            (from, from + 2 * devices),
+            Some(50_000.0),
+            ts0,
+            epoch,
+        );
+        let ok = weir.wait_decoded(base + 2 * devices, Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(500));
+        let rss = weir.rss_mb();
+        let per_device =
+            first.map(|(n, mb): (u64, f64)| (rss - mb) * 1048576.0 / (devices - n) as f64);
+        rows.push(Row {
+            label: format!(
+                "memory: {devices} devices{}{}",
+                per_device.map_or(String::new(), |b| format!(", {b:.0} B/device")),
+                if ok.is_some() { "" } else { " (readings lost)" }
+            ),
+            rate: None,
+            ratio: None,
+            cpu_us: None,
+            latency: None,
+            rss_mb: Some(rss),
+        });
+        first = first.or(Some((devices, rss)));
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    println!();
+    println!(
+        "| {:<48} | {:>11} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7} |",
+        "run",
+        "readings/s",
+        "ceiling",
+        "CPU us",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "RSS MB"
+    );
+    println!("|{}|", ["-"; 9].map(|_| "---").join("|"));
+    for row in rows {
+        let l = row.latency;
+        println!(
+            "| {:<48} | {:>11} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7} |",
+            row.label,
+            row.rate.map_or("-".to_string(), |r| format!("{r:.0}")),
+            row.ratio
+                .map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0)),
+            opt(row.cpu_us, 2),
+            opt(l.map(|l| l[0]), 2),
+            opt(l.map(|l| l[1]), 2),
+            opt(l.map(|l| l[2]), 2),
+            opt(l.map(|l| l[3]), 2),
+            opt(row.rss_mb, 1),
+        );
+    }
+}
+
+fn main() {
+    let o = options();
+    let dir = std::env::temp_dir().join(format!("weir-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (_broker_process, broker) = match &o.broker {
+        Some(broker) => (None, broker.clone()),
+        None => {
+            let (child, broker) = start_mosquitto(&dir);
+            (Some(child), broker)
+        }
+    };
+    println!(
+        "e2e: broker {broker}, weir {WEIR}, {} devices, {} s at {}/s, {} flat out",
+        o.devices, o.secs, o.rate, o.flat
+    );
+    let mut rows = Vec::new();
+    let exact0 = run_mode(&o, &broker, &dir, 0, &mut rows);
+    let exact1 = run_mode(&o, &broker, &dir, 1, &mut rows);
+    if o.big_devices > 0 {
+        run_memory(&o, &broker, &dir, &mut rows);
+    }
+    print_table(&rows);
+    let _ = std::fs::remove_dir_all(&dir);
+    if !(exact0 && exact1) {
+        eprintln!("FAILED: the alerts received differ from the transitions published");
+        std::process::exit(1);
+    }
+}
