@@ -4,7 +4,7 @@
 //! gives one alert rather than hundreds. Every reading joins the window after being scored, so a
 //! lasting level shift becomes the new normal.
 
-use super::{in_order, millis, Operator, Output, RuleMeta};
+use super::{admit, millis, Operator, Output, RuleMeta};
 use crate::config::AnomalyConfig;
 use crate::decode::Reading;
 use crate::event::EventBody;
@@ -97,21 +97,15 @@ impl Operator for Anomaly {
     type State = AnomalyState;
 
     fn on_reading(&self, state: &mut AnomalyState, reading: &Reading<'_>, out: &mut Output) {
-        if self
-            .metrics
-            .iter()
-            .all(|(_, s)| reading.values[*s].is_none())
-        {
-            return;
-        }
         // The window is "the previous N readings"; an older reading is ignored and counted.
-        if !in_order(&mut state.last_ts, reading.ts, out) {
+        if !admit(
+            &self.metrics,
+            &mut state.last_ts,
+            &mut state.metrics,
+            reading,
+            out,
+        ) {
             return;
-        }
-        if state.metrics.len() < self.metrics.len() {
-            state
-                .metrics
-                .resize_with(self.metrics.len(), Default::default);
         }
         for ((metric, slot), ms) in self.metrics.iter().zip(&mut state.metrics) {
             let Some(value) = reading.values[*slot] else {

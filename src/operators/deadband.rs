@@ -3,7 +3,7 @@
 //! for the device; with `max_silence`, the current value is re-emitted anyway once nothing was
 //! emitted for that long (a heartbeat, in event time, checked as readings arrive).
 
-use super::{in_order, millis, Operator, Output, RuleMeta};
+use super::{admit, millis, Operator, Output, RuleMeta};
 use crate::config::DeadbandConfig;
 use crate::decode::Reading;
 use crate::event::EventBody;
@@ -75,20 +75,16 @@ impl Operator for Deadband {
     type State = DeadbandState;
 
     fn on_reading(&self, state: &mut DeadbandState, reading: &Reading<'_>, out: &mut Output) {
-        if self
-            .metrics
-            .iter()
-            .all(|(_, s)| reading.values[*s].is_none())
-        {
-            return;
-        }
         // The band is relative to the last value reported; an older reading reported now would
         // make consumers see time run backwards. Ignored and counted.
-        if !in_order(&mut state.last_ts, reading.ts, out) {
+        if !admit(
+            &self.metrics,
+            &mut state.last_ts,
+            &mut state.reported,
+            reading,
+            out,
+        ) {
             return;
-        }
-        if state.reported.len() < self.metrics.len() {
-            state.reported.resize(self.metrics.len(), None);
         }
         for ((metric, slot), reported) in self.metrics.iter().zip(&mut state.reported) {
             let Some(value) = reading.values[*slot] else {

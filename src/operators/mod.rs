@@ -102,6 +102,32 @@ pub(crate) fn in_order(last_ts: &mut Option<i64>, ts: i64, out: &mut Output) -> 
     true
 }
 
+/// The common start of a detector that keeps state per metric: whether to apply `reading`.
+/// Not when it carries none of `metrics` (name, slot), nor when it is older than the last reading
+/// applied (counted in `out.out_of_order`). Otherwise `per_metric` is sized to one entry per
+/// metric, new entries `Default`.
+pub(crate) fn admit<T: Default>(
+    metrics: &[(Arc<str>, usize)],
+    last_ts: &mut Option<i64>,
+    per_metric: &mut Vec<T>,
+    reading: &Reading<'_>,
+    out: &mut Output,
+) -> bool {
+    if metrics
+        .iter()
+        .all(|(_, slot)| reading.values[*slot].is_none())
+    {
+        return false;
+    }
+    if !in_order(last_ts, reading.ts, out) {
+        return false;
+    }
+    if per_metric.len() < metrics.len() {
+        per_metric.resize_with(metrics.len(), T::default);
+    }
+    true
+}
+
 /// Converts a config duration to ms, saturating.
 pub(crate) fn millis(duration: std::time::Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)

@@ -2,7 +2,7 @@
 //! (event time) above `max_per_second`. Edge-triggered: one event when a metric's rate goes
 //! `normal` -> `exceeded`, one when it comes back.
 
-use super::{in_order, millis, Operator, Output, RuleMeta};
+use super::{admit, millis, Operator, Output, RuleMeta};
 use crate::config::RateOfChangeConfig;
 use crate::decode::Reading;
 use crate::event::EventBody;
@@ -57,21 +57,15 @@ impl Operator for RateOfChange {
     type State = RateOfChangeState;
 
     fn on_reading(&self, state: &mut RateOfChangeState, reading: &Reading<'_>, out: &mut Output) {
-        if self
-            .metrics
-            .iter()
-            .all(|(_, s)| reading.values[*s].is_none())
-        {
-            return;
-        }
         // A rate needs ordered samples; an older reading is ignored and counted.
-        if !in_order(&mut state.last_ts, reading.ts, out) {
+        if !admit(
+            &self.metrics,
+            &mut state.last_ts,
+            &mut state.metrics,
+            reading,
+            out,
+        ) {
             return;
-        }
-        if state.metrics.len() < self.metrics.len() {
-            state
-                .metrics
-                .resize_with(self.metrics.len(), Default::default);
         }
         for ((metric, slot), ms) in self.metrics.iter().zip(&mut state.metrics) {
             let Some(value) = reading.values[*slot] else {

@@ -3,7 +3,7 @@
 //! `moving` -> `stuck` once, `stuck` -> `moving` when the value moves again. A sensor that stops
 //! publishing altogether is liveness's job, not this one's.
 
-use super::{in_order, millis, Operator, Output, RuleMeta};
+use super::{admit, millis, Operator, Output, RuleMeta};
 use crate::config::StuckConfig;
 use crate::decode::Reading;
 use crate::event::EventBody;
@@ -53,21 +53,15 @@ impl Operator for Stuck {
     type State = StuckState;
 
     fn on_reading(&self, state: &mut StuckState, reading: &Reading<'_>, out: &mut Output) {
-        if self
-            .metrics
-            .iter()
-            .all(|(_, s)| reading.values[*s].is_none())
-        {
-            return;
-        }
         // "Unchanged for T" is measured in event time; an older reading is ignored and counted.
-        if !in_order(&mut state.last_ts, reading.ts, out) {
+        if !admit(
+            &self.metrics,
+            &mut state.last_ts,
+            &mut state.metrics,
+            reading,
+            out,
+        ) {
             return;
-        }
-        if state.metrics.len() < self.metrics.len() {
-            state
-                .metrics
-                .resize(self.metrics.len(), MetricState::default());
         }
         for ((metric, slot), ms) in self.metrics.iter().zip(&mut state.metrics) {
             let Some(value) = reading.values[*slot] else {
