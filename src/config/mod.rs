@@ -56,8 +56,8 @@ pub struct DeliveryConfig {
     /// How often operator state is snapshotted (which also bounds the input log replayed at start).
     #[serde(default = "default_snapshot_interval", deserialize_with = "duration")]
     pub snapshot_interval: Duration,
-    /// Recent readings remembered per device (by sequence number, or payload hash without one) to
-    /// drop redelivered inputs.
+    /// Payload hashes remembered per device to drop redelivered inputs that carry no sequence
+    /// number (those with one use a fixed 64-wide window over it).
     #[serde(default = "default_dedup_horizon")]
     pub dedup_horizon: usize,
     /// Derived events held while the broker is away (or has not acknowledged them yet).

@@ -4,6 +4,7 @@
 //! Devices are sharded across workers by a hash of (input, device), so each device's readings
 //! are processed in order by one worker and the workers use the cores in parallel.
 
+pub mod dedup;
 pub mod worker;
 
 pub use worker::{RawMessage, Worker, WorkerInput};

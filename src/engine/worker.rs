@@ -2,6 +2,7 @@
 //! [`Worker::process`] is synchronous (decode, operators, routing), so replay and benches can
 //! drive it directly; [`Worker::run`] is the async loop between the source and the sink.
 
+use super::dedup::Recent;
 use super::{OperatorPlan, Plan};
 use crate::config::DeviceLimitPolicy;
 use crate::config::Format;
@@ -15,7 +16,7 @@ use crate::sink::SinkInput;
 use crate::store::DeviceSnapshot;
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -220,8 +221,8 @@ pub struct Worker {
     device_origins: Vec<Arc<Origin>>,
     /// The input of each device.
     device_inputs: Vec<usize>,
-    /// Dedup keys of each device's recent readings, oldest first, at most `dedup_horizon`.
-    recent: Vec<VecDeque<u64>>,
+    /// What each device's recent readings were, to recognise redeliveries.
+    recent: Vec<Recent>,
     /// The key of each device in `devices`, to forget it on eviction.
     device_keys: Vec<(usize, Box<str>)>,
     /// Set when a known device is heard from again; the eviction sweep clears it and takes the
@@ -383,7 +384,7 @@ impl Worker {
         self.device_keys.push((input, name.into()));
         self.device_origins.push(origin);
         self.device_inputs.push(input);
-        self.recent.push(VecDeque::new());
+        self.recent.push(Recent::default());
         // A new device earns its second chance only by being heard from again, so a flood of
         // one-shot ids evicts itself before it evicts devices that keep talking.
         self.referenced.push(false);
@@ -413,7 +414,7 @@ impl Worker {
                 gauge.add(std::mem::take(&mut self.output.offline));
             }
         }
-        self.recent[victim].clear();
+        self.recent[victim] = Recent::default();
         self.referenced[victim] = false;
         self.device_origins[victim] = origin;
         self.input_devices[old_input] -= 1;
@@ -503,21 +504,18 @@ impl Worker {
         // Redelivered inputs (after a reconnect or a restart) are recognised by the device's
         // sequence number, or by payload hash when the payload carries its own time; without
         // either, two identical payloads may be two real readings, so nothing is dropped.
-        let dedup_key = match (decoded.seq, decoded.ts) {
-            (Some(seq), _) => Some(EventId::derive(&[b"seq", &seq.to_le_bytes()]).0),
-            (None, Some(_)) => Some(EventId::derive(&[b"payload", &message.payload]).0),
-            (None, None) => None,
+        let recent = &mut self.recent[device];
+        let duplicate = match (decoded.seq, decoded.ts) {
+            (Some(seq), _) => recent.seen_seq(seq),
+            (None, Some(_)) => recent.seen_hash(
+                EventId::derive(&[&message.payload]).0,
+                self.plan.dedup_horizon,
+            ),
+            (None, None) => false,
         };
-        if let Some(key) = dedup_key {
-            let recent = &mut self.recent[device];
-            if recent.contains(&key) {
-                self.input_counters[input].duplicates.inc();
-                return;
-            }
-            if recent.len() >= self.plan.dedup_horizon.max(1) {
-                recent.pop_front();
-            }
-            recent.push_back(key);
+        if duplicate {
+            self.input_counters[input].duplicates.inc();
+            return;
         }
         self.input_counters[input].decoded.inc();
         let ts = decoded.ts.unwrap_or(message.arrival_ms);
@@ -668,7 +666,7 @@ impl Worker {
                             .map(|bytes| (rule.name.to_string(), bytes))
                     })
                     .collect(),
-                recent: self.recent[device].iter().copied().collect(),
+                recent: self.recent[device].clone(),
             })
             .collect()
     }
@@ -695,7 +693,7 @@ impl Worker {
                 gauge.add(std::mem::take(&mut self.output.offline));
             }
         }
-        self.recent[device] = saved.recent.iter().copied().collect();
+        self.recent[device] = saved.recent.clone();
     }
 
     /// The worker loop: reads batches from the source, sends routed messages to the sink, answers

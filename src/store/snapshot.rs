@@ -31,8 +31,8 @@ pub struct DeviceSnapshot {
     pub topic: String,
     /// (rule name, CBOR-encoded operator state).
     pub rules: Vec<(String, Vec<u8>)>,
-    /// Dedup keys of this device's recent readings, oldest first.
-    pub recent: Vec<u64>,
+    /// What the device's recent readings were (to recognise redeliveries after the restart).
+    pub recent: crate::engine::dedup::Recent,
 }
 
 /// A derived event not yet acknowledged by the broker.
@@ -147,7 +147,7 @@ mod tests {
                 device: "d1".into(),
                 topic: "sensors/s1/d1/telemetry".into(),
                 rules: vec![("overheat".into(), vec![1, 2, 3])],
-                recent: vec![42],
+                recent: Default::default(),
             }],
             outbox: vec![],
         }
