@@ -59,7 +59,9 @@ fn payloads_with(
                 "battery": 3.9,
             });
             let payload = match format {
-                Format::Json | Format::Text => serde_json::to_vec(&value).expect("json"),
+                Format::Json | Format::Text | Format::Senml | Format::SenmlCbor => {
+                    serde_json::to_vec(&value).expect("json")
+                }
                 Format::Cbor => {
                     let mut out = Vec::new();
                     ciborium::into_writer(&value, &mut out).expect("cbor");

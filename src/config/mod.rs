@@ -284,6 +284,11 @@ pub enum Format {
     /// Inputs only: the whole payload is one UTF-8 string, read as the field `payload` (e.g. a
     /// retained status or last-will message such as `offline`).
     Text,
+    /// Inputs only: a SenML pack (RFC 8428) in JSON; records at one time form one reading.
+    Senml,
+    /// Inputs only: a SenML pack in CBOR, with the RFC's integer labels.
+    #[serde(rename = "senml_cbor")]
+    SenmlCbor,
 }
 
 /// One subscribed topic pattern and how to read its payloads.

@@ -262,6 +262,12 @@ fn check_input(path: &str, input: &InputConfig, max_packet_bytes: usize, problem
                 "a text payload is one string and has no time field; remove [time] (arrival time is used)",
             );
         }
+        if matches!(input.format, Format::Senml | Format::SenmlCbor) {
+            problems.add(
+                format!("{path}.time"),
+                "SenML records carry their own time (bt + t); remove [time]",
+            );
+        }
     }
 }
 
@@ -403,10 +409,13 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
     if output.qos.is_some_and(|qos| qos > 1) {
         problems.add(format!("{path}.output.qos"), "must be 0 or 1");
     }
-    if output.format == Format::Text {
+    if matches!(
+        output.format,
+        Format::Text | Format::Senml | Format::SenmlCbor
+    ) {
         problems.add(
             format!("{path}.output.format"),
-            "events are published as `json` or `cbor`; `text` is for inputs only",
+            "events are published as `json` or `cbor`; `text` and SenML are for inputs only",
         );
     }
     if let Some(pattern) = &pattern {

@@ -3,6 +3,7 @@
 
 mod cbor;
 mod json;
+mod senml;
 
 use crate::config::{Format, InputConfig, TimeUnit};
 use serde::{Deserialize, Serialize};
@@ -295,7 +296,7 @@ pub struct FieldPlan {
 }
 
 /// The decoded content of one payload, before it is joined with its topic's device and labels.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Decoded {
     /// Event time, ms since the Unix epoch; `None` when the input has no time field.
     pub ts: Option<i64>,
@@ -315,6 +316,11 @@ impl Decoded {
             values: vec![None; plan.metrics.len()],
             discrete: vec![DiscreteSlot::default(); plan.discrete.len()],
         }
+    }
+
+    /// Whether any discrete slot holds a value.
+    pub(crate) fn has_discrete(&self) -> bool {
+        self.discrete.iter().any(|d| d.kind != SlotKind::Absent)
     }
 
     fn clear(&mut self) {
@@ -344,6 +350,8 @@ impl FieldPlan {
             Format::Json => "JSON",
             Format::Cbor => "CBOR",
             Format::Text => "UTF-8 text",
+            Format::Senml => "SenML JSON",
+            Format::SenmlCbor => "SenML CBOR",
         }
     }
 
@@ -374,6 +382,25 @@ impl FieldPlan {
         self.discrete.iter().position(|m| m == name)
     }
 
+    /// Whether this input's payloads are SenML packs, which can hold several readings.
+    pub fn is_pack(&self) -> bool {
+        matches!(self.format, Format::Senml | Format::SenmlCbor)
+    }
+
+    /// Decodes a SenML pack into one reading per distinct time, oldest first; returns how many.
+    /// `now_ms` resolves relative times (the arrival).
+    ///
+    /// # Errors
+    /// As [`decode`](Self::decode).
+    pub fn decode_pack(
+        &self,
+        payload: &[u8],
+        now_ms: i64,
+        out: &mut Vec<Decoded>,
+    ) -> Result<usize, DecodeError> {
+        senml::decode_pack(self, payload, self.format == Format::SenmlCbor, now_ms, out)
+    }
+
     /// Decodes `payload` into `out` (cleared first).
     ///
     /// # Errors
@@ -388,6 +415,21 @@ impl FieldPlan {
         let parsed = match self.format {
             Format::Json => json::walk(payload, &mut sink),
             Format::Cbor => cbor::walk(payload, &mut sink),
+            // Packs go through `decode_pack`; a single-reading call takes the first reading.
+            Format::Senml | Format::SenmlCbor => {
+                let mut readings = Vec::new();
+                senml::decode_pack(
+                    self,
+                    payload,
+                    self.format == Format::SenmlCbor,
+                    0,
+                    &mut readings,
+                )?;
+                if let Some(first) = readings.into_iter().next() {
+                    *sink.out = first;
+                }
+                Ok(())
+            }
             Format::Text => match std::str::from_utf8(payload) {
                 Ok(text) => {
                     if let Some(key) = self.wanted_key("payload") {

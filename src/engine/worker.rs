@@ -232,6 +232,8 @@ pub struct Worker {
     hand: usize,
     /// One reusable decode buffer per input.
     decoded: Vec<Decoded>,
+    /// Reusable buffers for SenML packs, per input.
+    packs: Vec<Vec<Decoded>>,
     output: Output,
     rule_counters: Vec<RuleCounters>,
     input_counters: Vec<InputCounters>,
@@ -328,6 +330,7 @@ impl Worker {
             device_keys: Vec::new(),
             referenced: Vec::new(),
             hand: 0,
+            packs: vec![Vec::new(); plan.inputs.len()],
             decoded,
             output: Output::default(),
             rule_counters,
@@ -490,11 +493,45 @@ impl Worker {
                 return;
             }
         };
-        let input_plan = &self.plan.inputs[input];
-        let decoded = &mut self.decoded[input];
-        if let Err(err) = input_plan.fields.decode(&message.payload, decoded) {
-            return self.decode_failed(message, err, out);
+        let plan = self.plan.clone();
+        let fields = &plan.inputs[input].fields;
+        if fields.is_pack() {
+            // A SenML pack: one reading per distinct time, oldest first.
+            let mut pack = std::mem::take(&mut self.packs[input]);
+            match fields.decode_pack(&message.payload, message.arrival_ms, &mut pack) {
+                Ok(readings) => {
+                    for decoded in &pack[..readings] {
+                        self.apply(message, device, &origin, decoded, true, out);
+                    }
+                }
+                Err(err) => self.decode_failed(message, err, out),
+            }
+            self.packs[input] = pack;
+            return;
         }
+        let mut decoded = std::mem::take(&mut self.decoded[input]);
+        match fields.decode(&message.payload, &mut decoded) {
+            Ok(()) => self.apply(message, device, &origin, &decoded, false, out),
+            Err(err) => self.decode_failed(message, err, out),
+        }
+        self.decoded[input] = decoded;
+    }
+
+    /// Runs one decoded reading through the input's rules: the clock-skew check, redelivery
+    /// detection, then every rule in scope. `in_pack` marks a reading that shares its payload with
+    /// others (a SenML pack), so a payload hash alone does not identify it.
+    fn apply(
+        &mut self,
+        message: &RawMessage,
+        device: DeviceId,
+        origin: &Arc<Origin>,
+        decoded: &Decoded,
+        in_pack: bool,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let input = message.input;
+        let plan = self.plan.clone();
+        let input_plan = &plan.inputs[input];
         if decoded
             .ts
             .is_some_and(|ts| ts.saturating_sub(message.arrival_ms) > input_plan.max_clock_skew_ms)
@@ -507,10 +544,14 @@ impl Worker {
         let recent = &mut self.recent[device];
         let duplicate = match (decoded.seq, decoded.ts) {
             (Some(seq), _) => recent.seen_seq(seq),
-            (None, Some(_)) => recent.seen_hash(
-                EventId::derive(&[&message.payload]).0,
-                self.plan.dedup_horizon,
-            ),
+            (None, Some(ts)) => {
+                let hash = if in_pack {
+                    EventId::derive(&[&message.payload, &ts.to_le_bytes()]).0
+                } else {
+                    EventId::derive(&[&message.payload]).0
+                };
+                recent.seen_hash(hash, self.plan.dedup_horizon)
+            }
             (None, None) => false,
         };
         if duplicate {
@@ -525,7 +566,7 @@ impl Worker {
             self.stats.newest_event_ms[input].store(ts, std::sync::atomic::Ordering::Relaxed);
         }
         let reading = Reading {
-            origin: &origin,
+            origin,
             ts,
             seq: decoded.seq,
             values: &decoded.values,
@@ -534,7 +575,7 @@ impl Worker {
             arrival_ms: message.arrival_ms,
         };
         for &rule in &input_plan.rules {
-            if !self.plan.rules[rule].in_scope(&origin) {
+            if !self.plan.rules[rule].in_scope(origin) {
                 continue;
             }
             self.runners[rule].on_reading(device, &reading, &mut self.output);

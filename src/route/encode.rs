@@ -9,8 +9,9 @@ pub fn encode(event: &DerivedEvent, format: Format) -> Vec<u8> {
     let view = EventView(event);
     match format {
         // Serializing plain maps, strings and numbers into a Vec cannot fail.
-        // Text is for inputs only (validation refuses it for outputs); JSON if it ever gets here.
-        Format::Json | Format::Text => {
+        // Text and SenML are for inputs only (validation refuses them for outputs); JSON if one
+        // ever gets here.
+        Format::Json | Format::Text | Format::Senml | Format::SenmlCbor => {
             // Sized for a state change or a two-metric window, so encoding does not regrow.
             let mut out = Vec::with_capacity(384);
             let _ = serde_json::to_writer(&mut out, &view);
