@@ -146,7 +146,7 @@ impl Operator for Anomaly {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::test_support::{origin, reading};
+    use crate::operators::test_support::feed;
     use std::time::Duration;
 
     fn anomaly(cooldown: Duration) -> Anomaly {
@@ -165,27 +165,17 @@ mod tests {
     }
 
     fn run(op: &Anomaly, values: &[(i64, f64)]) -> (Vec<String>, Output) {
-        let origin = origin("d1");
-        let mut state = AnomalyState::default();
-        let mut out = Output::default();
-        for (ts, v) in values {
-            op.on_reading(&mut state, &reading(&origin, *ts, &[Some(*v)]), &mut out);
-        }
-        let events = out
-            .events
-            .iter()
-            .map(|e| match &e.body {
-                EventBody::Anomaly {
-                    value,
-                    mean,
-                    stddev,
-                    z,
-                    ..
-                } => format!("{value}@{} mean={mean} sd={stddev} z={z}", e.ts),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        (events, out)
+        let readings: Vec<_> = values.iter().map(|(ts, v)| (*ts, [Some(*v)])).collect();
+        feed(op, &readings, |e| match &e.body {
+            EventBody::Anomaly {
+                value,
+                mean,
+                stddev,
+                z,
+                ..
+            } => format!("{value}@{} mean={mean} sd={stddev} z={z}", e.ts),
+            other => panic!("unexpected {other:?}"),
+        })
     }
 
     #[test]

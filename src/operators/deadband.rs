@@ -125,7 +125,7 @@ impl Operator for Deadband {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::test_support::{origin, reading};
+    use crate::operators::test_support::feed;
     use std::time::Duration;
 
     fn deadband(absolute: Option<f64>, percent: Option<f64>, silence: Option<u64>) -> Deadband {
@@ -144,26 +144,16 @@ mod tests {
 
     /// Every report as `metric=value(reason)@ts`.
     fn run(op: &Deadband, readings: &[(i64, Option<f64>, Option<f64>)]) -> (Vec<String>, Output) {
-        let origin = origin("d1");
-        let mut state = DeadbandState::default();
-        let mut out = Output::default();
-        for (ts, t, h) in readings {
-            op.on_reading(&mut state, &reading(&origin, *ts, &[*t, *h]), &mut out);
-        }
-        let reports = out
-            .events
-            .iter()
-            .map(|e| match &e.body {
-                EventBody::Report {
-                    metric,
-                    value,
-                    reason,
-                    ..
-                } => format!("{metric}={value}({reason})@{}", e.ts),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        (reports, out)
+        let readings: Vec<_> = readings.iter().map(|(ts, t, h)| (*ts, [*t, *h])).collect();
+        feed(op, &readings, |e| match &e.body {
+            EventBody::Report {
+                metric,
+                value,
+                reason,
+                ..
+            } => format!("{metric}={value}({reason})@{}", e.ts),
+            other => panic!("unexpected {other:?}"),
+        })
     }
 
     #[test]

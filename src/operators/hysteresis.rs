@@ -226,25 +226,11 @@ mod tests {
     }
 
     fn transitions(op: &Hysteresis, values: &[(i64, f64)]) -> (Vec<String>, Output) {
-        let origin = origin("d1");
-        let mut state = HysteresisState::default();
-        let mut out = Output::default();
-        for (ts, value) in values {
-            op.on_reading(
-                &mut state,
-                &reading(&origin, *ts, &[Some(*value)]),
-                &mut out,
-            );
-        }
-        let names = out
-            .events
-            .iter()
-            .map(|e| match &e.body {
-                EventBody::StateChange { from, to, .. } => format!("{from}->{to}"),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        (names, out)
+        let readings: Vec<_> = values.iter().map(|(ts, v)| (*ts, [Some(*v)])).collect();
+        crate::operators::test_support::feed(op, &readings, |e| match &e.body {
+            EventBody::StateChange { from, to, .. } => format!("{from}->{to}"),
+            other => panic!("unexpected {other:?}"),
+        })
     }
 
     #[test]
@@ -322,24 +308,13 @@ mod tests {
 
     /// Every event as `from->to@ts` (state changes) or `flapping:from->to@ts`.
     fn run(op: &Hysteresis, values: &[(i64, f64)]) -> Vec<String> {
-        let origin = origin("d1");
-        let mut state = HysteresisState::default();
-        let mut out = Output::default();
-        for (ts, value) in values {
-            op.on_reading(
-                &mut state,
-                &reading(&origin, *ts, &[Some(*value)]),
-                &mut out,
-            );
-        }
-        out.events
-            .iter()
-            .map(|e| match &e.body {
-                EventBody::StateChange { from, to, .. } => format!("{from}->{to}@{}", e.ts),
-                EventBody::Flapping { from, to, .. } => format!("flapping:{from}->{to}@{}", e.ts),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect()
+        let readings: Vec<_> = values.iter().map(|(ts, v)| (*ts, [Some(*v)])).collect();
+        let (events, _) = crate::operators::test_support::feed(op, &readings, |e| match &e.body {
+            EventBody::StateChange { from, to, .. } => format!("{from}->{to}@{}", e.ts),
+            EventBody::Flapping { from, to, .. } => format!("flapping:{from}->{to}@{}", e.ts),
+            other => panic!("unexpected {other:?}"),
+        });
+        events
     }
 
     #[test]

@@ -208,6 +208,23 @@ pub(crate) mod test_support {
         }
     }
 
+    /// Feeds readings (event time, one value per metric slot) of device `d1` through `operator`
+    /// from a fresh state, and describes each event with `describe`.
+    pub fn feed<O: super::Operator, const N: usize>(
+        operator: &O,
+        readings: &[(i64, [Option<f64>; N])],
+        describe: impl Fn(&crate::event::DerivedEvent) -> String,
+    ) -> (Vec<String>, super::Output) {
+        let origin = origin("d1");
+        let mut state = O::State::default();
+        let mut out = super::Output::default();
+        for (ts, values) in readings {
+            operator.on_reading(&mut state, &reading(&origin, *ts, values), &mut out);
+        }
+        let events = out.events.iter().map(describe).collect();
+        (events, out)
+    }
+
     /// A reading at `ts` that arrived at `ts` on the gateway clock.
     pub fn reading<'a>(origin: &'a Arc<Origin>, ts: i64, values: &'a [Option<f64>]) -> Reading<'a> {
         Reading {

@@ -118,7 +118,7 @@ impl Operator for RateOfChange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::test_support::{origin, reading};
+    use crate::operators::test_support::feed;
     use std::time::Duration;
 
     fn rate() -> RateOfChange {
@@ -135,28 +135,17 @@ mod tests {
     }
 
     fn run(readings: &[(i64, f64)]) -> (Vec<String>, Output) {
-        let op = rate();
-        let origin = origin("d1");
-        let mut state = RateOfChangeState::default();
-        let mut out = Output::default();
-        for (ts, v) in readings {
-            op.on_reading(&mut state, &reading(&origin, *ts, &[Some(*v)]), &mut out);
-        }
-        let events = out
-            .events
-            .iter()
-            .map(|e| match &e.body {
-                EventBody::RateOfChange {
-                    from,
-                    to,
-                    rate_per_s,
-                    over_ms,
-                    ..
-                } => format!("{from}->{to}@{} rate={rate_per_s} over={over_ms}", e.ts),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        (events, out)
+        let readings: Vec<_> = readings.iter().map(|(ts, v)| (*ts, [Some(*v)])).collect();
+        feed(&rate(), &readings, |e| match &e.body {
+            EventBody::RateOfChange {
+                from,
+                to,
+                rate_per_s,
+                over_ms,
+                ..
+            } => format!("{from}->{to}@{} rate={rate_per_s} over={over_ms}", e.ts),
+            other => panic!("unexpected {other:?}"),
+        })
     }
 
     #[test]

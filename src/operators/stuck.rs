@@ -108,7 +108,7 @@ impl Operator for Stuck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::test_support::{origin, reading};
+    use crate::operators::test_support::feed;
     use std::time::Duration;
 
     fn run(tolerance: f64, readings: &[(i64, f64)]) -> (Vec<String>, Output) {
@@ -122,23 +122,13 @@ mod tests {
             name: "frozen".into(),
         };
         let op = Stuck::new(rule, &config, vec![0]);
-        let origin = origin("d1");
-        let mut state = StuckState::default();
-        let mut out = Output::default();
-        for (ts, v) in readings {
-            op.on_reading(&mut state, &reading(&origin, *ts, &[Some(*v)]), &mut out);
-        }
-        let events = out
-            .events
-            .iter()
-            .map(|e| match &e.body {
-                EventBody::Stuck {
-                    from, to, since, ..
-                } => format!("{from}->{to}@{} since={since}", e.ts),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        (events, out)
+        let readings: Vec<_> = readings.iter().map(|(ts, v)| (*ts, [Some(*v)])).collect();
+        feed(&op, &readings, |e| match &e.body {
+            EventBody::Stuck {
+                from, to, since, ..
+            } => format!("{from}->{to}@{} since={since}", e.ts),
+            other => panic!("unexpected {other:?}"),
+        })
     }
 
     #[test]
