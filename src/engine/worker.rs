@@ -590,14 +590,19 @@ impl Worker {
                     );
                 }
             }
-            drain_output(
-                &self.plan,
-                &self.metrics,
-                &self.rule_counters[rule],
-                &mut self.output,
-                out,
-            );
+            self.drain(rule, out);
         }
+    }
+
+    /// Counts and routes what rule `rule` just produced.
+    fn drain(&mut self, rule: usize, out: &mut Vec<Outgoing>) {
+        drain_output(
+            &self.plan,
+            &self.metrics,
+            &self.rule_counters[rule],
+            &mut self.output,
+            out,
+        );
     }
 
     /// Runs the processing-time timers of every rule that has them, for every device, and
@@ -614,13 +619,7 @@ impl Worker {
             for (device, origin) in self.device_origins.iter().enumerate() {
                 self.runners[rule].on_tick(device, origin, now_ms, &mut self.output);
             }
-            drain_output(
-                &self.plan,
-                &self.metrics,
-                &self.rule_counters[rule],
-                &mut self.output,
-                out,
-            );
+            self.drain(rule, out);
         }
     }
 
@@ -640,13 +639,7 @@ impl Worker {
             for (device, origin) in self.device_origins.iter().enumerate() {
                 self.runners[rule].on_close(device, origin, &mut self.output);
             }
-            drain_output(
-                &self.plan,
-                &self.metrics,
-                &self.rule_counters[rule],
-                &mut self.output,
-                out,
-            );
+            self.drain(rule, out);
         }
     }
 
