@@ -17,7 +17,7 @@ use crate::mqtt::{Backoff, ConnectFailures, RECONNECT_WARN_INTERVAL};
 use crate::route::Outgoing;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
 use prometheus::IntCounter;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ClientError, Event, MqttOptions, Packet, QoS, Request};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,22 +116,33 @@ impl Handover<'_> {
         if !self.connected.load(Ordering::Acquire) {
             return;
         }
-        while let Some(message) = queue.front() {
+        while let Some(mut message) = queue.pop_front() {
             if let Some(rule) = message.rule_index {
                 self.counters[rule].attempts.inc();
             }
-            let result = self.client.try_publish(
-                message.topic.clone(),
-                message.qos,
-                message.retain,
-                message.payload.clone(),
-            );
-            if result.is_err() {
+            // A QoS 1 event stays in the outbox until its PUBACK, so the connection gets a copy;
+            // a QoS 0 event is handed over as it is.
+            let keep = message.qos != QoS::AtMostOnce;
+            let (topic, payload) = if keep {
+                (message.topic.clone(), message.payload.clone())
+            } else {
+                (
+                    std::mem::take(&mut message.topic),
+                    std::mem::take(&mut message.payload),
+                )
+            };
+            if let Err(err) = self
+                .client
+                .try_publish(topic, message.qos, message.retain, payload)
+            {
+                // The request queue is full: the event goes back to the front, whole.
+                if let (false, ClientError::TryRequest(Request::Publish(publish))) = (keep, err) {
+                    message.topic = publish.topic;
+                    message.payload = publish.payload.to_vec();
+                }
+                queue.push_front(message);
                 break;
             }
-            let Some(message) = queue.pop_front() else {
-                break;
-            };
             if let Some(rule) = message.rule_index {
                 let rule = &mut self.counters[rule];
                 rule.published.inc();
