@@ -3,9 +3,14 @@
 //!
 //! Shutdown flows downstream: only the source watches the signal; each worker ends when its input
 //! channel closes (flushing open windows), then the sink publishes what is left and disconnects.
+//!
+//! Hot reload (SIGHUP or `POST /api/reload`) reads the config file again. Only `[rules]` may
+//! change while weir runs: the new rules go to the source, which passes them to every worker at
+//! the same point of the input, so no reading is lost or seen by both versions of a rule.
 
 use crate::config::{AckAfterConfig, Config, DeliveryMode};
-use crate::engine::{Plan, RawMessage, Worker};
+use crate::engine::{Plan, RawMessage, Reload, Worker};
+use crate::metrics::http::{ReloadReport, RuleInfo, SharedRules};
 use crate::metrics::{http, Metrics};
 use crate::route::Outgoing;
 use crate::sink::SinkOptions;
@@ -14,7 +19,7 @@ use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer, AckAfter};
 use crate::store::{snapshot, StateDir};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -92,31 +97,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
-    let rules = plan
-        .rules
-        .iter()
-        .map(|rule| http::RuleInfo {
-            name: rule.name.to_string(),
-            operator: rule.operator.operator_name(),
-            emits: rule.operator.event_kind(),
-            input: plan.inputs[rule.input].name.to_string(),
-            output_topic: config
-                .rules
-                .get(&*rule.name)
-                .map(|r| r.output.topic.clone())
-                .unwrap_or_default(),
-        })
-        .collect();
-    let api_token = config.http.api_token()?;
-    let (http_addr, server) = http::bind(
-        config.http.listen,
-        metrics.clone(),
-        rules,
-        api_token,
-        async {
-            let _ = http_stop_rx.await;
-        },
-    )
+    let rules: SharedRules = Arc::new(RwLock::new(rule_infos(&plan, &config)));
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let (source_reload_tx, source_reload_rx) = mpsc::channel(1);
+    let last_reload = Arc::new(Mutex::new(None));
+    let api = http::ApiSetup {
+        rules: rules.clone(),
+        token: config.http.api_token()?,
+        reloads: config.file.is_some().then(|| reload_tx.clone()),
+        last_reload: last_reload.clone(),
+    };
+    let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), api, async {
+        let _ = http_stop_rx.await;
+    })
     .await?;
     let server = tokio::spawn(server);
 
@@ -188,6 +181,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             log: log_tx,
             acks: ack_rx,
             snapshot_interval: state_dir.as_ref().map(|_| delivery.snapshot_interval),
+            reloads: source_reload_rx,
         },
         plan.clone(),
         worker_txs,
@@ -196,6 +190,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = stop_rx.await;
         },
     );
+    let reloader = Reloader {
+        config: config.clone(),
+        source: source_reload_tx,
+        rules,
+        metrics: metrics.clone(),
+        last: last_reload,
+    };
+    let reloader = tokio::spawn(reloader.run(reload_rx, config.file.is_some()));
+    drop(reload_tx);
     tracing::info!(
         http = %http_addr,
         workers = worker_tasks.len(),
@@ -219,6 +222,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         depth.abort();
+        reloader.abort();
         // Live tap clients would keep the server's graceful shutdown waiting forever.
         tap_metrics.tap.close();
         let _ = http_stop_tx.send(());
@@ -231,6 +235,168 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop: stop_tx,
         task,
     })
+}
+
+/// What `/api/rules` lists about each rule of `plan`.
+fn rule_infos(plan: &Plan, config: &Config) -> Vec<RuleInfo> {
+    plan.rules
+        .iter()
+        .map(|rule| RuleInfo {
+            name: rule.name.to_string(),
+            operator: rule.operator.operator_name(),
+            emits: rule.operator.event_kind(),
+            input: plan.inputs[rule.input].name.to_string(),
+            output_topic: config
+                .rules
+                .get(&*rule.name)
+                .map(|r| r.output.topic.clone())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Applies new rules from the config file on request (SIGHUP, `POST /api/reload`).
+struct Reloader {
+    /// The config running now.
+    config: Config,
+    /// To the source, which passes new rules on to the workers.
+    source: mpsc::Sender<(Arc<Reload>, oneshot::Sender<()>)>,
+    rules: SharedRules,
+    metrics: Arc<Metrics>,
+    last: Arc<Mutex<Option<ReloadReport>>>,
+}
+
+impl Reloader {
+    /// Serves reload requests, and SIGHUP when `on_sighup` (weir runs from a config file).
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<oneshot::Sender<ReloadReport>>,
+        on_sighup: bool,
+    ) {
+        let mut hangups = if on_sighup {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(signal) => Some(signal),
+                Err(err) => {
+                    tracing::warn!(%err, "cannot watch SIGHUP; reload with POST /api/reload");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        loop {
+            let reply = tokio::select! {
+                request = requests.recv() => match request {
+                    Some(reply) => Some(reply),
+                    None => return,
+                },
+                Some(()) = async {
+                    match &mut hangups {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => None,
+            };
+            let report = self.reload().await;
+            if let Some(reply) = reply {
+                let _ = reply.send(report);
+            }
+        }
+    }
+
+    /// Reads the config file again and, if it is valid and changes only `[rules]`, switches the
+    /// pipeline to its rules. Either way the outcome is logged, counted and kept for
+    /// `GET /api/reload`.
+    async fn reload(&mut self) -> ReloadReport {
+        let mut report = match self.apply().await {
+            Ok(report) => report,
+            Err(error) => ReloadReport {
+                error: Some(error),
+                ..ReloadReport::default()
+            },
+        };
+        report.at_ms = crate::source::wall_clock_ms();
+        let result = if report.ok { "applied" } else { "refused" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+        self.metrics
+            .config_last_reload_successful
+            .set(i64::from(report.ok));
+        match &report.error {
+            None => tracing::info!(
+                kept = ?report.kept,
+                started = ?report.started,
+                removed = ?report.removed,
+                "reloaded the rules"
+            ),
+            Some(error) => {
+                tracing::error!("reload refused; the running rules are unchanged: {error}")
+            }
+        }
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
+        report
+    }
+
+    async fn apply(&mut self) -> Result<ReloadReport, String> {
+        let Some(file) = self.config.file.clone() else {
+            return Err("weir runs without a config file; there is nothing to reload".into());
+        };
+        let new =
+            crate::config::load(&file, &self.config.overrides).map_err(|err| err.to_string())?;
+        let changed = self.config.fingerprints.changed_sections(&new.fingerprints);
+        if !changed.is_empty() {
+            let sections: Vec<String> = changed.iter().map(|s| format!("[{s}]")).collect();
+            return Err(format!(
+                "{}: {} changed, and only [rules] can change while weir runs; restart weir to apply the change (systemctl restart weir)",
+                file.display(),
+                sections.join(", ")
+            ));
+        }
+        let plan = Arc::new(Plan::build(&new).map_err(|err| format!("{}: {err}", file.display()))?);
+        let (old, now) = (&self.config.fingerprints.rules, &new.fingerprints.rules);
+        let kept: Vec<String> = now
+            .iter()
+            .filter(|(name, print)| old.get(*name) == Some(*print))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let report = ReloadReport {
+            ok: true,
+            started: now.keys().filter(|n| !kept.contains(n)).cloned().collect(),
+            removed: old
+                .keys()
+                .filter(|n| !now.contains_key(*n))
+                .cloned()
+                .collect(),
+            kept,
+            ..ReloadReport::default()
+        };
+        let reload = Arc::new(Reload {
+            kept: report
+                .kept
+                .iter()
+                .map(|name| Arc::from(name.as_str()))
+                .collect(),
+            plan: plan.clone(),
+        });
+        let (done_tx, done_rx) = oneshot::channel();
+        let shutting_down = || "weir is shutting down".to_owned();
+        self.source
+            .send((reload, done_tx))
+            .await
+            .map_err(|_| shutting_down())?;
+        done_rx.await.map_err(|_| shutting_down())?;
+        self.metrics.set_rules(plan.rules.iter().flat_map(|r| {
+            r.operator
+                .event_kinds()
+                .iter()
+                .map(move |kind| (&*r.name, *kind))
+        }));
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rule_infos(&plan, &new);
+        self.config = new;
+        Ok(report)
+    }
 }
 
 /// What recovery hands to the running pipeline.
@@ -256,9 +422,19 @@ fn recover(
     }
     if let Some(snapshot) = loaded.snapshot {
         recovery.next_lsn = snapshot.lsn;
+        let changed = changed_rules(&snapshot.rules, plan);
+        if !changed.is_empty() {
+            tracing::info!(rules = ?changed, "rules changed since the snapshot; they start fresh");
+        }
         for device in &snapshot.devices {
             let shard = Plan::shard(usize::from(device.input), &device.device, workers.len());
-            workers[shard].restore(device);
+            if changed.is_empty() {
+                workers[shard].restore(device);
+            } else {
+                let mut device = device.clone();
+                device.rules.retain(|(rule, _)| !changed.contains(rule));
+                workers[shard].restore(&device);
+            }
         }
         tracing::info!(
             lsn = snapshot.lsn,
@@ -270,7 +446,7 @@ fn recover(
         recovery.outbox = snapshot
             .outbox
             .into_iter()
-            .map(|m| crate::sink::restore(m, plan))
+            .map(crate::sink::restore)
             .collect();
     }
     if logged {
@@ -311,6 +487,20 @@ fn recover(
         }
     }
     Ok(recovery)
+}
+
+/// Rules of `plan` whose definition differs from the one a snapshot's state was made by. A
+/// snapshot from before fingerprints existed lists no rules, and nothing counts as changed.
+fn changed_rules(saved: &[(String, u64)], plan: &Plan) -> Vec<String> {
+    saved
+        .iter()
+        .filter(|(name, fingerprint)| {
+            plan.rules
+                .iter()
+                .any(|rule| *rule.name == **name && rule.fingerprint != *fingerprint)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// Runs until `shutdown` resolves, then stops within [`SHUTDOWN_TIMEOUT`].

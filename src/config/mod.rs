@@ -34,6 +34,134 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub dead_letter: DeadLetterConfig,
+    /// What the file said, hashed; set by [`parse`].
+    #[serde(skip)]
+    pub fingerprints: Fingerprints,
+    /// The file it was loaded from ([`load`]), read again by a reload.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+    /// What replaced the file's values; a reload applies them again.
+    #[serde(skip)]
+    pub overrides: Overrides,
+}
+
+/// Hashes of what the file says, to tell which rules a reload changed, and whether a snapshot's
+/// state was made by the same rule definitions. They hash the parsed TOML, so formatting,
+/// comments and key order do not count, and neither does a default changing between versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprints {
+    /// Per rule: its table together with the table of the input it reads (the input's fields
+    /// and formats shape what the rule sees).
+    pub rules: BTreeMap<String, u64>,
+    /// Every other top-level section (`broker`, `inputs`, ...), by name.
+    pub sections: BTreeMap<String, u64>,
+}
+
+impl Fingerprints {
+    fn of(table: &toml::Table, config: &Config) -> Self {
+        let empty = toml::Table::new();
+        let section = |name: &str| match table.get(name) {
+            Some(toml::Value::Table(section)) => section,
+            _ => &empty,
+        };
+        let (inputs, rules) = (section("inputs"), section("rules"));
+        let rules = config
+            .rules
+            .iter()
+            .map(|(name, rule)| {
+                let mut hash = Fnv::default();
+                if let Some(value) = rules.get(name) {
+                    hash.value(value);
+                }
+                if let Some((input, _)) = config.input_of(rule) {
+                    hash.bytes(input.as_bytes());
+                    if let Some(value) = inputs.get(input) {
+                        hash.value(value);
+                    }
+                }
+                (name.clone(), hash.0)
+            })
+            .collect();
+        let sections = table
+            .iter()
+            .filter(|(key, _)| *key != "rules")
+            .map(|(key, value)| {
+                let mut hash = Fnv::default();
+                hash.value(value);
+                (key.clone(), hash.0)
+            })
+            .collect();
+        Self { rules, sections }
+    }
+}
+
+impl Fingerprints {
+    /// The top-level sections other than `[rules]` that differ between the two.
+    pub fn changed_sections(&self, other: &Self) -> Vec<String> {
+        let mut names: Vec<&String> = self.sections.keys().chain(other.sections.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter(|name| self.sections.get(*name) != other.sections.get(*name))
+            .cloned()
+            .collect()
+    }
+}
+
+/// FNV-1a over a canonical walk of TOML values (keys in sorted order, each item tagged).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, bytes: &[u8]) {
+        for byte in bytes.iter().chain(&[0xff]) {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn value(&mut self, value: &toml::Value) {
+        match value {
+            toml::Value::String(s) => {
+                self.bytes(b"s");
+                self.bytes(s.as_bytes());
+            }
+            toml::Value::Integer(n) => {
+                self.bytes(b"i");
+                self.bytes(&n.to_le_bytes());
+            }
+            toml::Value::Float(x) => {
+                self.bytes(b"f");
+                self.bytes(&x.to_bits().to_le_bytes());
+            }
+            toml::Value::Boolean(b) => self.bytes(if *b { b"t" } else { b"F" }),
+            toml::Value::Datetime(d) => {
+                self.bytes(b"d");
+                self.bytes(d.to_string().as_bytes());
+            }
+            toml::Value::Array(items) => {
+                self.bytes(b"[");
+                items.iter().for_each(|item| self.value(item));
+                self.bytes(b"]");
+            }
+            toml::Value::Table(table) => {
+                self.bytes(b"{");
+                let mut keys: Vec<_> = table.keys().collect();
+                keys.sort();
+                for key in keys {
+                    self.bytes(key.as_bytes());
+                    self.value(&table[key]);
+                }
+                self.bytes(b"}");
+            }
+        }
+    }
 }
 
 /// What weir promises about each reading and event, and where it keeps state.
@@ -852,7 +980,9 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         file: path.to_owned(),
         source,
     })?;
-    parse(&text, path, overrides)
+    let mut config = parse(&text, path, overrides)?;
+    config.file = Some(path.to_owned());
+    Ok(config)
 }
 
 /// Parses and validates config text; `file` is only used in messages.
@@ -862,7 +992,11 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, file: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     let mut config: Config =
         toml::from_str(text).map_err(|err| ConfigError::from_toml(file, text, &err))?;
+    let table: toml::Table =
+        toml::from_str(text).map_err(|err| ConfigError::from_toml(file, text, &err))?;
+    config.fingerprints = Fingerprints::of(&table, &config);
     config.apply(overrides);
+    config.overrides = overrides.clone();
     let problems = validate::validate(&config);
     if problems.is_empty() {
         Ok(config)

@@ -7,7 +7,7 @@
 pub mod dedup;
 pub mod worker;
 
-pub use worker::{RawMessage, Worker, WorkerInput};
+pub use worker::{RawMessage, Reload, Worker, WorkerInput};
 
 use crate::config::{Config, RuleConfig, WindowConfig};
 use crate::decode::{FieldPlan, Origin};
@@ -99,6 +99,9 @@ pub struct RulePlan {
     pub late_route: Option<Route>,
     /// `where`: (segment index, allowed values); empty means every device of the input.
     pub scope: Vec<(usize, Vec<Arc<str>>)>,
+    /// Hash of the rule's definition ([`crate::config::Fingerprints`]): state saved under
+    /// another fingerprint belongs to an older definition and is not restored.
+    pub fingerprint: u64,
 }
 
 impl RulePlan {
@@ -273,6 +276,14 @@ fn qos(level: u8) -> rumqttc::QoS {
 }
 
 impl Plan {
+    /// Each rule's name and definition fingerprint, as a snapshot records them.
+    pub fn fingerprints(&self) -> Vec<(String, u64)> {
+        self.rules
+            .iter()
+            .map(|rule| (rule.name.to_string(), rule.fingerprint))
+            .collect()
+    }
+
     /// Builds the plan from a config that passed validation.
     ///
     /// # Errors
@@ -370,6 +381,7 @@ impl Plan {
             inputs[input].rules.push(index);
             rules.push(RulePlan {
                 name: name.as_str().into(),
+                fingerprint: config.fingerprints.rules.get(name).copied().unwrap_or(0),
                 input,
                 operator,
                 route: Route {

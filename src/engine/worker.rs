@@ -40,6 +40,17 @@ pub enum WorkerInput {
     Message(RawMessage),
     /// Snapshot this worker's state as of every message before `lsn`, and pass it to the sink.
     Barrier(u64),
+    /// Switch to new rules between two messages ([`Worker::reload`]).
+    Reload(Arc<Reload>),
+}
+
+/// New rules for a running pipeline. The source sends it to every worker at the same point of
+/// the input, as it does barriers, so a snapshot is never half old rules and half new.
+#[derive(Debug)]
+pub struct Reload {
+    pub plan: Arc<Plan>,
+    /// Rules whose definition did not change: they keep their state.
+    pub kept: Vec<Arc<str>>,
 }
 
 /// How often processing-time timers run ([`Worker::tick`]).
@@ -106,6 +117,11 @@ trait RuleRunner: Send {
     fn on_expected(&mut self, device: DeviceId);
     /// Forgets a device's state (its place is reused by another device).
     fn reset(&mut self, device: DeviceId, out: &mut Output);
+    /// Gives up every device's state, to hand it to the same rule in a reloaded plan.
+    fn take_states(&mut self) -> Box<dyn std::any::Any + Send>;
+    /// Takes over states given up by [`RuleRunner::take_states`]; false if they are of another
+    /// operator (then nothing changes).
+    fn adopt_states(&mut self, states: Box<dyn std::any::Any + Send>) -> bool;
 }
 
 struct Keyed<O: Operator> {
@@ -144,6 +160,20 @@ impl<O: Operator> RuleRunner for Keyed<O> {
         if let Some(state) = self.states.get_mut(device) {
             out.offline -= self.operator.offline_devices(state);
             *state = O::State::default();
+        }
+    }
+
+    fn take_states(&mut self) -> Box<dyn std::any::Any + Send> {
+        Box::new(std::mem::take(&mut self.states))
+    }
+
+    fn adopt_states(&mut self, states: Box<dyn std::any::Any + Send>) -> bool {
+        match states.downcast::<Vec<O::State>>() {
+            Ok(states) => {
+                self.states = *states;
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -244,6 +274,8 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     /// Devices per input on this worker.
     input_devices: Vec<u64>,
+    /// This worker's place among the workers (index, count), for the devices it owns.
+    shard: (usize, usize),
     /// Newest event time seen per input on this worker (ms), mirrored in `stats`.
     newest_event_ms: Vec<i64>,
     ticks: u64,
@@ -251,59 +283,8 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(plan: Arc<Plan>, metrics: Arc<Metrics>) -> Self {
-        let runners = plan
-            .rules
-            .iter()
-            .map(|rule| -> Box<dyn RuleRunner> {
-                match &rule.operator {
-                    OperatorPlan::Hysteresis(op) => Keyed::boxed(op),
-                    OperatorPlan::Tumbling(op) => Keyed::boxed(op),
-                    OperatorPlan::Deadband(op) => Keyed::boxed(op),
-                    OperatorPlan::Change(op) => Keyed::boxed(op),
-                    OperatorPlan::Liveness(op) => Keyed::boxed(op),
-                    OperatorPlan::RateOfChange(op) => Keyed::boxed(op),
-                    OperatorPlan::Stuck(op) => Keyed::boxed(op),
-                    OperatorPlan::Anomaly(op) => Keyed::boxed(op),
-                    OperatorPlan::Hopping(op) => Keyed::boxed(op),
-                    OperatorPlan::Session(op) => Keyed::boxed(op),
-                    OperatorPlan::Count(op) => Keyed::boxed(op),
-                }
-            })
-            .collect();
-        let rule_counters = plan
-            .rules
-            .iter()
-            .map(|rule| RuleCounters {
-                emitted: rule
-                    .operator
-                    .event_kinds()
-                    .iter()
-                    .map(|kind| {
-                        (
-                            *kind,
-                            metrics
-                                .events_emitted
-                                .with_label_values(&[&*rule.name, kind]),
-                        )
-                    })
-                    .collect(),
-                offline: matches!(rule.operator, OperatorPlan::Liveness(_))
-                    .then(|| metrics.devices_offline.with_label_values(&[&rule.name])),
-                late: metrics
-                    .readings_late
-                    .with_label_values(&[&rule.name, LateReason::Late.label()]),
-                future: metrics
-                    .readings_late
-                    .with_label_values(&[&rule.name, LateReason::Future.label()]),
-                window_limit: metrics
-                    .readings_late
-                    .with_label_values(&[&rule.name, LateReason::WindowLimit.label()]),
-                windows_open: metrics.windows_open.with_label_values(&[&rule.name]),
-                out_of_order: metrics
-                    .readings_out_of_order
-                    .with_label_values(&[&rule.name]),
-            })
-            .collect();
+        let runners = runners(&plan);
+        let rule_counters = rule_counters(&plan, &metrics);
         let input_counters = plan
             .inputs
             .iter()
@@ -340,6 +321,7 @@ impl Worker {
             window_limit_warnings: WarnLimit::new(Duration::from_secs(60)),
             stats: metrics.worker_stats(plan.rules.len(), plan.inputs.len()),
             input_devices: vec![0; plan.inputs.len()],
+            shard: (0, 1),
             newest_event_ms: vec![i64::MIN; plan.inputs.len()],
             ticks: 0,
             plan,
@@ -355,8 +337,15 @@ impl Worker {
     /// Registers the devices the config expects (liveness `expected`) that this worker owns:
     /// worker `index` of `workers`, by [`Plan::shard`]. Call once, before the first tick.
     pub fn seed_expected(&mut self, index: usize, workers: usize) {
+        self.shard = (index, workers);
+        self.seed_expected_in(|_| true);
+    }
+
+    /// As [`Worker::seed_expected`], for the rules `wanted` picks (by index).
+    fn seed_expected_in(&mut self, wanted: impl Fn(usize) -> bool) {
+        let (index, workers) = self.shard;
         let plan = self.plan.clone();
-        for expected in &plan.expected {
+        for expected in plan.expected.iter().filter(|e| wanted(e.rule)) {
             let name = expected.device(&plan);
             if Plan::shard(expected.input, name, workers) != index {
                 continue;
@@ -674,7 +663,7 @@ impl Worker {
                 payload: dead_letter_payload(&input_plan.name, message, reason, &description),
                 qos: self.plan.dead_letter_qos,
                 retain: false,
-                rule_index: None,
+                rule: None,
                 arrival: Some(message.arrival),
                 ts: message.arrival_ms,
             });
@@ -703,6 +692,68 @@ impl Worker {
                 recent: self.recent[device].clone(),
             })
             .collect()
+    }
+
+    /// Switches to the rules of `reload.plan`. Kept rules (same definition) carry on with their
+    /// state; the others flush: their open windows fire into `out`, their gauges are taken
+    /// back, and their state is dropped. New and changed rules start with no state. Devices, their
+    /// dedup windows and the topic cache stay, since a reload never changes the inputs.
+    pub fn reload(&mut self, reload: &Reload, out: &mut Vec<Outgoing>) {
+        let old_plan = std::mem::replace(&mut self.plan, reload.plan.clone());
+        let mut old_runners: Vec<Option<Box<dyn RuleRunner>>> = std::mem::take(&mut self.runners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let kept = |name: &str| reload.kept.iter().any(|k| &**k == name);
+        for (index, rule) in old_plan.rules.iter().enumerate() {
+            let Some(runner) = old_runners[index].as_mut().filter(|_| !kept(&rule.name)) else {
+                continue;
+            };
+            for (device, origin) in self.device_origins.iter().enumerate() {
+                runner.on_close(device, origin, &mut self.output);
+                runner.reset(device, &mut self.output);
+            }
+            drain_output(
+                &old_plan,
+                &self.metrics,
+                &self.rule_counters[index],
+                &mut self.output,
+                out,
+            );
+        }
+        let plan = self.plan.clone();
+        self.runners = runners(&plan);
+        let mut fresh = vec![true; plan.rules.len()];
+        for (index, rule) in plan.rules.iter().enumerate() {
+            if !kept(&rule.name) {
+                continue;
+            }
+            let Some(old) = old_plan.rules.iter().position(|r| r.name == rule.name) else {
+                continue;
+            };
+            let Some(mut runner) = old_runners[old].take() else {
+                continue;
+            };
+            fresh[index] = !self.runners[index].adopt_states(runner.take_states());
+            if fresh[index] {
+                tracing::error!(rule = %rule.name, "a kept rule's state did not fit its new plan; it starts fresh");
+            }
+        }
+        self.rule_counters = rule_counters(&plan, &self.metrics);
+        self.decoded = plan
+            .inputs
+            .iter()
+            .map(|input| Decoded::for_plan(&input.fields))
+            .collect();
+        self.metrics.retire_worker_stats(&self.stats);
+        self.stats = self
+            .metrics
+            .worker_stats(plan.rules.len(), plan.inputs.len());
+        for (input, newest) in self.newest_event_ms.iter().enumerate() {
+            self.stats.newest_event_ms[input].store(*newest, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.seed_expected_in(|rule| fresh[rule]);
+        self.report_stats();
     }
 
     /// Restores one device from a snapshot. A rule whose saved state no longer fits (its
@@ -756,10 +807,12 @@ impl Worker {
                                     return;
                                 }
                                 let devices = self.snapshot();
-                                if sink.send(SinkInput::Barrier { lsn, devices }).await.is_err() {
+                                let rules = self.plan.fingerprints();
+                                if sink.send(SinkInput::Barrier { lsn, devices, rules }).await.is_err() {
                                     return;
                                 }
                             }
+                            WorkerInput::Reload(reload) => self.reload(&reload, &mut out),
                         }
                     }
                 }
@@ -775,6 +828,65 @@ impl Worker {
         self.report_stats();
         send_all(&sink, &mut out).await;
     }
+}
+
+/// One runner per rule of `plan`, with no device state yet.
+fn runners(plan: &Plan) -> Vec<Box<dyn RuleRunner>> {
+    plan.rules
+        .iter()
+        .map(|rule| -> Box<dyn RuleRunner> {
+            match &rule.operator {
+                OperatorPlan::Hysteresis(op) => Keyed::boxed(op),
+                OperatorPlan::Tumbling(op) => Keyed::boxed(op),
+                OperatorPlan::Deadband(op) => Keyed::boxed(op),
+                OperatorPlan::Change(op) => Keyed::boxed(op),
+                OperatorPlan::Liveness(op) => Keyed::boxed(op),
+                OperatorPlan::RateOfChange(op) => Keyed::boxed(op),
+                OperatorPlan::Stuck(op) => Keyed::boxed(op),
+                OperatorPlan::Anomaly(op) => Keyed::boxed(op),
+                OperatorPlan::Hopping(op) => Keyed::boxed(op),
+                OperatorPlan::Session(op) => Keyed::boxed(op),
+                OperatorPlan::Count(op) => Keyed::boxed(op),
+            }
+        })
+        .collect()
+}
+
+/// The counters of every rule of `plan`.
+fn rule_counters(plan: &Plan, metrics: &Metrics) -> Vec<RuleCounters> {
+    plan.rules
+        .iter()
+        .map(|rule| RuleCounters {
+            emitted: rule
+                .operator
+                .event_kinds()
+                .iter()
+                .map(|kind| {
+                    (
+                        *kind,
+                        metrics
+                            .events_emitted
+                            .with_label_values(&[&*rule.name, kind]),
+                    )
+                })
+                .collect(),
+            offline: matches!(rule.operator, OperatorPlan::Liveness(_))
+                .then(|| metrics.devices_offline.with_label_values(&[&rule.name])),
+            late: metrics
+                .readings_late
+                .with_label_values(&[&rule.name, LateReason::Late.label()]),
+            future: metrics
+                .readings_late
+                .with_label_values(&[&rule.name, LateReason::Future.label()]),
+            window_limit: metrics
+                .readings_late
+                .with_label_values(&[&rule.name, LateReason::WindowLimit.label()]),
+            windows_open: metrics.windows_open.with_label_values(&[&rule.name]),
+            out_of_order: metrics
+                .readings_out_of_order
+                .with_label_values(&[&rule.name]),
+        })
+        .collect()
 }
 
 /// Sends and clears `out`; false when the sink is gone.

@@ -1,6 +1,7 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is alive),
 //! `/readyz` (connected to the broker and subscribed), `/api/rules` (each rule with its counters
-//! and state sizes, JSON) and `/api/events` (the live tap of derived events, Server-Sent Events).
+//! and state sizes, JSON), `/api/events` (the live tap of derived events, Server-Sent Events) and
+//! `/api/reload` (POST: load the config file again; GET: what the last reload did).
 
 use super::tap::{TapItem, TapSubscription};
 use super::Metrics;
@@ -14,10 +15,44 @@ use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 
-/// What `/api/rules` says about a rule besides its live numbers; fixed at start.
+/// The rules `/api/rules` lists; replaced by a reload.
+pub type SharedRules = Arc<RwLock<Vec<RuleInfo>>>;
+
+/// Where reload requests go (the app's reloader); each gets its report back.
+pub type ReloadRequests = mpsc::Sender<oneshot::Sender<ReloadReport>>;
+
+/// What a reload did: `POST /api/reload` answers with it, `GET /api/reload` shows the last one.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadReport {
+    pub ok: bool,
+    /// When it finished, ms since the epoch.
+    pub at_ms: i64,
+    /// Why the new config was refused (the running rules were left as they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Rules whose definition did not change: they kept their state.
+    pub kept: Vec<String>,
+    /// New or changed rules: they started with no state.
+    pub started: Vec<String>,
+    /// Rules no longer in the config: their open windows were flushed.
+    pub removed: Vec<String>,
+}
+
+/// What `/api/*` serves besides the metrics.
+pub struct ApiSetup {
+    pub rules: SharedRules,
+    /// Bearer token `/api/*` requires, if set.
+    pub token: Option<crate::config::Secret>,
+    /// `None` when weir runs without a config file (the demo's built-in example).
+    pub reloads: Option<ReloadRequests>,
+    pub last_reload: Arc<Mutex<Option<ReloadReport>>>,
+}
+
+/// What `/api/rules` says about a rule besides its live numbers; fixed until a reload.
 #[derive(Debug, Clone, Serialize)]
 pub struct RuleInfo {
     pub name: String,
@@ -31,9 +66,11 @@ pub struct RuleInfo {
 
 struct Api {
     metrics: Arc<Metrics>,
-    rules: Vec<RuleInfo>,
+    rules: SharedRules,
     /// Bearer token `/api/*` requires, if set.
     token: Option<crate::config::Secret>,
+    reloads: Option<ReloadRequests>,
+    last_reload: Arc<Mutex<Option<ReloadReport>>>,
 }
 
 impl Api {
@@ -74,8 +111,7 @@ impl Api {
 pub async fn bind(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    rules: Vec<RuleInfo>,
-    token: Option<crate::config::Secret>,
+    api: ApiSetup,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await.map_err(|err| {
@@ -88,10 +124,13 @@ pub async fn bind(
         .route("/readyz", get(ready))
         .route("/api/rules", get(list_rules))
         .route("/api/events", get(events))
+        .route("/api/reload", get(last_reload).post(reload))
         .with_state(Arc::new(Api {
             metrics,
-            rules,
-            token,
+            rules: api.rules,
+            token: api.token,
+            reloads: api.reloads,
+            last_reload: api.last_reload,
         }));
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
@@ -152,8 +191,8 @@ async fn list_rules(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap)
         return denied;
     }
     let m = &api.metrics;
-    let reports: Vec<RuleReport<'_>> = api
-        .rules
+    let rules = api.rules.read().unwrap_or_else(PoisonError::into_inner);
+    let reports: Vec<RuleReport<'_>> = rules
         .iter()
         .enumerate()
         .map(|(index, info)| {
@@ -194,6 +233,55 @@ async fn list_rules(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap)
     )
 }
 
+/// `POST /api/reload`: reads the config file again and applies its rules (see
+/// [`crate::app`]); 200 with the report when applied, 422 with the reason when refused.
+async fn reload(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(denied) = api.authorize(&headers) {
+        return denied;
+    }
+    let Some(requests) = &api.reloads else {
+        return json_response(
+            StatusCode::CONFLICT,
+            r#"{"ok":false,"error":"weir runs the built-in example without a config file; there is nothing to reload"}"#,
+        );
+    };
+    let (reply, report) = oneshot::channel();
+    let report = match requests.send(reply).await {
+        Ok(()) => report.await.ok(),
+        Err(_) => None,
+    };
+    match report {
+        Some(report) => {
+            let status = if report.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            json_response(status, &serde_json::to_string(&report).unwrap_or_default())
+        }
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"ok":false,"error":"weir is shutting down"}"#,
+        ),
+    }
+}
+
+/// `GET /api/reload`: the last reload's report, `null` before the first.
+async fn last_reload(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(denied) = api.authorize(&headers) {
+        return denied;
+    }
+    let last = api
+        .last_reload
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    json_response(
+        StatusCode::OK,
+        &serde_json::to_string(&last).unwrap_or_default(),
+    )
+}
+
 fn json_response(status: StatusCode, body: &str) -> Response {
     (
         status,
@@ -221,8 +309,9 @@ async fn events(
         return denied;
     }
     if let Some(rule) = &filter.rule {
-        if !api.rules.iter().any(|r| &r.name == rule) {
-            let known: Vec<&str> = api.rules.iter().map(|r| r.name.as_str()).collect();
+        let rules = api.rules.read().unwrap_or_else(PoisonError::into_inner);
+        if !rules.iter().any(|r| &r.name == rule) {
+            let known: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
             let body = serde_json::json!({
                 "error": format!("no rule named {rule:?}; the rules are {known:?}"),
             });

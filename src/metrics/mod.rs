@@ -65,6 +65,10 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub queue_capacity: IntGaugeVec,
     pub devices_tracked: IntGauge,
+    /// Reloads by result (`applied`, `refused`).
+    pub config_reloads: IntCounterVec,
+    /// 1 if the last reload was applied (or none was asked for), 0 if it was refused.
+    pub config_last_reload_successful: IntGauge,
     /// Set from the workers' [`WorkerStats`] at scrape time.
     rule_devices: IntGaugeVec,
     /// Kept by the workers as windows open and close.
@@ -348,6 +352,17 @@ impl Metrics {
                 "weir_devices_tracked",
                 "Devices with operator state, over all workers.",
             ),
+            config_reloads: counter_vec(
+                r,
+                "weir_config_reloads_total",
+                "Config reloads (SIGHUP or POST /api/reload) by result: applied or refused.",
+                &["result"],
+            ),
+            config_last_reload_successful: gauge(
+                r,
+                "weir_config_last_reload_successful",
+                "1 if the last config reload was applied (or none was asked for), 0 if it was refused.",
+            ),
             rule_devices: gauge_vec(
                 r,
                 "weir_rule_devices",
@@ -382,6 +397,10 @@ impl Metrics {
         for policy in ["drop_oldest", "drop_newest"] {
             metrics.outbox_dropped.with_label_values(&[policy]);
         }
+        for result in ["applied", "refused"] {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
+        metrics.config_last_reload_successful.set(1);
         for connection in [Connection::Source, Connection::Sink] {
             metrics
                 .mqtt_connected
@@ -414,8 +433,20 @@ impl Metrics {
             }
             names.0.push(input.to_owned());
         }
+        drop(names);
+        self.set_rules(rules);
+    }
+
+    /// Registers the label values of the rules (as (name, event kind) pairs, a rule's pairs next
+    /// to each other) and makes them the rules the per-worker state gauges are summed by, in
+    /// plan order. Called at start and by every reload.
+    pub fn set_rules<'a>(&self, rules: impl IntoIterator<Item = (&'a str, &'static str)>) {
+        let mut order: Vec<String> = Vec::new();
         for (rule, kind) in rules {
             self.events_emitted.with_label_values(&[rule, kind]);
+            if order.last().is_some_and(|last| last == rule) {
+                continue;
+            }
             self.publish_attempts.with_label_values(&[rule]);
             self.events_published.with_label_values(&[rule]);
             self.publish_errors.with_label_values(&[rule]);
@@ -427,8 +458,22 @@ impl Metrics {
             self.rule_devices.with_label_values(&[rule]);
             self.windows_open.with_label_values(&[rule]);
             self.event_latency.register(rule);
-            names.1.push(rule.to_owned());
+            order.push(rule.to_owned());
         }
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+        for gone in names.1.iter().filter(|name| !order.contains(name)) {
+            // A removed rule has no devices any more (its counters keep their totals).
+            self.rule_devices.with_label_values(&[gone]).set(0);
+        }
+        names.1 = order;
+    }
+
+    /// Forgets a worker's slot (the worker replaced it after a reload).
+    pub fn retire_worker_stats(&self, stats: &Arc<WorkerStats>) {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|w| !Arc::ptr_eq(w, stats));
     }
 
     /// A worker's slot for reporting its state sizes; summed at scrape time.

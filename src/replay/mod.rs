@@ -389,7 +389,7 @@ pub fn replay(
                 topic: message.topic,
                 payload,
             };
-            if message.rule_index.is_none() {
+            if message.rule.is_none() {
                 summary.dead_letters += 1;
             } else {
                 summary.events += 1;

@@ -8,6 +8,7 @@ pub use encode::{encode, EventView};
 use crate::config::Format;
 use crate::event::DerivedEvent;
 use crate::topic::TopicTemplate;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where and how a rule's events are published.
@@ -26,8 +27,9 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     pub qos: rumqttc::QoS,
     pub retain: bool,
-    /// Rule index, for per-rule publish metrics; `None` for dead letters.
-    pub rule_index: Option<usize>,
+    /// The rule that derived it, for per-rule publish metrics; `None` for dead letters. A name,
+    /// not an index: a hot reload renumbers the rules while their events are still queued.
+    pub rule: Option<Arc<str>>,
     /// Arrival of the causing reading, for the latency histogram.
     pub arrival: Option<Instant>,
     /// Event time of the event, ms since the epoch.
@@ -45,7 +47,7 @@ impl Route {
             payload: encode(event, self.format),
             qos: self.qos,
             retain: self.retain,
-            rule_index: Some(event.rule_index),
+            rule: Some(event.rule.clone()),
             arrival: event.arrival,
             ts: event.ts,
         }

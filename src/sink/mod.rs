@@ -31,10 +31,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum SinkInput {
     Event(Outgoing),
-    /// One worker's state as of input `lsn`.
+    /// One worker's state as of input `lsn`, made by the rules `rules` (name, fingerprint).
     Barrier {
         lsn: u64,
         devices: Vec<DeviceSnapshot>,
+        rules: Vec<(String, u64)>,
     },
 }
 
@@ -57,23 +58,20 @@ pub struct SinkOptions {
 /// order, and rumqttc retransmits unacknowledged ones itself after a reconnect.
 type Unacked = Arc<Mutex<VecDeque<Outgoing>>>;
 
-fn stored(message: &Outgoing, plan: &Plan) -> StoredMessage {
+fn stored(message: &Outgoing) -> StoredMessage {
     StoredMessage {
         topic: message.topic.clone(),
         payload: message.payload.clone(),
         qos: message.qos as u8,
         retain: message.retain,
-        rule: message
-            .rule_index
-            .map(|i| plan.rules[i].name.to_string())
-            .unwrap_or_default(),
+        rule: message.rule.as_deref().unwrap_or_default().to_owned(),
     }
 }
 
 /// Rebuilds a restored outbox entry.
-pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
+pub fn restore(message: StoredMessage) -> Outgoing {
     Outgoing {
-        rule_index: plan.rules.iter().position(|r| *r.name == message.rule),
+        rule: (!message.rule.is_empty()).then(|| Arc::from(message.rule)),
         topic: message.topic,
         payload: message.payload,
         qos: if message.qos == 0 {
@@ -94,11 +92,23 @@ fn wall_clock_us() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
-/// The per-rule handles of the publish loop, resolved once.
+/// The per-rule handles of the publish loop, resolved on a rule's first event.
 struct RuleCounters {
+    rule: Arc<str>,
     attempts: IntCounter,
     published: IntCounter,
     event_latency: LatencyRecorder,
+}
+
+impl RuleCounters {
+    fn new(rule: &Arc<str>, metrics: &Metrics) -> Self {
+        Self {
+            rule: rule.clone(),
+            attempts: metrics.publish_attempts.with_label_values(&[&**rule]),
+            published: metrics.events_published.with_label_values(&[&**rule]),
+            event_latency: metrics.event_latency.recorder(rule),
+        }
+    }
 }
 
 /// Where the sink hands events to the connection, and what it records when it does.
@@ -106,19 +116,35 @@ struct Handover<'a> {
     client: &'a AsyncClient,
     connected: &'a AtomicBool,
     unacked: &'a Unacked,
+    metrics: &'a Metrics,
+    /// One entry per rule name seen; a handful, so a scan (which matches the name's `Arc` by
+    /// pointer first) beats hashing the name per event. Rules removed by a reload stay, bounded
+    /// by the number of reloads times rules.
     counters: Vec<RuleCounters>,
     processing_latency: LatencyRecorder,
 }
 
 impl Handover<'_> {
+    fn counters(&mut self, rule: &Arc<str>) -> &mut RuleCounters {
+        let found = self
+            .counters
+            .iter()
+            .position(|c| Arc::ptr_eq(&c.rule, rule) || c.rule == *rule);
+        let index = found.unwrap_or_else(|| {
+            self.counters.push(RuleCounters::new(rule, self.metrics));
+            self.counters.len() - 1
+        });
+        &mut self.counters[index]
+    }
+
     /// Hands queued events to the connection while it is up, until its request queue is full.
     fn run(&mut self, queue: &mut VecDeque<Outgoing>) {
         if !self.connected.load(Ordering::Acquire) {
             return;
         }
         while let Some(mut message) = queue.pop_front() {
-            if let Some(rule) = message.rule_index {
-                self.counters[rule].attempts.inc();
+            if let Some(rule) = &message.rule {
+                self.counters(rule).attempts.inc();
             }
             // A QoS 1 event stays in the outbox until its PUBACK, so the connection gets a copy;
             // a QoS 0 event is handed over as it is.
@@ -143,8 +169,8 @@ impl Handover<'_> {
                 queue.push_front(message);
                 break;
             }
-            if let Some(rule) = message.rule_index {
-                let rule = &mut self.counters[rule];
+            if let Some(rule) = &message.rule {
+                let rule = self.counters(rule);
                 rule.published.inc();
                 // Event times are whole ms; the clock is read in us so that sub-ms latencies
                 // are not all rounded to zero.
@@ -247,21 +273,21 @@ pub async fn run(
     let counters: Vec<_> = plan
         .rules
         .iter()
-        .map(|rule| RuleCounters {
-            attempts: metrics.publish_attempts.with_label_values(&[&rule.name]),
-            published: metrics.events_published.with_label_values(&[&rule.name]),
-            event_latency: metrics.event_latency.recorder(&rule.name),
-        })
+        .map(|rule| RuleCounters::new(&rule.name, &metrics))
         .collect();
     let mut handover = Handover {
         client: &client,
         connected: &connected,
         unacked: &unacked,
+        metrics: &metrics,
         counters,
         processing_latency: metrics.processing_latency.recorder(""),
     };
     let mut queue: VecDeque<Outgoing> = options.restored.into();
-    let mut barriers: BTreeMap<u64, (usize, Vec<DeviceSnapshot>)> = BTreeMap::new();
+    // Per LSN: barriers in, devices, and the rules (every worker passed a reload at the same
+    // LSN, so they agree).
+    type Pending = (usize, Vec<DeviceSnapshot>, Vec<(String, u64)>);
+    let mut barriers: BTreeMap<u64, Pending> = BTreeMap::new();
     let unacked_len = |unacked: &Unacked| unacked.lock().map_or(0, |u| u.len());
     let mut input_open = true;
 
@@ -288,19 +314,20 @@ pub async fn run(
                         queue.push_back(message);
                     }
                 }
-                Some(SinkInput::Barrier { lsn, devices }) => {
+                Some(SinkInput::Barrier { lsn, devices, rules }) => {
                     let entry = barriers.entry(lsn).or_default();
                     entry.0 += 1;
                     entry.1.extend(devices);
+                    entry.2 = rules;
                     if entry.0 >= options.workers {
-                        let (_, devices) = barriers.remove(&lsn).unwrap_or_default();
+                        let (_, devices, rules) = barriers.remove(&lsn).unwrap_or_default();
                         if let Some(snapshots) = &options.snapshots {
                             let mut outbox: Vec<StoredMessage> = unacked
                                 .lock()
-                                .map(|u| u.iter().map(|m| stored(m, &plan)).collect())
+                                .map(|u| u.iter().map(stored).collect())
                                 .unwrap_or_default();
-                            outbox.extend(queue.iter().map(|m| stored(m, &plan)));
-                            let snapshot = Snapshot { lsn, devices, outbox };
+                            outbox.extend(queue.iter().map(stored));
+                            let snapshot = Snapshot { lsn, devices, outbox, rules };
                             if snapshots.send(snapshot).await.is_err() {
                                 tracing::error!("the snapshot writer is gone; state is no longer saved");
                             }

@@ -9,7 +9,7 @@
 //! Acknowledgements are sent by a separate task, only for inputs the log has made durable, in
 //! receive order, and only on the connection that delivered them.
 
-use crate::engine::{Plan, RawMessage, WorkerInput};
+use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
 use crate::metrics::{Connection, Metrics, WarnLimit};
 use crate::mqtt::{Backoff, ConnectFailures};
 use crate::store::writer::{AckBatch, AckToken, LogCommand};
@@ -33,6 +33,9 @@ pub struct SourceOptions {
     pub acks: Option<mpsc::Receiver<AckBatch>>,
     /// How often to ask the workers for a snapshot barrier (with a state dir).
     pub snapshot_interval: Option<Duration>,
+    /// New rules from the reloader, passed to every worker between two messages; the sender
+    /// hears back once every worker has them queued.
+    pub reloads: mpsc::Receiver<(Arc<Reload>, oneshot::Sender<()>)>,
 }
 
 /// Runs intake until `shutdown` resolves, then takes a final snapshot barrier, flushes the log and
@@ -50,6 +53,7 @@ pub async fn run(
         log,
         acks,
         snapshot_interval,
+        mut reloads,
     } = options;
     let manual_acks = log.is_some();
     mqtt.set_manual_acks(manual_acks);
@@ -116,6 +120,12 @@ pub async fn run(
                     () = &mut shutdown => break,
                     () = next_snapshot(&mut snapshots) => {
                         if !barrier(next_lsn, &log, &workers).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Some((reload, done)) = reloads.recv() => {
+                        if !pass_reload(reload, done, &workers).await {
                             break;
                         }
                         continue;
@@ -220,6 +230,12 @@ pub async fn run(
                 tokio::select! {
                     () = &mut shutdown => break,
                     () = tokio::time::sleep(delay) => {}
+                    // A reload does not wait for the broker to come back.
+                    Some((reload, done)) = reloads.recv() => {
+                        if !pass_reload(reload, done, &workers).await {
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -317,6 +333,25 @@ async fn barrier(
             return false;
         }
     }
+    true
+}
+
+/// Queues new rules to every worker at this point of the input; false when a worker is gone.
+async fn pass_reload(
+    reload: Arc<Reload>,
+    done: oneshot::Sender<()>,
+    workers: &[mpsc::Sender<WorkerInput>],
+) -> bool {
+    for worker in workers {
+        if worker
+            .send(WorkerInput::Reload(reload.clone()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    let _ = done.send(());
     true
 }
 

@@ -20,6 +20,10 @@ pub struct Snapshot {
     pub devices: Vec<DeviceSnapshot>,
     /// Events derived but not yet acknowledged by the broker, in publish order.
     pub outbox: Vec<StoredMessage>,
+    /// The definition of each rule the state was made by (its fingerprint). Empty in snapshots
+    /// written before rules had fingerprints; their states are restored by name alone.
+    #[serde(default)]
+    pub rules: Vec<(String, u64)>,
 }
 
 /// One device's state in every rule that has some.
@@ -150,6 +154,7 @@ mod tests {
                 recent: Default::default(),
             }],
             outbox: vec![],
+            rules: vec![("overheat".into(), 7)],
         }
     }
 

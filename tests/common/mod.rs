@@ -650,18 +650,30 @@ pub async fn start_weir_from_text(broker: &Mosquitto, text: &str, tag: &str) -> 
 /// # Errors
 /// The connection failed or the response was not HTTP.
 pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    try_http(addr, "GET", path).await
+}
+
+/// POST `path` with an empty body: (status, body), failing the test on a connection error.
+pub async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http(addr, "POST", path)
+        .await
+        .unwrap_or_else(|err| panic!("POST http://{addr}{path} failed: {err}"))
+}
+
+/// One request with an empty body over a raw HTTP/1.0 connection: (status, body).
+async fn try_http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+        let request =
+            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
         Ok::<_, std::io::Error>(response)
     };
     let response = tokio::time::timeout(DEADLINE, exchange)
         .await
-        .map_err(|_| std::io::Error::other(format!("GET {path} timed out")))??;
+        .map_err(|_| std::io::Error::other(format!("{method} {path} timed out")))??;
     let text = String::from_utf8(response).map_err(std::io::Error::other)?;
     let (head, body) = text
         .split_once("\r\n\r\n")
