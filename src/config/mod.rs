@@ -1125,6 +1125,36 @@ mod tests {
         assert_eq!(config.broker.keep_alive, Duration::from_secs(30));
     }
 
+    fn fingerprints_of(text: &str) -> Fingerprints {
+        parse(text, Path::new("example.toml"), &Overrides::default())
+            .unwrap_or_else(|err| panic!("{err}"))
+            .fingerprints
+    }
+
+    #[test]
+    fn fingerprints_see_definitions_not_formatting() {
+        let original = fingerprints_of(EXAMPLE);
+        // Comments, spacing, number spelling and an inline table say the same thing.
+        let reformatted = EXAMPLE
+            .replace("enter_above = 30.0", "enter_above   =   30.00   # comment")
+            .replace(
+                "[rules.overheat.output]\n",
+                "[rules.overheat.output] # where alerts go\n",
+            );
+        assert_eq!(fingerprints_of(&reformatted), original);
+
+        let changed = fingerprints_of(&EXAMPLE.replace("enter_above = 30.0", "enter_above = 31.0"));
+        assert_ne!(changed.rules["overheat"], original.rules["overheat"]);
+        assert_eq!(changed.rules["climate"], original.rules["climate"]);
+        assert!(original.changed_sections(&changed).is_empty());
+
+        // An input change changes every rule reading it, and names its section.
+        let input = fingerprints_of(&EXAMPLE.replace("seq_field = \"seq\"", "seq_field = \"n\""));
+        assert_ne!(input.rules["overheat"], original.rules["overheat"]);
+        assert_ne!(input.rules["climate"], original.rules["climate"]);
+        assert_eq!(original.changed_sections(&input), ["inputs"]);
+    }
+
     #[test]
     fn exit_below_above_enter_names_its_line() {
         let (problem, text) = problem_after("exit_below = 28.0", "exit_below = 31.0");

@@ -675,4 +675,48 @@ mod tests {
             .unwrap_or_default();
         assert!((60.0..70.0).contains(&lag), "{lag}");
     }
+
+    #[test]
+    fn rule_gauges_follow_plan_order_and_reloads() {
+        let metrics = Metrics::new();
+        // overheat emits two kinds; climate must still be rule 1, not 2.
+        metrics.register_labels(
+            ["telemetry"],
+            [
+                ("overheat", "state_change"),
+                ("overheat", "flapping"),
+                ("climate", "window"),
+            ],
+        );
+        let stats = metrics.worker_stats(2, 1);
+        stats.rule_devices[1].store(9, Ordering::Relaxed);
+        let text = metrics.render();
+        assert!(
+            text.contains("weir_rule_devices{rule=\"climate\"} 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_rule_devices{rule=\"overheat\"} 0"),
+            "{text}"
+        );
+
+        // A reload drops overheat and adds fresh; the worker replaces its slot.
+        metrics.set_rules([("climate", "window"), ("fresh", "state_change")]);
+        metrics.retire_worker_stats(&stats);
+        let stats = metrics.worker_stats(2, 1);
+        stats.rule_devices[0].store(4, Ordering::Relaxed);
+        let text = metrics.render();
+        assert!(
+            text.contains("weir_rule_devices{rule=\"climate\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_rule_devices{rule=\"fresh\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_rule_devices{rule=\"overheat\"} 0"),
+            "{text}"
+        );
+    }
 }
