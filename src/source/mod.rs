@@ -128,6 +128,11 @@ pub async fn run(
                         if !pass_reload(reload, done, &workers).await {
                             break;
                         }
+                        // A snapshot right after the switch, so a restart never replays readings
+                        // the old rules handled through the new ones.
+                        if snapshots.is_some() && !barrier(next_lsn, &log, &workers).await {
+                            break;
+                        }
                         continue;
                     }
                     event = eventloop.poll() => event,
@@ -232,7 +237,9 @@ pub async fn run(
                     () = tokio::time::sleep(delay) => {}
                     // A reload does not wait for the broker to come back.
                     Some((reload, done)) = reloads.recv() => {
-                        if !pass_reload(reload, done, &workers).await {
+                        if !pass_reload(reload, done, &workers).await
+                            || (snapshots.is_some() && !barrier(next_lsn, &log, &workers).await)
+                        {
                             break;
                         }
                     }
