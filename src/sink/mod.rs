@@ -15,6 +15,7 @@ use crate::engine::Plan;
 use crate::metrics::{Connection, LatencyRecorder, Metrics, WarnLimit};
 use crate::mqtt::{Backoff, ConnectFailures, RECONNECT_WARN_INTERVAL};
 use crate::route::Outgoing;
+use crate::store::writer::SnapshotCommand;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
 use prometheus::IntCounter;
 use rumqttc::{AsyncClient, ClientError, Event, MqttOptions, Packet, QoS, Request};
@@ -48,7 +49,7 @@ pub struct SinkOptions {
     /// Number of workers, i.e. barriers that complete a snapshot.
     pub workers: usize,
     /// Where completed snapshots go (the store task); `None` without a state dir.
-    pub snapshots: Option<mpsc::Sender<Snapshot>>,
+    pub snapshots: Option<mpsc::Sender<SnapshotCommand>>,
     /// Events restored from the last snapshot's outbox, published first.
     pub restored: Vec<Outgoing>,
 }
@@ -290,6 +291,8 @@ pub async fn run(
     let mut barriers: BTreeMap<u64, Pending> = BTreeMap::new();
     let unacked_len = |unacked: &Unacked| unacked.lock().map_or(0, |u| u.len());
     let mut input_open = true;
+    // The LSN and outbox size of the last snapshot, while no event has come in since it.
+    let mut last_snapshot: Option<(u64, usize)> = None;
 
     while input_open {
         let outbox_len = queue.len() + unacked_len(&unacked);
@@ -299,6 +302,7 @@ pub async fn run(
             received = input.recv(), if accepting => match received {
                 None => input_open = false,
                 Some(SinkInput::Event(message)) => {
+                    last_snapshot = None;
                     if outbox_len >= options.outbox_max {
                         match options.policy {
                             OutboxPolicy::DropOldest => {
@@ -328,9 +332,11 @@ pub async fn run(
                                 .unwrap_or_default();
                             outbox.extend(queue.iter().map(stored));
                             let snapshot = Snapshot { lsn, devices, outbox, rules };
-                            if snapshots.send(snapshot).await.is_err() {
+                            let outbox_len = snapshot.outbox.len();
+                            if snapshots.send(SnapshotCommand::Write(snapshot)).await.is_err() {
                                 tracing::error!("the snapshot writer is gone; state is no longer saved");
                             }
+                            last_snapshot = Some((lsn, outbox_len));
                         }
                     }
                 }
@@ -357,6 +363,20 @@ pub async fn run(
     handover.flush();
     drop(handover);
     let left = queue.len() + unacked_len(&unacked);
+    // The final snapshot was taken before the drain; what the broker acknowledged since must not
+    // be published again at the next start.
+    if let (Some((lsn, held)), Some(snapshots)) = (last_snapshot, &options.snapshots) {
+        if left < held {
+            let mut outbox: Vec<StoredMessage> = unacked
+                .lock()
+                .map(|u| u.iter().map(stored).collect())
+                .unwrap_or_default();
+            outbox.extend(queue.iter().map(stored));
+            let _ = snapshots
+                .send(SnapshotCommand::ReplaceOutbox { lsn, outbox })
+                .await;
+        }
+    }
     metrics.outbox_messages.set(left as i64);
     if drained.is_err() {
         tracing::warn!(

@@ -199,20 +199,63 @@ impl LogWriter<'_> {
     }
 }
 
+/// What the snapshot writer is asked to do.
+#[derive(Debug)]
+pub enum SnapshotCommand {
+    /// Write a completed snapshot.
+    Write(Snapshot),
+    /// At shutdown, once the sink has drained: the events the snapshot at `lsn` held that are
+    /// still unacknowledged. Rewriting its outbox keeps a clean restart from publishing again
+    /// events the broker already has.
+    ReplaceOutbox {
+        lsn: u64,
+        outbox: Vec<super::StoredMessage>,
+    },
+}
+
 /// Starts the snapshot writer: writes each completed snapshot atomically, then tells the log
 /// writer (if any) so it can drop the segments the snapshot before it covered.
 pub fn spawn_snapshot_writer(
     dir: StateDir,
     metrics: Arc<Metrics>,
     log: Option<mpsc::Sender<LogCommand>>,
-) -> (mpsc::Sender<Snapshot>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<Snapshot>(2);
+) -> (mpsc::Sender<SnapshotCommand>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<SnapshotCommand>(2);
     let task = tokio::spawn(async move {
-        while let Some(snapshot) = rx.recv().await {
+        while let Some(command) = rx.recv().await {
+            let path = dir.path().to_owned();
+            let snapshot = match command {
+                SnapshotCommand::Write(snapshot) => snapshot,
+                SnapshotCommand::ReplaceOutbox { lsn, outbox } => {
+                    let left = outbox.len();
+                    let replaced = tokio::task::spawn_blocking(move || {
+                        let mut current = snapshot::load(&path).snapshot?;
+                        if current.lsn != lsn {
+                            return None;
+                        }
+                        current.outbox = outbox;
+                        Some(snapshot::write(&path, &current))
+                    })
+                    .await;
+                    match replaced {
+                        Ok(Some(Ok(()))) => {
+                            tracing::debug!(
+                                lsn,
+                                outbox = left,
+                                "snapshot outbox brought up to date"
+                            )
+                        }
+                        Ok(Some(Err(err))) => {
+                            tracing::warn!(%err, "cannot update the last snapshot's outbox; its events are published again at the next start")
+                        }
+                        Ok(None) | Err(_) => {}
+                    }
+                    continue;
+                }
+            };
             let lsn = snapshot.lsn;
             let devices = snapshot.devices.len();
             let outbox = snapshot.outbox.len();
-            let path = dir.path().to_owned();
             let written =
                 tokio::task::spawn_blocking(move || snapshot::write(&path, &snapshot)).await;
             match written {
@@ -231,4 +274,54 @@ pub fn spawn_snapshot_writer(
         }
     });
     (tx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredMessage;
+
+    fn message(topic: &str) -> StoredMessage {
+        StoredMessage {
+            topic: topic.into(),
+            payload: b"{}".to_vec(),
+            qos: 1,
+            retain: false,
+            rule: "overheat".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_snapshots_outbox_is_replaced_only_at_its_own_lsn() {
+        let path = std::env::temp_dir().join(format!("weir-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let dir = StateDir::open(&path).unwrap();
+        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None);
+        let snapshot = Snapshot {
+            lsn: 7,
+            outbox: vec![message("a"), message("b")],
+            ..Snapshot::default()
+        };
+        tx.send(SnapshotCommand::Write(snapshot)).await.unwrap();
+        // Another LSN: not the snapshot on disk, so nothing changes.
+        let stale = vec![];
+        tx.send(SnapshotCommand::ReplaceOutbox {
+            lsn: 6,
+            outbox: stale,
+        })
+        .await
+        .unwrap();
+        tx.send(SnapshotCommand::ReplaceOutbox {
+            lsn: 7,
+            outbox: vec![message("b")],
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let loaded = snapshot::load(&path).snapshot.unwrap();
+        assert_eq!(loaded.lsn, 7);
+        assert_eq!(loaded.outbox, vec![message("b")]);
+        let _ = std::fs::remove_dir_all(&path);
+    }
 }
