@@ -64,12 +64,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .map(move |kind| (&*r.name, *kind))
         }),
     );
-    let source_options = crate::mqtt::options(&config.broker, "")?;
+    let source_options = crate::mqtt::connection_options(&config.broker, "")?;
     let mut publish_broker = config.broker.clone();
     if let Some(url) = &config.broker.publish_url {
         publish_broker.url.clone_from(url);
     }
-    let sink_options = crate::mqtt::options(&publish_broker, "-out")?;
+    let sink_options = crate::mqtt::connection_options(&publish_broker, "-out")?;
     let delivery = &config.delivery;
     let state_dir = delivery
         .state_dir
@@ -298,6 +298,7 @@ fn recover(
                 arrival: Instant::now(),
                 arrival_ms: record.arrival_ms,
                 lsn: record.lsn,
+                trace: record.trace.map(std::sync::Arc::new),
             };
             workers[shard].process(&message, &mut recovery.outbox);
         }

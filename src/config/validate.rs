@@ -3,8 +3,8 @@
 
 use super::{
     AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode,
-    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, RateOfChangeConfig,
-    RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
+    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, Protocol,
+    RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use crate::mqtt::BrokerEndpoint;
 use crate::topic::{TopicPattern, TopicTemplate};
@@ -156,6 +156,13 @@ fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
         problems.add(
             "broker.keep_alive",
             "must be at least 1s (MQTT counts keep-alive in whole seconds); 30s is a good default",
+        );
+    }
+    // rumqttc's MQTT 5 client asserts a keep-alive of at least five seconds.
+    if broker.protocol == Protocol::V5 && broker.keep_alive < Duration::from_secs(5) {
+        problems.add(
+            "broker.keep_alive",
+            "must be at least 5s with protocol = \"5\" (rumqttc's MQTT 5 client refuses less); 30s is a good default",
         );
     }
     if broker.keep_alive > Duration::from_secs(u16::MAX as u64) {

@@ -32,6 +32,9 @@ pub struct RawMessage {
     pub arrival_ms: i64,
     /// Position in receive order (the input log's sequence number).
     pub lsn: u64,
+    /// The W3C trace context it carried (MQTT 5), shared with the causes of its events; an
+    /// untraced message pays one null pointer.
+    pub trace: Option<Arc<crate::trace::TraceContext>>,
 }
 
 /// What flows from the source to a worker.
@@ -573,6 +576,7 @@ impl Worker {
             discrete: &decoded.discrete,
             arrival: message.arrival,
             arrival_ms: message.arrival_ms,
+            trace: message.trace.as_ref(),
         };
         for &rule in &input_plan.rules {
             if !self.plan.rules[rule].in_scope(origin) {
@@ -677,6 +681,10 @@ impl Worker {
                 rule_index: None,
                 arrival: Some(message.arrival),
                 ts: message.arrival_ms,
+                properties: crate::mqtt::client::Properties {
+                    trace: message.trace.as_ref().map(|trace| Box::new(trace.child())),
+                    ..Default::default()
+                },
             });
         }
     }

@@ -77,6 +77,7 @@ pub struct Metrics {
     /// The live tap of derived events. It lives here because `Metrics` is the handle every
     /// stage already holds; its clients and skips are metrics too.
     pub tap: Tap,
+    pub trace_context_invalid: IntCounterVec,
     build_info: IntGaugeVec,
     subscribed: AtomicBool,
     /// Input and rule names by index, for the per-worker state gauges.
@@ -360,6 +361,12 @@ impl Metrics {
                 "Windows open (not yet fired) in the rule, over all devices.",
                 &["rule"],
             ),
+            trace_context_invalid: counter_vec(
+                r,
+                "weir_trace_context_invalid_total",
+                "Inputs whose traceparent user property was not valid W3C trace context (ignored; the reading is processed), by input.",
+                &["input"],
+            ),
             build_info: gauge_vec(
                 r,
                 "weir_build_info",
@@ -408,6 +415,7 @@ impl Metrics {
             self.readings_decoded.with_label_values(&[input]);
             self.duplicates_dropped.with_label_values(&[input]);
             self.devices_evicted.with_label_values(&[input]);
+            self.trace_context_invalid.with_label_values(&[input]);
             for reason in crate::decode::DecodeError::REASONS {
                 self.decode_errors.with_label_values(&[input, reason]);
                 self.dead_letters.with_label_values(&[input, reason]);
