@@ -155,6 +155,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => (None, None),
     };
 
+    // After recovery: events replayed from the input log were exported (or lost) by the run
+    // that derived them first.
+    let spans = crate::trace::Export::start(&config, &metrics)?;
     let (sink_tx, sink_rx) = mpsc::channel(capacity);
     let mut worker_txs = Vec::new();
     let mut worker_tasks = Vec::new();
@@ -212,6 +215,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = task.await;
         }
         let _ = sink.await;
+        spans.stop().await;
         if let Some(task) = snapshot_task {
             let _ = task.await;
         }

@@ -1,7 +1,8 @@
 //! Trace context over MQTT 5 (issue 6, item 4), against a real Mosquitto (2.x speaks MQTT 5) and
 //! MQTT 5 test clients: a reading's W3C `traceparent` reaches the events it causes with a new span
-//! id each, next to the content type and the event id; and `at_least_once` over MQTT 5 loses
-//! nothing across broker restarts.
+//! id each, next to the content type and the event id; `at_least_once` over MQTT 5 loses nothing
+//! across broker restarts; and, with the `otlp` feature, each event's span reaches an OTLP/HTTP
+//! collector (a small receiver in this file, on loopback).
 
 mod common;
 
@@ -338,7 +339,7 @@ async fn a_traceparent_reaches_the_events_a_reading_causes_with_a_new_span_each(
         .with_label_values(&["telemetry"]);
     assert_eq!(invalid.get(), 1);
 
-    // Without one, an event carries no traceparent.
+    // Without one, an event carries no traceparent (unless OTLP export starts a trace).
     publisher.publish(topic, reading(3, 31.0), &[]).await;
     for message in events.take(2).await {
         assert_eq!(message.event()["to"], "hot");
@@ -499,4 +500,191 @@ async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
     collecting.abort();
     weir.stop().await.expect("weir stops cleanly");
     let _ = std::fs::remove_dir_all(Path::new(&state_dir));
+}
+
+/// An OTLP/HTTP collector on loopback: answers every POST with 200 and hands on each request's
+/// path and JSON body.
+#[cfg(feature = "otlp")]
+async fn otlp_collector() -> (u16, mpsc::UnboundedReceiver<(String, Value)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the collector");
+    let port = listener.local_addr().expect("collector address").port();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let header_end = loop {
+                    if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    let read = stream.read(&mut chunk).await.expect("read a request");
+                    assert!(read > 0, "the request ended inside its headers");
+                    request.extend_from_slice(&chunk[..read]);
+                };
+                let head = String::from_utf8_lossy(&request[..header_end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .expect("a Content-Length");
+                while request.len() < header_end + length {
+                    let read = stream.read(&mut chunk).await.expect("read the body");
+                    assert!(read > 0, "the body ended early");
+                    request.extend_from_slice(&chunk[..read]);
+                }
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains("content-type: application/json"),
+                    "{head}"
+                );
+                let path = head
+                    .strip_prefix("POST ")
+                    .and_then(|rest| rest.split(' ').next())
+                    .expect("a POST")
+                    .to_owned();
+                let body: Value = serde_json::from_slice(&request[header_end..header_end + length])
+                    .expect("the body is JSON");
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                    .await;
+                let _ = tx.send((path, body));
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// Every span in an OTLP request, with its resource.
+#[cfg(feature = "otlp")]
+fn spans_of(request: &Value) -> Vec<(Value, Value)> {
+    let mut spans = Vec::new();
+    for resource_spans in request["resourceSpans"].as_array().into_iter().flatten() {
+        for scope_spans in resource_spans["scopeSpans"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for span in scope_spans["spans"].as_array().into_iter().flatten() {
+                spans.push((resource_spans["resource"].clone(), span.clone()));
+            }
+        }
+    }
+    spans
+}
+
+#[cfg(feature = "otlp")]
+fn attribute(span: &Value, key: &str) -> Option<String> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .and_then(|a| a["value"]["stringValue"].as_str())
+        .map(str::to_owned)
+}
+
+#[cfg(feature = "otlp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_otlp_each_event_exports_the_span_its_traceparent_names() {
+    let Some(broker) = mosquitto() else {
+        return;
+    };
+    let (port, mut requests) = otlp_collector().await;
+    let text = format!("{CONFIG}\n[observability]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n");
+    let weir = start_weir_with(config_from_text(&broker, &text, "otlp")).await;
+    let mut events = Subscriber5::start(broker.port(), &["alerts/#"], false).await;
+    let mut publisher = Publisher5::start(broker.port()).await;
+    let topic = "sensors/s1/d1/telemetry";
+    publisher
+        .publish(
+            topic,
+            reading(1, 31.0),
+            &[("traceparent", &traceparent(TRACE_ID, PARENT_SPAN))],
+        )
+        .await;
+    let traced = events.take(1).await.remove(0);
+    publisher.publish(topic, reading(2, 25.0), &[]).await;
+    let untraced = events.take(1).await.remove(0);
+
+    // Four events (two rules, two readings), exported within a batch interval or two.
+    let mut spans: Vec<(Value, Value)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while spans.len() < 4 {
+        let (path, body) = tokio::time::timeout_at(deadline, requests.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} spans arrived: {spans:#?}", spans.len()))
+            .expect("collector alive");
+        assert_eq!(path, "/v1/traces");
+        spans.extend(spans_of(&body));
+    }
+    let find = |message: &Received| -> Value {
+        let (_, span_id, _) = message.traceparent().expect("a traceparent");
+        spans
+            .iter()
+            .find(|(_, span)| span["spanId"] == span_id.as_str())
+            .map(|(resource, span)| {
+                let service = resource["attributes"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|a| a["key"] == "service.name"))
+                    .map(|a| a["value"]["stringValue"].clone());
+                assert_eq!(service, Some(json!("weir")));
+                span.clone()
+            })
+            .unwrap_or_else(|| panic!("no span {span_id} among {spans:#?}"))
+    };
+
+    let span = find(&traced);
+    let event = traced.event();
+    assert_eq!(span["traceId"], TRACE_ID);
+    assert_eq!(span["parentSpanId"], PARENT_SPAN);
+    assert_eq!(span["name"], "overheat");
+    assert_eq!(attribute(&span, "weir.rule").as_deref(), Some("overheat"));
+    assert_eq!(attribute(&span, "weir.device").as_deref(), Some("d1"));
+    assert_eq!(
+        attribute(&span, "weir.kind").as_deref(),
+        Some("state_change")
+    );
+    assert_eq!(
+        attribute(&span, "weir.event_id"),
+        event["id"].as_str().map(str::to_owned)
+    );
+    assert_eq!(
+        attribute(&span, "messaging.destination.name").as_deref(),
+        Some(traced.topic.as_str())
+    );
+    let start: u64 = span["startTimeUnixNano"]
+        .as_str()
+        .expect("start")
+        .parse()
+        .expect("ns");
+    let end: u64 = span["endTimeUnixNano"]
+        .as_str()
+        .expect("end")
+        .parse()
+        .expect("ns");
+    assert!(start > 0 && start <= end, "{span}");
+
+    // A reading without a trace: the event starts one, and publishes its traceparent.
+    let span = find(&untraced);
+    let (trace_id, _, _) = untraced
+        .traceparent()
+        .expect("a traceparent for a new trace");
+    assert_ne!(trace_id, TRACE_ID);
+    assert_eq!(span["traceId"], trace_id.as_str());
+    assert!(span.get("parentSpanId").is_none(), "{span}");
+    assert!(untraced.event()["cause"].get("trace_id").is_none());
+
+    assert!(
+        wait_until(DEADLINE, || weir.metrics.otlp_spans_exported.get() >= 4).await,
+        "weir_otlp_spans_exported_total stayed at {}",
+        weir.metrics.otlp_spans_exported.get()
+    );
+    weir.stop().await.expect("weir stops cleanly");
 }

@@ -3,8 +3,8 @@
 
 use super::{
     AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode,
-    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, Protocol,
-    RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
+    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig,
+    Protocol, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use crate::mqtt::BrokerEndpoint;
 use crate::topic::{TopicPattern, TopicTemplate};
@@ -85,7 +85,23 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         check_rule(config, name, rule, &mut problems);
     }
     check_field_types(config, &mut problems);
+    check_observability(&config.observability, &mut problems);
     problems.0
+}
+
+fn check_observability(observability: &ObservabilityConfig, problems: &mut Problems) {
+    let Some(endpoint) = &observability.otlp_endpoint else {
+        return;
+    };
+    if !cfg!(feature = "otlp") {
+        problems.add(
+            "observability.otlp_endpoint",
+            "this weir was built without OTLP export; rebuild it with `cargo build --release --features otlp`, or remove the key",
+        );
+    }
+    if let Err(message) = crate::trace::OtlpEndpoint::parse(endpoint) {
+        problems.add("observability.otlp_endpoint", message);
+    }
 }
 
 fn check_delivery(config: &Config, problems: &mut Problems) {

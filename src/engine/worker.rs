@@ -899,7 +899,10 @@ fn drain_output(
             cause_ts = event.cause.as_ref().map(|c| c.ts),
             "derived event"
         );
-        let routed = rule.route.apply(&event);
+        let mut routed = rule.route.apply(&event);
+        if metrics.spans.is_on() {
+            metrics.spans.record(&event, &mut routed);
+        }
         if metrics.tap.is_watched() {
             let json = match rule.route.format {
                 Format::Cbor => {

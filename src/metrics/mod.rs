@@ -78,6 +78,11 @@ pub struct Metrics {
     /// stage already holds; its clients and skips are metrics too.
     pub tap: Tap,
     pub trace_context_invalid: IntCounterVec,
+    /// Spans of derived events, exported over OTLP (with the `otlp` feature); here for the same
+    /// reason as the tap.
+    pub spans: crate::trace::Spans,
+    pub otlp_spans_exported: IntCounter,
+    pub otlp_spans_dropped: IntCounterVec,
     build_info: IntGaugeVec,
     subscribed: AtomicBool,
     /// Input and rule names by index, for the per-worker state gauges.
@@ -367,6 +372,18 @@ impl Metrics {
                 "Inputs whose traceparent user property was not valid W3C trace context (ignored; the reading is processed), by input.",
                 &["input"],
             ),
+            spans: crate::trace::Spans::default(),
+            otlp_spans_exported: counter(
+                r,
+                "weir_otlp_spans_exported_total",
+                "Spans of derived events the OTLP collector accepted.",
+            ),
+            otlp_spans_dropped: counter_vec(
+                r,
+                "weir_otlp_spans_dropped_total",
+                "Spans of derived events not exported, by reason (queue_full: the newest are dropped while the queue is full; export_failed: the collector refused or was unreachable).",
+                &["reason"],
+            ),
             build_info: gauge_vec(
                 r,
                 "weir_build_info",
@@ -388,6 +405,9 @@ impl Metrics {
             .set(1);
         for policy in ["drop_oldest", "drop_newest"] {
             metrics.outbox_dropped.with_label_values(&[policy]);
+        }
+        for reason in ["queue_full", "export_failed"] {
+            metrics.otlp_spans_dropped.with_label_values(&[reason]);
         }
         for connection in [Connection::Source, Connection::Sink] {
             metrics

@@ -1,6 +1,12 @@
 //! W3C trace context: a reading's `traceparent` / `tracestate` (MQTT 5 user properties), carried
-//! to the events it causes with a new span id each.
+//! to the events it causes with a new span id each, and the spans weir reports about those events
+//! ([`Spans`]; exported over OTLP by [`otlp`] with the `otlp` cargo feature).
 
+#[cfg(feature = "otlp")]
+pub mod otlp;
+
+use crate::event::DerivedEvent;
+use crate::route::Outgoing;
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -197,6 +203,144 @@ fn random_u64() -> u64 {
     })
 }
 
+/// An OTLP/HTTP collector address: `http://host:port` with an optional base path, to which
+/// `/v1/traces` is appended (as the OTLP spec's `OTEL_EXPORTER_OTLP_ENDPOINT` does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpEndpoint {
+    pub host: String,
+    pub port: u16,
+    /// The path spans are POSTed to, e.g. `/v1/traces`.
+    pub path: String,
+}
+
+impl OtlpEndpoint {
+    /// # Errors
+    /// A sentence saying what is wrong and what a valid endpoint looks like.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if url.starts_with("https://") {
+            return Err(format!(
+                "`{url}`: weir sends OTLP over plain HTTP; run a collector on this gateway (e.g. http://127.0.0.1:4318) and let it forward over TLS"
+            ));
+        }
+        let Some(rest) = url.strip_prefix("http://") else {
+            return Err(format!(
+                "`{url}` is not an OTLP/HTTP endpoint; write http://host:port, e.g. http://127.0.0.1:4318"
+            ));
+        };
+        let (authority, base) = match rest.find('/') {
+            Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let port_of = |port: &str| {
+            port.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{url}`: `{port}` is not a port number (1-65535)"))
+        };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| format!("`{url}`: an IPv6 host needs a closing `]`"))?;
+            match after.strip_prefix(':') {
+                Some(port) => (host, port_of(port)?),
+                None if after.is_empty() => (host, 80),
+                None => return Err(format!("`{url}`: expected `:port` after `]`")),
+            }
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, port_of(port)?),
+                None => (authority, 80),
+            }
+        };
+        if host.is_empty() || authority.contains('@') {
+            return Err(format!(
+                "`{url}` needs a host and no credentials; write e.g. http://127.0.0.1:4318"
+            ));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            path: format!("{base}/v1/traces"),
+        })
+    }
+}
+
+/// Where the spans of derived events go: nowhere, unless weir was built with the `otlp` feature
+/// and `observability.otlp_endpoint` is set. Lives in `Metrics`, the handle every stage holds.
+#[derive(Default)]
+pub struct Spans {
+    #[cfg(feature = "otlp")]
+    queue: otlp::Queue,
+}
+
+impl Spans {
+    /// Whether spans are exported; one atomic load, checked per event.
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        #[cfg(feature = "otlp")]
+        {
+            self.queue.is_on()
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            false
+        }
+    }
+
+    /// Reports the span of one routed event. An event whose reading carried no trace starts a
+    /// new one, and its publish carries that trace's `traceparent`, so what happens downstream
+    /// joins the exported span.
+    pub fn record(&self, event: &DerivedEvent, outgoing: &mut Outgoing) {
+        #[cfg(feature = "otlp")]
+        self.queue.record(event, outgoing);
+        #[cfg(not(feature = "otlp"))]
+        let _ = (event, outgoing);
+    }
+}
+
+/// The span exporter of a running weir: an OTLP exporter when built with the `otlp` feature and
+/// `observability.otlp_endpoint` is set, else nothing.
+pub struct Export {
+    #[cfg(feature = "otlp")]
+    exporter: Option<otlp::Exporter>,
+}
+
+impl Export {
+    /// Starts exporting the spans recorded in `metrics.spans`, if configured.
+    ///
+    /// # Errors
+    /// The endpoint is invalid (validation catches that first).
+    pub fn start(
+        config: &crate::config::Config,
+        metrics: &Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
+        #[cfg(feature = "otlp")]
+        {
+            let exporter = match &config.observability.otlp_endpoint {
+                Some(url) => {
+                    let endpoint = OtlpEndpoint::parse(url).map_err(anyhow::Error::msg)?;
+                    otlp::start(endpoint, &config.broker.client_id, metrics)
+                }
+                None => None,
+            };
+            Ok(Self { exporter })
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            let _ = (config, metrics);
+            Ok(Self {})
+        }
+    }
+
+    /// Sends the spans still queued and stops; call it once the workers have ended.
+    pub async fn stop(self) {
+        #[cfg(feature = "otlp")]
+        if let Some(exporter) = self.exporter {
+            exporter.stop().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +420,35 @@ mod tests {
         let root = TraceContext::root();
         assert_ne!(root.trace_id, [0; 16]);
         assert_ne!(root.trace_id, TraceContext::root().trace_id);
+    }
+
+    #[test]
+    fn otlp_endpoints_are_http_with_an_optional_base_path() {
+        let endpoint = OtlpEndpoint::parse("http://127.0.0.1:4318").unwrap();
+        assert_eq!(
+            (
+                endpoint.host.as_str(),
+                endpoint.port,
+                endpoint.path.as_str()
+            ),
+            ("127.0.0.1", 4318, "/v1/traces")
+        );
+        let endpoint = OtlpEndpoint::parse("http://collector/otlp/").unwrap();
+        assert_eq!(
+            (
+                endpoint.host.as_str(),
+                endpoint.port,
+                endpoint.path.as_str()
+            ),
+            ("collector", 80, "/otlp/v1/traces")
+        );
+        assert_eq!(
+            OtlpEndpoint::parse("http://[::1]:4318").unwrap().host,
+            "::1"
+        );
+        assert!(OtlpEndpoint::parse("https://x:4318").is_err());
+        assert!(OtlpEndpoint::parse("grpc://x:4317").is_err());
+        assert!(OtlpEndpoint::parse("http://:4318").is_err());
+        assert!(OtlpEndpoint::parse("http://x:0").is_err());
     }
 }
