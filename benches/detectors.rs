@@ -94,6 +94,7 @@ fn bench_operator<O: Operator>(c: &mut Criterion, name: &str, operator: O) {
                         discrete: &input.discrete,
                         arrival,
                         arrival_ms: input.ts,
+                        trace: None,
                     };
                     operator.on_reading(&mut states[input.device], &reading, out);
                     black_box(out.events.len());
@@ -255,6 +256,7 @@ fn detectors(c: &mut Criterion) {
                 discrete: &[],
                 arrival: Instant::now(),
                 arrival_ms: T0,
+                trace: None,
             };
             liveness.on_reading(state, &reading, &mut out);
         }
@@ -301,6 +303,7 @@ fn engine(c: &mut Criterion) {
                 // Arrived when stamped: no reading is refused as from the future.
                 arrival_ms: input.ts,
                 lsn: i as u64,
+                trace: None,
             }
         })
         .collect();

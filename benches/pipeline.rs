@@ -109,6 +109,7 @@ fn raw_messages(payloads: Vec<(String, Vec<u8>)>) -> Vec<RawMessage> {
             // Arrived an hour after the last reading's event time: none is refused as from the
             // future, none is late.
             arrival_ms: 1_732_600_000_000 + 3_600_000,
+            trace: None,
         })
         .collect()
 }

@@ -113,6 +113,7 @@ fn bench_kind<O: Operator>(c: &mut Criterion, name: &str, op: O, pauses: bool) {
                         values,
                         arrival,
                         arrival_ms: *ts,
+                        trace: None,
                     };
                     op.on_reading(&mut states[*device], &reading, out);
                     black_box(out.events.len());

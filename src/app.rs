@@ -69,12 +69,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .map(move |kind| (&*r.name, *kind))
         }),
     );
-    let source_options = crate::mqtt::options(&config.broker, "")?;
+    let source_options = crate::mqtt::connection_options(&config.broker, "")?;
     let mut publish_broker = config.broker.clone();
     if let Some(url) = &config.broker.publish_url {
         publish_broker.url.clone_from(url);
     }
-    let sink_options = crate::mqtt::options(&publish_broker, "-out")?;
+    let sink_options = crate::mqtt::connection_options(&publish_broker, "-out")?;
     let delivery = &config.delivery;
     let state_dir = delivery
         .state_dir
@@ -148,6 +148,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => (None, None),
     };
 
+    // After recovery: events replayed from the input log were exported (or lost) by the run
+    // that derived them first.
+    let spans = crate::trace::Export::start(&config, &metrics)?;
     let (sink_tx, sink_rx) = mpsc::channel(capacity);
     let mut worker_txs = Vec::new();
     let mut worker_tasks = Vec::new();
@@ -215,6 +218,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = task.await;
         }
         let _ = sink.await;
+        spans.stop().await;
         if let Some(task) = snapshot_task {
             let _ = task.await;
         }
@@ -446,7 +450,7 @@ fn recover(
         recovery.outbox = snapshot
             .outbox
             .into_iter()
-            .map(crate::sink::restore)
+            .map(|m| crate::sink::restore(m, plan))
             .collect();
     }
     if logged {
@@ -474,6 +478,7 @@ fn recover(
                 arrival: Instant::now(),
                 arrival_ms: record.arrival_ms,
                 lsn: record.lsn,
+                trace: record.trace.map(std::sync::Arc::new),
             };
             workers[shard].process(&message, &mut recovery.outbox);
         }

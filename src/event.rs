@@ -2,6 +2,7 @@
 
 use crate::config::Aggregate;
 use crate::decode::{DiscreteValue, Origin};
+use crate::trace::TraceContext;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -214,6 +215,8 @@ pub struct Cause {
     pub topic: Arc<str>,
     pub ts: i64,
     pub seq: Option<u64>,
+    /// The reading's W3C trace context (MQTT 5), shared by every event it causes.
+    pub trace: Option<Arc<TraceContext>>,
 }
 
 impl Cause {
@@ -223,6 +226,7 @@ impl Cause {
             topic: reading.origin.topic.clone(),
             ts: reading.ts,
             seq: reading.seq,
+            trace: reading.trace.cloned(),
         }
     }
 }

@@ -16,7 +16,9 @@
 //! Around the path: [`config`] (TOML types and validation), [`topic`] (patterns and templates),
 //! [`metrics`] (every metric defined once, latency histograms, the live tap of derived events,
 //! and the HTTP endpoints: metrics, health, rules API, tap), [`mqtt`] (connection options
-//! and reconnect backoff shared by source and sink), [`app`] (wires the stages together),
+//! and reconnect backoff shared by source and sink, and one client over MQTT 3.1.1 and 5),
+//! [`trace`] (W3C trace context from readings to events; OTLP span export with the `otlp`
+//! feature), [`app`] (wires the stages together),
 //! [`store`] (input log and snapshots in the state dir), [`demo`] (embedded broker and device
 //! simulator), [`replay`] (the engine over recorded readings on a virtual clock: `weir replay`,
 //! golden cases for `weir test`, and `weir record`), [`top`] (a terminal view of a running weir).
@@ -37,3 +39,4 @@ pub mod source;
 pub mod store;
 pub mod top;
 pub mod topic;
+pub mod trace;

@@ -1,12 +1,12 @@
 //! Broker connection settings shared by the source and the sink: URL parsing, rumqttc options
-//! (TLS with client certificates, credentials, limits, session), connection errors explained,
-//! and the jittered exponential backoff used between reconnects.
+//! (TLS with client certificates, credentials, limits, session) for MQTT 3.1.1 or 5, connection
+//! errors explained, and the jittered exponential backoff used between reconnects. [`client`]
+//! puts both protocols behind one client.
 
-use crate::config::{BrokerConfig, Secret};
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, TlsConfiguration,
-    Transport,
-};
+pub mod client;
+
+use crate::config::{BrokerConfig, Protocol, Secret};
+use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
 use std::sync::Arc;
@@ -93,6 +93,57 @@ pub fn options(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<MqttOption
         .set_keep_alive(broker.keep_alive)
         .set_clean_session(broker.clean_session)
         .set_max_packet_size(broker.max_packet_bytes, broker.max_packet_bytes);
+    if let Some(user) = &broker.username {
+        let password = password(broker)?;
+        options.set_credentials(
+            user.clone(),
+            password.as_ref().map_or("", Secret::expose).to_owned(),
+        );
+    }
+    if endpoint.tls {
+        options.set_transport(Transport::Tls(tls_configuration(broker)?));
+    }
+    Ok(options)
+}
+
+/// Options for one of weir's connections in the protocol `broker.protocol` names; see
+/// [`options`].
+///
+/// # Errors
+/// As [`options`].
+pub fn connection_options(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<client::Options> {
+    match broker.protocol {
+        Protocol::V311 => options(broker, suffix).map(|o| client::Options::V4(Box::new(o))),
+        Protocol::V5 => options_v5(broker, suffix).map(|o| client::Options::V5(Box::new(o))),
+    }
+}
+
+/// Most persistent sessions MQTT 5 allows: "never expires", as a 3.1.1 session does.
+const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
+
+/// As [`options`], for MQTT 5.
+///
+/// A persistent session (`clean_session = false`) needs a session expiry interval with MQTT 5:
+/// without one the broker ends the session with the connection, and queued QoS 1 readings with
+/// it. weir asks for "never", the 3.1.1 behaviour; a broker may cap it (Mosquitto:
+/// `persistent_client_expiration`).
+fn options_v5(broker: &BrokerConfig, suffix: &str) -> anyhow::Result<rumqttc::v5::MqttOptions> {
+    let endpoint = BrokerEndpoint::parse(&broker.url).map_err(anyhow::Error::msg)?;
+    let client_id = format!("{}{suffix}", broker.client_id);
+    let mut options =
+        rumqttc::v5::MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
+    let max_packet = u32::try_from(broker.max_packet_bytes).unwrap_or(u32::MAX);
+    options
+        // Validation asks for 5 s with MQTT 5; rumqttc panics below that, so never pass less.
+        .set_keep_alive(broker.keep_alive.max(Duration::from_secs(5)))
+        .set_clean_start(broker.clean_session)
+        .set_max_packet_size(Some(max_packet))
+        // rumqttc allocates a slot per allowed inflight publish (65,535 by default with MQTT 5,
+        // several MB); 100 is its 3.1.1 default. The broker's receive maximum may lower it.
+        .set_outgoing_inflight_upper_limit(100);
+    if !broker.clean_session {
+        options.set_session_expiry_interval(Some(SESSION_NEVER_EXPIRES));
+    }
     if let Some(user) = &broker.username {
         let password = password(broker)?;
         options.set_credentials(
@@ -241,14 +292,14 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 /// # Errors
 /// The options cannot be built, or the connection failed: the message is [`describe`]'s.
 pub async fn try_connect(broker: &BrokerConfig, timeout: Duration) -> anyhow::Result<()> {
-    let mut options = options(broker, "-probe")?;
+    let mut options = connection_options(broker, "-probe")?;
     // A probe must not leave a persistent session behind on the broker.
     options.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let (client, mut eventloop) = client::new(options, 10);
     let attempt = async {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(client::Event::ConnAck { .. }) => return Ok(()),
                 Ok(_) => {}
                 Err(err) => return Err(err),
             }
@@ -259,7 +310,7 @@ pub async fn try_connect(broker: &BrokerConfig, timeout: Duration) -> anyhow::Re
             let _ = client.try_disconnect();
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
                 while let Ok(event) = eventloop.poll().await {
-                    if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    if matches!(event, client::Event::Disconnected) {
                         break;
                     }
                 }
@@ -267,7 +318,7 @@ pub async fn try_connect(broker: &BrokerConfig, timeout: Duration) -> anyhow::Re
             .await;
             Ok(())
         }
-        Ok(Err(err)) => Err(anyhow::Error::msg(describe(&err))),
+        Ok(Err(err)) => Err(anyhow::Error::msg(err.describe())),
         Err(_) => anyhow::bail!(
             "the broker at {} did not answer within {timeout:?}; check broker.url and the network",
             broker.url
@@ -284,22 +335,50 @@ pub fn describe(err: &ConnectionError) -> String {
     }
     match err {
         ConnectionError::ConnectionRefused(code) => match code {
-            ConnectReturnCode::BadUserNamePassword => "the broker refused the username or password; check broker.username and broker.password, broker.password_file or WEIR_BROKER_PASSWORD".into(),
-            ConnectReturnCode::NotAuthorized => "the broker refused the connection as not authorized; check the credentials or client certificate and the broker's ACL".into(),
+            ConnectReturnCode::BadUserNamePassword => REFUSED_PASSWORD.into(),
+            ConnectReturnCode::NotAuthorized => REFUSED_NOT_AUTHORIZED.into(),
             other => format!("the broker refused the connection ({other:?})"),
         },
         ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            "connection refused: no broker listens at broker.url; check the url and that the broker runs".into()
+            NO_BROKER.into()
         }
         other => format!("{other}"),
     }
 }
 
+/// As [`describe`], for the MQTT 5 client's errors.
+pub fn describe_v5(err: &rumqttc::v5::ConnectionError) -> String {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
+    use rumqttc::v5::{ConnectionError as Error, StateError};
+    if let Some(tls) = rustls_cause(err) {
+        return describe_tls(tls);
+    }
+    let refused = |code: &Code| match code {
+        Code::BadUserNamePassword => REFUSED_PASSWORD.into(),
+        Code::NotAuthorized => REFUSED_NOT_AUTHORIZED.into(),
+        Code::UnsupportedProtocolVersion | Code::RefusedProtocolVersion => {
+            "the broker does not speak MQTT 5; set broker.protocol = \"3.1.1\"".into()
+        }
+        other => format!("the broker refused the connection ({other:?})"),
+    };
+    match err {
+        Error::ConnectionRefused(code)
+        | Error::MqttState(StateError::ConnFail { reason: code }) => refused(code),
+        Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => NO_BROKER.into(),
+        other => format!("{other}"),
+    }
+}
+
+const REFUSED_PASSWORD: &str = "the broker refused the username or password; check broker.username and broker.password, broker.password_file or WEIR_BROKER_PASSWORD";
+const REFUSED_NOT_AUTHORIZED: &str = "the broker refused the connection as not authorized; check the credentials or client certificate and the broker's ACL";
+const NO_BROKER: &str =
+    "connection refused: no broker listens at broker.url; check the url and that the broker runs";
+
 /// The rustls error behind a connection error, wherever rumqttc wrapped it: a failed handshake
 /// comes as `Tls(Io(..))`, but a broker's alert after the handshake (TLS 1.3 client-certificate
 /// checks) surfaces while reading the CONNACK, as `MqttState(Deserialization(Io(..)))`.
-fn rustls_cause(err: &ConnectionError) -> Option<&rustls::Error> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+fn rustls_cause<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
     while let Some(error) = current {
         if let Some(tls) = error.downcast_ref::<rustls::Error>() {
             return Some(tls);
@@ -366,8 +445,8 @@ impl ConnectFailures {
     const REPEAT: Duration = Duration::from_secs(60);
 
     /// Records one failed attempt of `connection` (`source` or `sink`).
-    pub fn report(&mut self, connection: &'static str, err: &ConnectionError) {
-        let reason = describe(err);
+    pub fn report(&mut self, connection: &'static str, err: &client::ConnectionError) {
+        let reason = err.describe();
         let due = self.logged_at.is_none_or(|at| at.elapsed() >= Self::REPEAT);
         if self.last.as_deref() != Some(reason.as_str()) || due {
             tracing::warn!(

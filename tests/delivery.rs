@@ -63,6 +63,7 @@ fn expected_ids(readings: &[(String, Vec<u8>)]) -> BTreeSet<String> {
             arrival: Instant::now(),
             arrival_ms: T0 + 1_000_000,
             lsn: lsn as u64,
+            trace: None,
         };
         worker.process(&message, &mut out);
     }

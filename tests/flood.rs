@@ -26,6 +26,7 @@ fn message(device: &str, ts: i64, temperature: f64) -> RawMessage {
         arrival: Instant::now(),
         arrival_ms: ts,
         lsn: 0,
+        trace: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn a_device_offline_at_the_snapshot_is_still_counted_offline_after_restore() {
                 arrival: Instant::now(),
                 arrival_ms: T0,
                 lsn: 0,
+                trace: None,
             },
             &mut out,
         );

@@ -84,6 +84,7 @@ fn engine(
             values: &values,
             arrival,
             arrival_ms: ts,
+            trace: None,
         };
         op.on_reading(&mut states[device], &reading, &mut out);
     }

@@ -34,6 +34,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub dead_letter: DeadLetterConfig,
+    #[serde(default)]
+    pub observability: ObservabilityConfig,
     /// What the file said, hashed; set by [`parse`].
     #[serde(skip)]
     pub fingerprints: Fingerprints,
@@ -164,6 +166,15 @@ impl Fnv {
     }
 }
 
+/// Where weir reports what it does beyond `/metrics` and its logs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    /// OTLP/HTTP collector base URL, e.g. `http://127.0.0.1:4318`: one span per derived event is
+    /// POSTed (JSON) to `<url>/v1/traces`. Needs a weir built with the `otlp` cargo feature.
+    pub otlp_endpoint: Option<String>,
+}
+
 /// What weir promises about each reading and event, and where it keeps state.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,6 +274,10 @@ pub struct DeadLetterConfig {
 pub struct BrokerConfig {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
     pub url: String,
+    /// MQTT version of both connections. 3.1.1 (the default) works with every broker; 5 carries
+    /// message properties: a reading's W3C trace context, and an event's content type and id.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where derived events are published, when not to the same broker (e.g. an upstream broker
     /// while readings come from the local one). Same form as `url`, same credentials and TLS.
     pub publish_url: Option<String>,
@@ -297,6 +312,7 @@ impl BrokerConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            protocol: Protocol::default(),
             publish_url: None,
             client_id: default_client_id(),
             username: None,
@@ -308,6 +324,58 @@ impl BrokerConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+        }
+    }
+}
+
+/// The MQTT protocol version, written `"3.1.1"` or `"5"` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    V311,
+    V5,
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Protocol;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"3.1.1\" or \"5\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Protocol, E> {
+                match value {
+                    "3.1.1" => Ok(Protocol::V311),
+                    "5" | "5.0" => Ok(Protocol::V5),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not an MQTT version weir speaks; write \"3.1.1\" (any broker) or \"5\" (message properties, trace context)"
+                    ))),
+                }
+            }
+
+            // `protocol = 5` is unambiguous, so it is taken as written; 3.1.1 is not a TOML number.
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Protocol, E> {
+                match value {
+                    5 => Ok(Protocol::V5),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not an MQTT version weir speaks; write \"3.1.1\" (any broker) or \"5\" (message properties, trace context)"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Protocol {
+    /// As written in the config.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
         }
     }
 }
@@ -1235,6 +1303,85 @@ mod tests {
     fn keep_alive_under_a_second_is_rejected() {
         let (problem, _) = problem_after("keep_alive = \"30s\"", "keep_alive = \"500ms\"");
         assert_eq!(problem.path, "broker.keep_alive");
+    }
+
+    #[test]
+    fn protocol_is_3_1_1_or_5_and_5_needs_a_keep_alive_of_5s() {
+        let config = parse(EXAMPLE, Path::new("example.toml"), &Overrides::default()).unwrap();
+        assert_eq!(config.broker.protocol, Protocol::V311);
+        for written in ["\"5\"", "5"] {
+            let text =
+                EXAMPLE.replacen("protocol = \"3.1.1\"", &format!("protocol = {written}"), 1);
+            let config = parse(&text, Path::new("example.toml"), &Overrides::default()).unwrap();
+            assert_eq!(config.broker.protocol, Protocol::V5);
+        }
+
+        let (problem, text) = problem_after("protocol = \"3.1.1\"", "protocol = \"3.1\"");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "protocol = \"3.1\""))
+        );
+        assert!(
+            problem.message.contains("write \"3.1.1\"") && problem.message.contains("\"5\""),
+            "{}",
+            problem.message
+        );
+
+        let text = EXAMPLE.replacen("protocol = \"3.1.1\"", "protocol = \"5\"", 1);
+        let err = parse(
+            &text.replacen("keep_alive = \"30s\"", "keep_alive = \"2s\"", 1),
+            Path::new("example.toml"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let problem = &err.problems()[0];
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert_eq!(problem.path, "broker.keep_alive");
+        assert_eq!(
+            problem.line_col.map(|lc| lc.0),
+            Some(line_of(&text, "keep_alive = \"30s\""))
+        );
+        assert!(
+            problem.message.contains("at least 5s"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("protocol = \"5\""),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_plain_http_and_needs_the_feature() {
+        let text =
+            format!("{EXAMPLE}\n[observability]\notlp_endpoint = \"https://collector:4318\"\n");
+        let err = parse(&text, Path::new("example.toml"), &Overrides::default()).unwrap_err();
+        let problems = err.problems();
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.path == "observability.otlp_endpoint"
+                    && p.line_col.map(|lc| lc.0)
+                        == Some(line_of(&text, "otlp_endpoint = \"https"))),
+            "{err}"
+        );
+        assert!(
+            problems.iter().any(|p| p.message.contains("plain HTTP")),
+            "{err}"
+        );
+        assert_eq!(problems.len(), if cfg!(feature = "otlp") { 1 } else { 2 });
+
+        let text =
+            format!("{EXAMPLE}\n[observability]\notlp_endpoint = \"http://127.0.0.1:4318\"\n");
+        let parsed = parse(&text, Path::new("example.toml"), &Overrides::default());
+        if cfg!(feature = "otlp") {
+            parsed.unwrap();
+        } else {
+            let err = parsed.unwrap_err();
+            assert!(err.to_string().contains("--features otlp"), "{err}");
+        }
     }
 
     #[test]

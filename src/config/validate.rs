@@ -3,8 +3,8 @@
 
 use super::{
     AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode,
-    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, RateOfChangeConfig,
-    RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
+    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig,
+    Protocol, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use crate::mqtt::BrokerEndpoint;
 use crate::topic::{TopicPattern, TopicTemplate};
@@ -85,7 +85,23 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         check_rule(config, name, rule, &mut problems);
     }
     check_field_types(config, &mut problems);
+    check_observability(&config.observability, &mut problems);
     problems.0
+}
+
+fn check_observability(observability: &ObservabilityConfig, problems: &mut Problems) {
+    let Some(endpoint) = &observability.otlp_endpoint else {
+        return;
+    };
+    if !cfg!(feature = "otlp") {
+        problems.add(
+            "observability.otlp_endpoint",
+            "this weir was built without OTLP export; rebuild it with `cargo build --release --features otlp`, or remove the key",
+        );
+    }
+    if let Err(message) = crate::trace::OtlpEndpoint::parse(endpoint) {
+        problems.add("observability.otlp_endpoint", message);
+    }
 }
 
 fn check_delivery(config: &Config, problems: &mut Problems) {
@@ -156,6 +172,13 @@ fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
         problems.add(
             "broker.keep_alive",
             "must be at least 1s (MQTT counts keep-alive in whole seconds); 30s is a good default",
+        );
+    }
+    // rumqttc's MQTT 5 client asserts a keep-alive of at least five seconds.
+    if broker.protocol == Protocol::V5 && broker.keep_alive < Duration::from_secs(5) {
+        problems.add(
+            "broker.keep_alive",
+            "must be at least 5s with protocol = \"5\" (rumqttc's MQTT 5 client refuses less); 30s is a good default",
         );
     }
     if broker.keep_alive > Duration::from_secs(u16::MAX as u64) {

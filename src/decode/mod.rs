@@ -52,6 +52,8 @@ pub struct Reading<'a> {
     /// Arrival as wall-clock ms since the epoch: what future timestamps are judged against.
     /// Operators get the gateway clock only through this (and `on_tick`); they never read it.
     pub arrival_ms: i64,
+    /// The W3C trace context the message carried (MQTT 5), for the events' `cause`.
+    pub trace: Option<&'a Arc<crate::trace::TraceContext>>,
 }
 
 /// A discrete field value as operators see it, borrowed from the decode buffer.

@@ -32,6 +32,9 @@ pub struct RawMessage {
     pub arrival_ms: i64,
     /// Position in receive order (the input log's sequence number).
     pub lsn: u64,
+    /// The W3C trace context it carried (MQTT 5), shared with the causes of its events; an
+    /// untraced message pays one null pointer.
+    pub trace: Option<Arc<crate::trace::TraceContext>>,
 }
 
 /// What flows from the source to a worker.
@@ -562,6 +565,7 @@ impl Worker {
             discrete: &decoded.discrete,
             arrival: message.arrival,
             arrival_ms: message.arrival_ms,
+            trace: message.trace.as_ref(),
         };
         for &rule in &input_plan.rules {
             if !self.plan.rules[rule].in_scope(origin) {
@@ -666,6 +670,10 @@ impl Worker {
                 rule: None,
                 arrival: Some(message.arrival),
                 ts: message.arrival_ms,
+                properties: crate::mqtt::client::Properties {
+                    trace: message.trace.as_ref().map(|trace| Box::new(trace.child())),
+                    ..Default::default()
+                },
             });
         }
     }
@@ -1003,7 +1011,10 @@ fn drain_output(
             cause_ts = event.cause.as_ref().map(|c| c.ts),
             "derived event"
         );
-        let routed = rule.route.apply(&event);
+        let mut routed = rule.route.apply(&event);
+        if metrics.spans.is_on() {
+            metrics.spans.record(&event, &mut routed);
+        }
         if metrics.tap.is_watched() {
             let json = match rule.route.format {
                 Format::Cbor => {

@@ -81,6 +81,12 @@ pub struct Metrics {
     /// The live tap of derived events. It lives here because `Metrics` is the handle every
     /// stage already holds; its clients and skips are metrics too.
     pub tap: Tap,
+    pub trace_context_invalid: IntCounterVec,
+    /// Spans of derived events, exported over OTLP (with the `otlp` feature); here for the same
+    /// reason as the tap.
+    pub spans: crate::trace::Spans,
+    pub otlp_spans_exported: IntCounter,
+    pub otlp_spans_dropped: IntCounterVec,
     build_info: IntGaugeVec,
     subscribed: AtomicBool,
     /// Input and rule names by index, for the per-worker state gauges.
@@ -375,6 +381,24 @@ impl Metrics {
                 "Windows open (not yet fired) in the rule, over all devices.",
                 &["rule"],
             ),
+            trace_context_invalid: counter_vec(
+                r,
+                "weir_trace_context_invalid_total",
+                "Inputs whose traceparent user property was not valid W3C trace context (ignored; the reading is processed), by input.",
+                &["input"],
+            ),
+            spans: crate::trace::Spans::default(),
+            otlp_spans_exported: counter(
+                r,
+                "weir_otlp_spans_exported_total",
+                "Spans of derived events the OTLP collector accepted.",
+            ),
+            otlp_spans_dropped: counter_vec(
+                r,
+                "weir_otlp_spans_dropped_total",
+                "Spans of derived events not exported, by reason (queue_full: the newest are dropped while the queue is full; export_failed: the collector refused or was unreachable).",
+                &["reason"],
+            ),
             build_info: gauge_vec(
                 r,
                 "weir_build_info",
@@ -401,6 +425,9 @@ impl Metrics {
             metrics.config_reloads.with_label_values(&[result]);
         }
         metrics.config_last_reload_successful.set(1);
+        for reason in ["queue_full", "export_failed"] {
+            metrics.otlp_spans_dropped.with_label_values(&[reason]);
+        }
         for connection in [Connection::Source, Connection::Sink] {
             metrics
                 .mqtt_connected
@@ -427,6 +454,7 @@ impl Metrics {
             self.readings_decoded.with_label_values(&[input]);
             self.duplicates_dropped.with_label_values(&[input]);
             self.devices_evicted.with_label_values(&[input]);
+            self.trace_context_invalid.with_label_values(&[input]);
             for reason in crate::decode::DecodeError::REASONS {
                 self.decode_errors.with_label_values(&[input, reason]);
                 self.dead_letters.with_label_values(&[input, reason]);

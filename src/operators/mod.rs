@@ -205,6 +205,7 @@ pub(crate) mod test_support {
             discrete,
             arrival: Instant::now(),
             arrival_ms: ts,
+            trace: None,
         }
     }
 
@@ -235,6 +236,7 @@ pub(crate) mod test_support {
             discrete: &[],
             arrival: Instant::now(),
             arrival_ms: ts,
+            trace: None,
         }
     }
 }

@@ -445,6 +445,7 @@ pub fn replay(
             arrival: Instant::now(),
             arrival_ms: now,
             lsn,
+            trace: None,
         };
         lsn += 1;
         worker.process(&message, &mut out);

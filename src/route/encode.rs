@@ -51,6 +51,9 @@ impl Serialize for CauseView<'_> {
         if let Some(seq) = cause.seq {
             map.serialize_entry("seq", &seq)?;
         }
+        if let Some(trace) = &cause.trace {
+            map.serialize_entry("trace_id", &trace.trace_id_hex())?;
+        }
         map.end()
     }
 }
@@ -276,6 +279,7 @@ mod tests {
                 topic: origin.topic.clone(),
                 ts: 1_732_600_000_000,
                 seq: Some(17),
+                trace: None,
             }),
             origin,
             arrival: None,
@@ -295,6 +299,33 @@ mod tests {
                 "cause": {"topic": "sensors/s1/d1/telemetry", "ts": 1_732_600_000_000_i64, "seq": 17}
             })
         );
+    }
+
+    #[test]
+    fn the_cause_names_the_readings_trace_id_only_when_it_had_one() {
+        let mut event = state_change();
+        let trace = crate::trace::TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        )
+        .map(std::sync::Arc::new);
+        if let Some(cause) = &mut event.cause {
+            cause.trace = trace;
+        }
+        for format in [Format::Json, Format::Cbor] {
+            let bytes = encode(&event, format);
+            let json: serde_json::Value = match format {
+                Format::Cbor => ciborium::from_reader(bytes.as_slice()).unwrap(),
+                _ => serde_json::from_slice(&bytes).unwrap(),
+            };
+            assert_eq!(
+                json["cause"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+                "{format:?}"
+            );
+        }
+        let untraced: serde_json::Value =
+            serde_json::from_slice(&encode(&state_change(), Format::Json)).unwrap();
+        assert!(untraced["cause"].get("trace_id").is_none());
     }
 
     #[test]

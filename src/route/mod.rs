@@ -1,5 +1,6 @@
 //! Routing: a derived event becomes an MQTT message: its topic from the rule's template, its
-//! payload in schema v1 (JSON or CBOR, same fields).
+//! payload in schema v1 (JSON or CBOR, same fields), and its MQTT 5 properties (content type,
+//! event id, and the event's span in the trace of the reading that caused it).
 
 mod encode;
 
@@ -7,6 +8,7 @@ pub use encode::{encode, EventView};
 
 use crate::config::Format;
 use crate::event::DerivedEvent;
+use crate::mqtt::client::{ContentType, Properties};
 use crate::topic::TopicTemplate;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,10 +36,21 @@ pub struct Outgoing {
     pub arrival: Option<Instant>,
     /// Event time of the event, ms since the epoch.
     pub ts: i64,
+    /// Sent with MQTT 5 only.
+    pub properties: Properties,
 }
 
 impl Route {
-    /// Renders the topic and encodes the payload of one event.
+    /// The MQTT 5 content type of the rule's payloads.
+    pub fn content_type(&self) -> ContentType {
+        match self.format {
+            Format::Cbor => ContentType::Cbor,
+            _ => ContentType::Json,
+        }
+    }
+
+    /// Renders the topic and encodes the payload of one event. An event whose reading carried a
+    /// trace context gets its own span in that trace.
     pub fn apply(&self, event: &DerivedEvent) -> Outgoing {
         let mut topic = String::with_capacity(64);
         self.template
@@ -50,6 +63,15 @@ impl Route {
             rule: Some(event.rule.clone()),
             arrival: event.arrival,
             ts: event.ts,
+            properties: Properties {
+                correlation: Some(event.id),
+                content_type: self.content_type(),
+                trace: event
+                    .cause
+                    .as_ref()
+                    .and_then(|cause| cause.trace.as_deref())
+                    .map(|trace| Box::new(trace.child())),
+            },
         }
     }
 }

@@ -13,12 +13,14 @@
 use crate::config::OutboxPolicy;
 use crate::engine::Plan;
 use crate::metrics::{Connection, LatencyRecorder, Metrics, WarnLimit};
+use crate::mqtt::client::{self, Client, ContentType, Event, Properties};
 use crate::mqtt::{Backoff, ConnectFailures, RECONNECT_WARN_INTERVAL};
 use crate::route::Outgoing;
 use crate::store::writer::SnapshotCommand;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
+use crate::trace::TraceContext;
 use prometheus::IntCounter;
-use rumqttc::{AsyncClient, ClientError, Event, MqttOptions, Packet, QoS, Request};
+use rumqttc::QoS;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,8 @@ pub enum SinkInput {
 
 /// How the sink is set up.
 pub struct SinkOptions {
-    pub mqtt: MqttOptions,
+    /// Connection options (MQTT 3.1.1 or 5).
+    pub mqtt: client::Options,
     pub request_capacity: usize,
     pub outbox_max: usize,
     pub policy: OutboxPolicy,
@@ -66,13 +69,34 @@ fn stored(message: &Outgoing) -> StoredMessage {
         qos: message.qos as u8,
         retain: message.retain,
         rule: message.rule.as_deref().unwrap_or_default().to_owned(),
+        id: message.properties.correlation.map(|id| id.0),
+        traceparent: message.properties.trace.as_ref().map(|t| t.traceparent()),
+        tracestate: message
+            .properties
+            .trace
+            .as_ref()
+            .and_then(|t| t.state.as_deref().map(str::to_owned)),
     }
 }
 
 /// Rebuilds a restored outbox entry.
-pub fn restore(message: StoredMessage) -> Outgoing {
+pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
+    let rule_index = plan.rules.iter().position(|r| *r.name == message.rule);
+    let rule = (!message.rule.is_empty()).then(|| Arc::from(message.rule.as_str()));
+    let properties = Properties {
+        correlation: message.id.map(crate::event::EventId),
+        // Dead letters (no rule) are JSON.
+        content_type: rule_index.map_or(ContentType::Json, |rule| {
+            plan.rules[rule].route.content_type()
+        }),
+        trace: message
+            .traceparent
+            .as_deref()
+            .and_then(|parent| TraceContext::parse(parent, message.tracestate.as_deref()))
+            .map(Box::new),
+    };
     Outgoing {
-        rule: (!message.rule.is_empty()).then(|| Arc::from(message.rule)),
+        rule,
         topic: message.topic,
         payload: message.payload,
         qos: if message.qos == 0 {
@@ -83,6 +107,7 @@ pub fn restore(message: StoredMessage) -> Outgoing {
         retain: message.retain,
         arrival: None,
         ts: 0,
+        properties,
     }
 }
 
@@ -114,7 +139,7 @@ impl RuleCounters {
 
 /// Where the sink hands events to the connection, and what it records when it does.
 struct Handover<'a> {
-    client: &'a AsyncClient,
+    client: &'a Client,
     connected: &'a AtomicBool,
     unacked: &'a Unacked,
     metrics: &'a Metrics,
@@ -158,14 +183,17 @@ impl Handover<'_> {
                     std::mem::take(&mut message.payload),
                 )
             };
-            if let Err(err) = self
-                .client
-                .try_publish(topic, message.qos, message.retain, payload)
-            {
+            if let Err(returned) = self.client.try_publish(
+                topic,
+                message.qos,
+                message.retain,
+                payload,
+                &message.properties,
+            ) {
                 // The request queue is full: the event goes back to the front, whole.
-                if let (false, ClientError::TryRequest(Request::Publish(publish))) = (keep, err) {
-                    message.topic = publish.topic;
-                    message.payload = publish.payload.to_vec();
+                if !keep {
+                    message.topic = returned.topic;
+                    message.payload = returned.payload;
                 }
                 queue.push_front(message);
                 break;
@@ -208,8 +236,7 @@ pub async fn run(
     mut input: mpsc::Receiver<SinkInput>,
     metrics: Arc<Metrics>,
 ) {
-    let (client, mut eventloop) = AsyncClient::new(options.mqtt, options.request_capacity.max(10));
-    eventloop.set_network_options(crate::mqtt::network_options());
+    let (client, mut eventloop) = client::new(options.mqtt, options.request_capacity.max(10));
     let unacked: Unacked = Arc::default();
     // Events are handed to the connection only while it is up; while it is down they stay in the
     // outbox, where the cap and the policy apply (rumqttc's own request queue is not counted).
@@ -230,12 +257,12 @@ pub async fn run(
                 event = eventloop.poll() => event,
             };
             match event {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                Ok(Event::PubAck) => {
                     if let Ok(mut unacked) = poll_unacked.lock() {
                         unacked.pop_front();
                     }
                 }
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::ConnAck { .. }) => {
                     connected = true;
                     poll_connected.store(true, Ordering::Release);
                     backoff.reset();
@@ -243,7 +270,7 @@ pub async fn run(
                     poll_metrics.set_connected(Connection::Sink, true);
                     tracing::info!("sink connected to the broker");
                 }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                Ok(Event::Disconnected) => break,
                 Ok(_) => {}
                 Err(err) => {
                     poll_connected.store(false, Ordering::Release);
@@ -394,4 +421,52 @@ pub async fn run(
         let _ = poller.await;
     }
     tracing::info!("sink stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventId;
+
+    #[test]
+    fn an_outbox_entry_keeps_its_id_content_type_and_span_through_a_snapshot() {
+        let config = crate::config::parse(
+            crate::config::EXAMPLE,
+            std::path::Path::new("example.toml"),
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        let plan = Plan::build(&config).unwrap();
+        let rule: Option<Arc<str>> = Some("overheat".into());
+        let trace = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("congo=t61"),
+        )
+        .unwrap();
+        let event = Outgoing {
+            topic: "alerts/s1/d1/overheat".into(),
+            payload: b"{}".to_vec(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            rule: rule.clone(),
+            arrival: None,
+            ts: 0,
+            properties: Properties {
+                correlation: Some(EventId(0xabc)),
+                content_type: ContentType::Json,
+                trace: Some(Box::new(trace.child())),
+            },
+        };
+        let restored = restore(stored(&event), &plan);
+        assert_eq!(restored.rule, rule);
+        assert_eq!(restored.properties, event.properties);
+
+        let dead_letter = Outgoing {
+            rule: None,
+            properties: Properties::default(),
+            ..event
+        };
+        let restored = restore(stored(&dead_letter), &plan);
+        assert_eq!(restored.properties, Properties::default());
+    }
 }

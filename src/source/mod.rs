@@ -1,7 +1,8 @@
 //! MQTT intake: polls the rumqttc event loop continuously in its own task, subscribes on every
 //! (re)connect, matches each message's topic to an input, stamps its arrival and its log sequence
 //! number (LSN), logs it (with a state dir under `at_least_once`), and hands it to the worker that
-//! owns its device through a bounded channel.
+//! owns its device through a bounded channel. With MQTT 5 a message's W3C trace context (user
+//! properties) travels with it.
 //!
 //! Nothing slow happens in the poll loop: rumqttc sends keep-alives only from inside `poll()`.
 //! When a worker's channel (or the log's) is full the loop waits for room: backpressure reaches
@@ -11,10 +12,12 @@
 
 use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
 use crate::metrics::{Connection, Metrics, WarnLimit};
+use crate::mqtt::client::{self, Client, Event};
 use crate::mqtt::{Backoff, ConnectFailures};
 use crate::store::writer::{AckBatch, AckToken, LogCommand};
+use crate::trace;
 use futures_util::FutureExt as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use rumqttc::QoS;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,8 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How the source is set up.
 pub struct SourceOptions {
-    /// Connection options; manual acks are on when `log` is set.
-    pub mqtt: MqttOptions,
+    /// Connection options (MQTT 3.1.1 or 5); manual acks are on when `log` is set.
+    pub mqtt: client::Options,
     /// The LSN of the first message this run receives.
     pub next_lsn: u64,
     /// The input log (state dir + at_least_once): inputs are acked once it has synced them.
@@ -57,8 +60,7 @@ pub async fn run(
     } = options;
     let manual_acks = log.is_some();
     mqtt.set_manual_acks(manual_acks);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
-    eventloop.set_network_options(crate::mqtt::network_options());
+    let (client, mut eventloop) = client::new(mqtt, 1024);
     let generation = Arc::new(AtomicU64::new(0));
     let acker = acks.map(|acks| {
         tokio::spawn(run_acker(
@@ -68,10 +70,10 @@ pub async fn run(
             metrics.clone(),
         ))
     });
-    let filters: Vec<SubscribeFilter> = plan
+    let filters: Vec<(String, QoS)> = plan
         .inputs
         .iter()
-        .map(|input| SubscribeFilter::new(input.pattern.subscription_filter(), input.qos))
+        .map(|input| (input.pattern.subscription_filter(), input.qos))
         .collect();
     let received: Vec<_> = plan
         .inputs
@@ -80,6 +82,9 @@ pub async fn run(
             (
                 metrics.readings_received.with_label_values(&[&input.name]),
                 metrics.received_bytes.with_label_values(&[&input.name]),
+                metrics
+                    .trace_context_invalid
+                    .with_label_values(&[&input.name]),
             )
         })
         .collect();
@@ -140,15 +145,25 @@ pub async fn run(
             }
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Message(publish)) => {
                 let arrival = Instant::now();
                 let Some((input, device)) = plan.match_topic(&publish.topic) else {
                     metrics.readings_unmatched.inc();
                     continue;
                 };
-                let (count, bytes) = &received[input];
+                let (count, bytes, invalid_trace) = &received[input];
                 count.inc();
                 bytes.inc_by(publish.payload.len() as u64);
+                // A malformed traceparent is the upstream system's problem, not the reading's:
+                // the reading is processed without it.
+                let trace = match publish.trace {
+                    trace::Incoming::Valid(context) => Some(context),
+                    trace::Incoming::Invalid => {
+                        invalid_trace.inc();
+                        None
+                    }
+                    trace::Incoming::Absent => None,
+                };
                 let shard = Plan::shard(input, device, workers.len());
                 let lsn = next_lsn;
                 next_lsn += 1;
@@ -164,6 +179,7 @@ pub async fn run(
                         input: input as u16,
                         topic: publish.topic.clone(),
                         payload: publish.payload.clone(),
+                        trace: trace.clone(),
                         ack,
                     };
                     if log.send(command).await.is_err() {
@@ -179,30 +195,26 @@ pub async fn run(
                         arrival,
                         arrival_ms,
                         lsn,
+                        trace,
                     },
                 ));
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Event::ConnAck { session_present }) => {
                 connected = true;
                 generation.fetch_add(1, Ordering::Relaxed);
                 backoff.reset();
                 failures.reset();
                 metrics.set_connected(Connection::Source, true);
                 tracing::info!(
-                    session_present = ack.session_present,
+                    session_present,
                     "source connected to the broker; subscribing"
                 );
                 // try_subscribe never waits, so it cannot stall this loop.
-                if let Err(err) = client.try_subscribe_many(filters.clone()) {
+                if let Err(err) = client.try_subscribe_many(&filters) {
                     tracing::error!(%err, "could not queue the subscription");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted = ack
-                    .return_codes
-                    .iter()
-                    .filter(|code| matches!(code, SubscribeReasonCode::Success(_)))
-                    .count();
+            Ok(Event::SubAck { granted }) => {
                 if granted < filters.len() {
                     tracing::error!(
                         granted,
@@ -279,7 +291,7 @@ pub async fn run(
             }
             let _ = client.try_disconnect();
             while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                if matches!(event, Event::Disconnected) {
                     break;
                 }
             }
@@ -365,7 +377,7 @@ async fn pass_reload(
 /// Sends released acks in order, each only on the connection that delivered its message.
 async fn run_acker(
     mut acks: mpsc::Receiver<AckBatch>,
-    client: AsyncClient,
+    client: Client,
     generation: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 ) {
@@ -374,9 +386,7 @@ async fn run_acker(
             if token.generation != generation.load(Ordering::Relaxed) {
                 continue;
             }
-            let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
-            publish.pkid = token.pkid;
-            if client.ack(&publish).await.is_err() {
+            if client.ack(token.pkid).await.is_err() {
                 return;
             }
             metrics.inputs_acked.inc();

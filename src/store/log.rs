@@ -3,13 +3,22 @@
 //! message acknowledged to the broker.
 //!
 //! Frame: `len: u32 LE | crc32(body): u32 LE | body`, body = `lsn: u64 | arrival_ms: i64 |
-//! input: u16 | topic_len: u16 | topic | payload`. A torn or corrupt tail (power cut mid-write)
-//! fails its length or CRC check: recovery keeps every record before it and says what it dropped.
+//! input: u16 | topic_len: u16 | topic | [trace] | payload`. A torn or corrupt tail (power cut
+//! mid-write) fails its length or CRC check: recovery keeps every record before it and says what
+//! it dropped.
+//!
+//! `[trace]` (a message's W3C trace context) is present only when bit 15 of `input` is set:
+//! `trace_id: 16 | span_id: 8 | flags: u8 | state_len: u16 LE | state`. Records written before
+//! it existed never have that bit set (inputs are numbered from 0), so they read as before.
 
 use super::sync_dir;
+use crate::trace::TraceContext;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+
+/// Set in a record's `input` when a trace context follows the topic.
+const HAS_TRACE: u16 = 0x8000;
 
 /// Records larger than this are refused as corrupt on read (no payload is near it: payloads are
 /// capped by `max_payload_bytes`, which must be below the MQTT packet limit).
@@ -24,6 +33,7 @@ pub struct LogRecord {
     pub input: u16,
     pub topic: String,
     pub payload: Vec<u8>,
+    pub trace: Option<TraceContext>,
 }
 
 /// The writer side of the input log.
@@ -65,6 +75,7 @@ pub struct RecordRef<'a> {
     pub input: u16,
     pub topic: &'a str,
     pub payload: &'a [u8],
+    pub trace: Option<&'a TraceContext>,
 }
 
 impl LogRecord {
@@ -75,6 +86,7 @@ impl LogRecord {
             input: self.input,
             topic: &self.topic,
             payload: &self.payload,
+            trace: self.trace.as_ref(),
         }
     }
 }
@@ -84,11 +96,22 @@ fn encode(record: RecordRef<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&record.lsn.to_le_bytes());
     out.extend_from_slice(&record.arrival_ms.to_le_bytes());
-    out.extend_from_slice(&record.input.to_le_bytes());
+    let flag = if record.trace.is_some() { HAS_TRACE } else { 0 };
+    out.extend_from_slice(&(record.input | flag).to_le_bytes());
     let topic = record.topic.as_bytes();
     let topic_len = u16::try_from(topic.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&topic_len.to_le_bytes());
     out.extend_from_slice(&topic[..usize::from(topic_len)]);
+    if let Some(trace) = record.trace {
+        out.extend_from_slice(&trace.trace_id);
+        out.extend_from_slice(&trace.span_id);
+        out.push(trace.flags);
+        // The source keeps at most 512 bytes of tracestate.
+        let state = trace.state.as_deref().unwrap_or_default().as_bytes();
+        let state_len = u16::try_from(state.len()).unwrap_or(0);
+        out.extend_from_slice(&state_len.to_le_bytes());
+        out.extend_from_slice(&state[..usize::from(state_len)]);
+    }
     out.extend_from_slice(record.payload);
     let body_len = u32::try_from(out.len() - 8).unwrap_or(u32::MAX);
     let crc = crc32fast::hash(&out[8..]);
@@ -104,13 +127,29 @@ fn decode(body: &[u8]) -> Option<LogRecord> {
     let topic = std::str::from_utf8(body.get(20..20 + topic_len)?)
         .ok()?
         .to_owned();
-    let payload = body.get(20 + topic_len..)?.to_vec();
+    let mut at = 20 + topic_len;
+    let trace = if input & HAS_TRACE != 0 {
+        let fixed = body.get(at..at + 27)?;
+        let state_len = usize::from(u16::from_le_bytes(fixed[25..27].try_into().ok()?));
+        let state = std::str::from_utf8(body.get(at + 27..at + 27 + state_len)?).ok()?;
+        at += 27 + state_len;
+        Some(TraceContext {
+            trace_id: fixed[0..16].try_into().ok()?,
+            span_id: fixed[16..24].try_into().ok()?,
+            flags: fixed[24],
+            state: (!state.is_empty()).then(|| state.into()),
+        })
+    } else {
+        None
+    };
+    let payload = body.get(at..)?.to_vec();
     Some(LogRecord {
         lsn,
         arrival_ms,
-        input,
+        input: input & !HAS_TRACE,
         topic,
         payload,
+        trace,
     })
 }
 
@@ -281,7 +320,45 @@ mod tests {
             input: 0,
             topic: format!("sensors/s1/d{lsn}/telemetry"),
             payload: format!("{{\"v\":{lsn}}}").into_bytes(),
+            trace: None,
         }
+    }
+
+    #[test]
+    fn a_trace_context_round_trips_and_records_without_one_keep_the_old_layout() {
+        let traced = LogRecord {
+            trace: TraceContext::parse(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("congo=t61rcWkgMzE"),
+            ),
+            input: 3,
+            ..record(7)
+        };
+        let mut bytes = Vec::new();
+        encode(traced.as_ref(), &mut bytes);
+        assert_eq!(decode(&bytes[8..]), Some(traced.clone()));
+        let stateless = LogRecord {
+            trace: traced
+                .trace
+                .clone()
+                .map(|t| TraceContext { state: None, ..t }),
+            ..traced
+        };
+        encode(stateless.as_ref(), &mut bytes);
+        assert_eq!(decode(&bytes[8..]), Some(stateless));
+
+        // A body as weir wrote it before trace contexts existed.
+        let mut old = Vec::new();
+        old.extend_from_slice(&5u64.to_le_bytes());
+        old.extend_from_slice(&1005i64.to_le_bytes());
+        old.extend_from_slice(&0u16.to_le_bytes());
+        let topic = b"sensors/s1/d5/telemetry";
+        old.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+        old.extend_from_slice(topic);
+        old.extend_from_slice(b"{\"v\":5}");
+        assert_eq!(decode(&old), Some(record(5)));
+        encode(record(5).as_ref(), &mut bytes);
+        assert_eq!(&bytes[8..], &old[..]);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct DeviceSnapshot {
 }
 
 /// A derived event not yet acknowledged by the broker.
+///
+/// The fields after `rule` are its MQTT 5 properties. They are optional, so a snapshot written
+/// before they existed still loads (and one written with them has no new required field).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredMessage {
     pub topic: String,
@@ -47,6 +50,15 @@ pub struct StoredMessage {
     pub qos: u8,
     pub retain: bool,
     pub rule: String,
+    /// The event id (correlation data); absent for dead letters. The content type is not
+    /// stored: the rule's format gives it (JSON for dead letters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The event's own span, as a W3C `traceparent`, so a republished event keeps its span id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// Writes `snapshot` atomically into `dir`, keeping the previous one as a fallback.
@@ -156,6 +168,41 @@ mod tests {
             outbox: vec![],
             rules: vec![("overheat".into(), 7)],
         }
+    }
+
+    #[test]
+    fn an_outbox_entry_written_before_mqtt_5_properties_still_loads() {
+        #[derive(Serialize)]
+        struct Before {
+            topic: String,
+            payload: Vec<u8>,
+            qos: u8,
+            retain: bool,
+            rule: String,
+        }
+        let mut bytes = Vec::new();
+        let before = Before {
+            topic: "alerts/s1/d1/overheat".into(),
+            payload: b"{}".to_vec(),
+            qos: 1,
+            retain: false,
+            rule: "overheat".into(),
+        };
+        ciborium::into_writer(&before, &mut bytes).unwrap();
+        let loaded: StoredMessage = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert_eq!(loaded.topic, before.topic);
+        assert_eq!((loaded.id, loaded.traceparent), (None, None));
+
+        let now = StoredMessage {
+            id: Some(0xabc),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: None,
+            ..loaded
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&now, &mut bytes).unwrap();
+        let again: StoredMessage = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert_eq!(again, now);
     }
 
     #[test]

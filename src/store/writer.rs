@@ -5,6 +5,7 @@
 use super::log::{InputLog, RecordRef};
 use super::{snapshot, Snapshot, StateDir};
 use crate::metrics::Metrics;
+use crate::trace::TraceContext;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ pub enum LogCommand {
         input: u16,
         topic: String,
         payload: Bytes,
+        /// The message's W3C trace context, replayed with it after a crash.
+        trace: Option<Arc<TraceContext>>,
         ack: Option<AckToken>,
     },
     /// Start a new segment at this LSN (a snapshot barrier).
@@ -128,6 +131,7 @@ impl LogWriter<'_> {
                 input,
                 topic,
                 payload,
+                trace,
                 ack,
             } => {
                 let record = RecordRef {
@@ -136,6 +140,7 @@ impl LogWriter<'_> {
                     input,
                     topic: &topic,
                     payload: &payload,
+                    trace: trace.as_deref(),
                 };
                 match self.log.append(record, &mut self.scratch) {
                     Ok(()) => self.pending.extend(ack),
@@ -288,6 +293,9 @@ mod tests {
             qos: 1,
             retain: false,
             rule: "overheat".into(),
+            id: None,
+            traceparent: None,
+            tracestate: None,
         }
     }
 

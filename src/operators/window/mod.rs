@@ -263,6 +263,7 @@ fn cause_of(reading: &Reading<'_>) -> Cause {
         topic: reading.origin.topic.clone(),
         ts: reading.ts,
         seq: reading.seq,
+        trace: reading.trace.cloned(),
     }
 }
 

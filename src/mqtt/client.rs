@@ -1,0 +1,433 @@
+//! One client over rumqttc's MQTT 3.1.1 client (`rumqttc`) and its MQTT 5 client (`rumqttc::v5`),
+//! chosen by `broker.protocol`. The source and the sink are written once against [`Client`],
+//! [`EventLoop`] and [`Event`]; only this file knows which protocol is spoken.
+//!
+//! The two rumqttc clients have the same shape but distinct types (their `QoS`, `Publish` and
+//! packets differ), so each type here is an enum over both, and the events are mapped into the
+//! few cases weir acts on. The hot path (an incoming PUBLISH) stays a move of the topic and the
+//! payload; MQTT 5 adds reading its user properties for a trace context.
+
+use crate::event::EventId;
+use crate::trace::{self, TraceContext};
+use bytes::Bytes;
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::v5 as packet5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::QoS;
+
+/// Connection options of either protocol (see `mqtt::connection_options`).
+#[derive(Clone)]
+pub enum Options {
+    V4(Box<rumqttc::MqttOptions>),
+    V5(Box<v5::MqttOptions>),
+}
+
+impl Options {
+    /// Manual acks: an incoming QoS 1 message is acknowledged only by [`Client::ack`].
+    pub fn set_manual_acks(&mut self, manual: bool) -> &mut Self {
+        match self {
+            Options::V4(options) => {
+                options.set_manual_acks(manual);
+            }
+            Options::V5(options) => {
+                options.set_manual_acks(manual);
+            }
+        }
+        self
+    }
+
+    /// A clean session (3.1.1) or a clean start whose session ends with the connection (5).
+    pub fn set_clean_session(&mut self, clean: bool) -> &mut Self {
+        match self {
+            Options::V4(options) => {
+                options.set_clean_session(clean);
+            }
+            Options::V5(options) => {
+                options.set_clean_start(clean);
+                if clean {
+                    options.set_session_expiry_interval(None);
+                }
+            }
+        }
+        self
+    }
+}
+
+/// Creates a client and its event loop; `capacity` bounds the client's request queue. The event
+/// loop does nothing until polled.
+pub fn new(options: Options, capacity: usize) -> (Client, EventLoop) {
+    match options {
+        Options::V4(options) => {
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(*options, capacity);
+            eventloop.set_network_options(super::network_options());
+            (Client::V4(client), EventLoop::V4(Box::new(eventloop)))
+        }
+        Options::V5(mut options) => {
+            options.set_network_options(super::network_options());
+            let (client, eventloop) = v5::AsyncClient::new(*options, capacity);
+            (Client::V5(client), EventLoop::V5(Box::new(eventloop)))
+        }
+    }
+}
+
+/// The handle that subscribes, publishes and acknowledges; cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+/// A publish the client's request queue had no room for, handed back whole.
+#[derive(Debug)]
+pub struct Returned {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// The request queue is closed: the event loop is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the MQTT event loop is gone")]
+pub struct Closed;
+
+impl Client {
+    /// Queues one SUBSCRIBE for `filters` without waiting (so it cannot stall a poll loop).
+    ///
+    /// # Errors
+    /// The request queue is full or closed.
+    pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), Closed> {
+        match self {
+            Client::V4(client) => client
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(path, qos)| rumqttc::SubscribeFilter::new(path.clone(), *qos)),
+                )
+                .map_err(|_| Closed),
+            Client::V5(client) => client
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(path, qos)| packet5::Filter::new(path.clone(), qos5(*qos))),
+                )
+                .map_err(|_| Closed),
+        }
+    }
+
+    /// Acknowledges the QoS 1 message with packet id `pkid` (with manual acks), waiting for room
+    /// in the request queue.
+    ///
+    /// # Errors
+    /// The event loop is gone.
+    pub async fn ack(&self, pkid: u16) -> Result<(), Closed> {
+        match self {
+            Client::V4(client) => {
+                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+                publish.pkid = pkid;
+                client.ack(&publish).await.map_err(|_| Closed)
+            }
+            Client::V5(client) => {
+                let mut publish =
+                    packet5::Publish::new("", QoS5::AtLeastOnce, Vec::<u8>::new(), None);
+                publish.pkid = pkid;
+                client.ack(&publish).await.map_err(|_| Closed)
+            }
+        }
+    }
+
+    /// Queues one PUBLISH without waiting. With MQTT 5 it carries `properties`; with 3.1.1 they
+    /// are dropped, since the protocol has no place for them.
+    ///
+    /// # Errors
+    /// The request queue is full (or closed): the topic and payload come back.
+    pub fn try_publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        properties: &Properties,
+    ) -> Result<(), Returned> {
+        match self {
+            Client::V4(client) => match client.try_publish(topic, qos, retain, payload) {
+                Ok(()) => Ok(()),
+                Err(
+                    rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(publish))
+                    | rumqttc::ClientError::Request(rumqttc::Request::Publish(publish)),
+                ) => Err(Returned {
+                    topic: publish.topic,
+                    payload: publish.payload.to_vec(),
+                }),
+                Err(_) => Err(Returned {
+                    topic: String::new(),
+                    payload: Vec::new(),
+                }),
+            },
+            Client::V5(client) => {
+                match client.try_publish_with_properties(
+                    topic,
+                    qos5(qos),
+                    retain,
+                    payload,
+                    properties.to_v5(),
+                ) {
+                    Ok(()) => Ok(()),
+                    Err(
+                        v5::ClientError::TryRequest(v5::Request::Publish(publish))
+                        | v5::ClientError::Request(v5::Request::Publish(publish)),
+                    ) => Err(Returned {
+                        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                        payload: publish.payload.to_vec(),
+                    }),
+                    Err(_) => Err(Returned {
+                        topic: String::new(),
+                        payload: Vec::new(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Queues a DISCONNECT without waiting.
+    ///
+    /// # Errors
+    /// The request queue is full or closed.
+    pub fn try_disconnect(&self) -> Result<(), Closed> {
+        match self {
+            Client::V4(client) => client.try_disconnect().map_err(|_| Closed),
+            Client::V5(client) => client.try_disconnect().map_err(|_| Closed),
+        }
+    }
+}
+
+/// The connection itself: it makes progress (keep-alives included) only while polled.
+pub enum EventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
+}
+
+/// What the event loop reports, in the cases weir acts on.
+#[derive(Debug)]
+pub enum Event {
+    /// A message on a subscribed topic.
+    Message(Message),
+    ConnAck {
+        session_present: bool,
+    },
+    /// The broker answered a SUBSCRIBE; `granted` filters were accepted.
+    SubAck {
+        granted: usize,
+    },
+    /// The broker acknowledged one of our QoS 1 publishes.
+    PubAck,
+    /// Our DISCONNECT went out.
+    Disconnected,
+    Other,
+}
+
+/// An incoming PUBLISH.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub pkid: u16,
+    /// The W3C trace context of its user properties (MQTT 5 only).
+    pub trace: trace::Incoming,
+}
+
+/// A failed poll: the connection is down (rumqttc reconnects on the next poll).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(transparent)]
+    V4(rumqttc::ConnectionError),
+    #[error(transparent)]
+    V5(v5::ConnectionError),
+}
+
+impl ConnectionError {
+    /// A sentence that says what to check (see `mqtt::describe`).
+    pub fn describe(&self) -> String {
+        match self {
+            ConnectionError::V4(err) => super::describe(err),
+            ConnectionError::V5(err) => super::describe_v5(err),
+        }
+    }
+}
+
+impl EventLoop {
+    /// The next event; reconnects first when the connection is down. Cancel-safe as rumqttc's
+    /// own `poll` is: no state is held here across the await.
+    ///
+    /// # Errors
+    /// The connection failed or was lost.
+    pub async fn poll(&mut self) -> Result<Event, ConnectionError> {
+        match self {
+            EventLoop::V4(eventloop) => {
+                use rumqttc::{Event as E, Packet as P};
+                Ok(match eventloop.poll().await.map_err(ConnectionError::V4)? {
+                    E::Incoming(P::Publish(publish)) => Event::Message(Message {
+                        topic: publish.topic,
+                        payload: publish.payload,
+                        qos: publish.qos,
+                        pkid: publish.pkid,
+                        trace: trace::Incoming::Absent,
+                    }),
+                    E::Incoming(P::ConnAck(ack)) => Event::ConnAck {
+                        session_present: ack.session_present,
+                    },
+                    E::Incoming(P::SubAck(ack)) => Event::SubAck {
+                        granted: ack
+                            .return_codes
+                            .iter()
+                            .filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_)))
+                            .count(),
+                    },
+                    E::Incoming(P::PubAck(_)) => Event::PubAck,
+                    E::Outgoing(rumqttc::Outgoing::Disconnect) => Event::Disconnected,
+                    _ => Event::Other,
+                })
+            }
+            EventLoop::V5(eventloop) => {
+                use packet5::Packet as P;
+                use v5::Event as E;
+                Ok(match eventloop.poll().await.map_err(ConnectionError::V5)? {
+                    E::Incoming(P::Publish(publish)) => {
+                        let trace = publish.properties.as_ref().map_or(
+                            trace::Incoming::Absent,
+                            |properties| {
+                                TraceContext::from_user_properties(&properties.user_properties)
+                            },
+                        );
+                        Event::Message(Message {
+                            // MQTT requires UTF-8 topics; a broken one cannot match an input.
+                            topic: String::from_utf8(publish.topic.to_vec()).unwrap_or_else(
+                                |err| String::from_utf8_lossy(err.as_bytes()).into_owned(),
+                            ),
+                            payload: publish.payload,
+                            qos: qos4(publish.qos),
+                            pkid: publish.pkid,
+                            trace,
+                        })
+                    }
+                    E::Incoming(P::ConnAck(ack)) => Event::ConnAck {
+                        session_present: ack.session_present,
+                    },
+                    E::Incoming(P::SubAck(ack)) => Event::SubAck {
+                        granted: ack
+                            .return_codes
+                            .iter()
+                            .filter(|code| matches!(code, packet5::SubscribeReasonCode::Success(_)))
+                            .count(),
+                    },
+                    E::Incoming(P::PubAck(_)) => Event::PubAck,
+                    E::Outgoing(rumqttc::Outgoing::Disconnect) => Event::Disconnected,
+                    _ => Event::Other,
+                })
+            }
+        }
+    }
+}
+
+/// What an MQTT 5 PUBLISH of weir's carries besides its payload. MQTT 3.1.1 has no properties,
+/// so there it is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    /// The event id, sent as correlation data (its 16 hex digits); `None` for dead letters.
+    pub correlation: Option<EventId>,
+    pub content_type: ContentType,
+    /// The event's own span in the trace of the reading that caused it; sent as `traceparent`
+    /// (and `tracestate`) user properties.
+    pub trace: Option<Box<TraceContext>>,
+}
+
+/// The payload's MIME type, sent as the MQTT 5 content type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ContentType {
+    #[default]
+    Json,
+    Cbor,
+}
+
+impl ContentType {
+    pub fn mime(self) -> &'static str {
+        match self {
+            ContentType::Json => "application/json",
+            ContentType::Cbor => "application/cbor",
+        }
+    }
+}
+
+impl Properties {
+    fn to_v5(&self) -> packet5::PublishProperties {
+        let mut properties = packet5::PublishProperties {
+            content_type: Some(self.content_type.mime().to_owned()),
+            correlation_data: self.correlation.map(|id| Bytes::copy_from_slice(&id.hex())),
+            ..Default::default()
+        };
+        if let Some(trace) = &self.trace {
+            properties
+                .user_properties
+                .push((trace::TRACEPARENT.to_owned(), trace.traceparent()));
+            if let Some(state) = &trace.state {
+                properties
+                    .user_properties
+                    .push((trace::TRACESTATE.to_owned(), state.to_string()));
+            }
+        }
+        properties
+    }
+}
+
+fn qos5(qos: QoS) -> QoS5 {
+    match qos {
+        QoS::AtMostOnce => QoS5::AtMostOnce,
+        QoS::AtLeastOnce => QoS5::AtLeastOnce,
+        QoS::ExactlyOnce => QoS5::ExactlyOnce,
+    }
+}
+
+fn qos4(qos: QoS5) -> QoS {
+    match qos {
+        QoS5::AtMostOnce => QoS::AtMostOnce,
+        QoS5::AtLeastOnce => QoS::AtLeastOnce,
+        QoS5::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_5_properties_carry_content_type_id_and_a_traceparent() {
+        let trace = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("congo=t61"),
+        )
+        .unwrap();
+        let properties = Properties {
+            correlation: Some(EventId(0xabc)),
+            content_type: ContentType::Cbor,
+            trace: Some(Box::new(trace.clone())),
+        }
+        .to_v5();
+        assert_eq!(properties.content_type.as_deref(), Some("application/cbor"));
+        assert_eq!(
+            properties.correlation_data.as_deref(),
+            Some(&b"0000000000000abc"[..])
+        );
+        assert_eq!(
+            properties.user_properties,
+            vec![
+                ("traceparent".to_owned(), trace.traceparent()),
+                ("tracestate".to_owned(), "congo=t61".to_owned())
+            ]
+        );
+        let dead_letter = Properties::default().to_v5();
+        assert_eq!(
+            dead_letter.content_type.as_deref(),
+            Some("application/json")
+        );
+        assert!(dead_letter.correlation_data.is_none() && dead_letter.user_properties.is_empty());
+    }
+}
