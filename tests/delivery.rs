@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::task::JoinHandle;
 
 /// How long a fault test may take to see every expected event after the input is published.
@@ -47,29 +47,11 @@ fn stream(devices: usize, per_device: usize) -> Vec<(String, Vec<u8>)> {
     readings
 }
 
-/// The ids of the events an uninterrupted run derives from `readings`: the same engine, in
-/// process, with no broker and no faults.
+/// The ids of the events an uninterrupted run of the example config derives from `readings`.
 fn expected_ids(readings: &[(String, Vec<u8>)]) -> BTreeSet<String> {
     let config = weir::config::load(Path::new(EXAMPLE_CONFIG), &Default::default())
         .unwrap_or_else(|err| panic!("{err}"));
-    let plan = Arc::new(weir::engine::Plan::build(&config).expect("plan"));
-    let mut worker = weir::engine::Worker::new(plan, Arc::new(weir::metrics::Metrics::new()));
-    let mut out = Vec::new();
-    for (lsn, (topic, payload)) in readings.iter().enumerate() {
-        let message = weir::engine::RawMessage {
-            input: 0,
-            topic: topic.clone(),
-            payload: payload.clone().into(),
-            arrival: Instant::now(),
-            arrival_ms: T0 + 1_000_000,
-            lsn: lsn as u64,
-            trace: None,
-        };
-        worker.process(&message, &mut out);
-    }
-    out.iter()
-        .map(|message| event_id(&serde_json::from_slice(&message.payload).expect("json")))
-        .collect()
+    common::expected_ids(&config, readings, T0 + 1_000_000)
 }
 
 fn event_id(event: &Value) -> String {

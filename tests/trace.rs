@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -348,34 +348,6 @@ async fn a_traceparent_reaches_the_events_a_reading_causes_with_a_new_span_each(
     weir.stop().await.expect("weir stops cleanly");
 }
 
-/// The ids of the events the engine derives from `readings` without interruption: the oracle.
-fn expected_ids(config: &weir::config::Config, readings: &[(String, Vec<u8>)]) -> BTreeSet<String> {
-    let plan = Arc::new(weir::engine::Plan::build(config).expect("plan"));
-    let mut worker = weir::engine::Worker::new(plan, Arc::new(weir::metrics::Metrics::new()));
-    let mut out = Vec::new();
-    for (lsn, (topic, payload)) in readings.iter().enumerate() {
-        let message = weir::engine::RawMessage {
-            input: 0,
-            topic: topic.clone(),
-            payload: payload.clone().into(),
-            arrival: Instant::now(),
-            arrival_ms: T0 + 10_000_000,
-            lsn: lsn as u64,
-            trace: None,
-        };
-        worker.process(&message, &mut out);
-    }
-    out.iter()
-        .map(|m| {
-            let event: Value = match m.properties.content_type.mime() {
-                "application/cbor" => ciborium::from_reader(m.payload.as_slice()).expect("cbor"),
-                _ => serde_json::from_slice(&m.payload).expect("json"),
-            };
-            event["id"].as_str().unwrap_or_default().to_owned()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
     let Some(mut broker) = Mosquitto::start_persistent_on(free_port()) else {
@@ -407,7 +379,7 @@ async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
             );
         }
     }
-    let expected = expected_ids(&config, &readings);
+    let expected = common::expected_ids(&config, &readings, T0 + 10_000_000);
     assert!(
         expected.len() > 40,
         "the stream should cause events: {}",

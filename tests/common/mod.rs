@@ -951,3 +951,38 @@ impl Drop for Prometheus {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The ids of the events an uninterrupted run derives from `readings` (topic, payload), every one
+/// arriving at `arrival_ms`: the same engine, in process, with no broker and no faults. The
+/// oracle of the fault tests.
+pub fn expected_ids(
+    config: &weir::config::Config,
+    readings: &[(String, Vec<u8>)],
+    arrival_ms: i64,
+) -> std::collections::BTreeSet<String> {
+    let plan = std::sync::Arc::new(weir::engine::Plan::build(config).expect("plan"));
+    let metrics = std::sync::Arc::new(weir::metrics::Metrics::new());
+    let mut worker = weir::engine::Worker::new(plan, metrics);
+    let mut out = Vec::new();
+    for (lsn, (topic, payload)) in readings.iter().enumerate() {
+        let message = weir::engine::RawMessage {
+            input: 0,
+            topic: topic.clone(),
+            payload: payload.clone().into(),
+            arrival: Instant::now(),
+            arrival_ms,
+            lsn: lsn as u64,
+            trace: None,
+        };
+        worker.process(&message, &mut out);
+    }
+    out.iter()
+        .map(|m| {
+            let event: serde_json::Value = match m.properties.content_type.mime() {
+                "application/cbor" => ciborium::from_reader(m.payload.as_slice()).expect("cbor"),
+                _ => serde_json::from_slice(&m.payload).expect("json"),
+            };
+            event["id"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
