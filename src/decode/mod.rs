@@ -361,15 +361,40 @@ impl FieldPlan {
         self
     }
 
-    /// The plan's own copy of `key` when the plan reads that field (so walkers need not copy keys).
-    pub(crate) fn wanted_key(&self, key: &str) -> Option<&str> {
-        self.metrics
-            .iter()
-            .map(String::as_str)
-            .chain(self.discrete.iter().map(String::as_str))
-            .chain(self.time.as_ref().map(|t| t.0.as_str()))
-            .chain(self.seq.as_deref())
-            .find(|wanted| *wanted == key)
+    /// What `key` is to this plan, or `None` when no rule reads it. Walkers resolve each key once
+    /// and hand the [`Slot`] to the sink, so the key is compared against the plan only here.
+    #[inline]
+    pub(crate) fn resolve(&self, key: &str) -> Option<Slot> {
+        // One pass over the names, lengths first: most keys differ from most names in length,
+        // so this rarely reaches a byte comparison.
+        let same = |name: &str| name.len() == key.len() && name.as_bytes() == key.as_bytes();
+        let mut slot = Slot {
+            time: None,
+            seq: false,
+            metric: None,
+            discrete: None,
+        };
+        if let Some((field, unit)) = &self.time {
+            if same(field) {
+                slot.time = Some(*unit);
+            }
+        }
+        if let Some(field) = &self.seq {
+            slot.seq = same(field);
+        }
+        for (i, name) in self.metrics.iter().enumerate() {
+            if same(name) {
+                slot.metric = Some(i as u16);
+                break;
+            }
+        }
+        for (i, name) in self.discrete.iter().enumerate() {
+            if same(name) {
+                slot.discrete = Some(i as u16);
+                break;
+            }
+        }
+        slot.is_wanted().then_some(slot)
     }
 
     /// Slot of a metric field.
@@ -432,8 +457,8 @@ impl FieldPlan {
             }
             Format::Text => match std::str::from_utf8(payload) {
                 Ok(text) => {
-                    if let Some(key) = self.wanted_key("payload") {
-                        sink.field(key, FieldValue::Text(text.trim()));
+                    if let Some(slot) = self.resolve("payload") {
+                        sink.field(slot, FieldValue::Text(text.trim()));
                     }
                     Ok(())
                 }
@@ -458,6 +483,23 @@ impl FieldPlan {
     }
 }
 
+/// The roles of one payload field in a [`FieldPlan`]. A field may have several (a time field
+/// that is also a metric), so each role is kept apart rather than as one enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// The unit, when this is the time field.
+    time: Option<TimeUnit>,
+    seq: bool,
+    metric: Option<u16>,
+    discrete: Option<u16>,
+}
+
+impl Slot {
+    fn is_wanted(&self) -> bool {
+        self.time.is_some() || self.seq || self.metric.is_some() || self.discrete.is_some()
+    }
+}
+
 /// Receives the top-level fields of a payload from a format walker and keeps the planned ones.
 struct FieldSink<'p, 'o> {
     plan: &'p FieldPlan,
@@ -467,21 +509,20 @@ struct FieldSink<'p, 'o> {
 }
 
 impl FieldSink<'_, '_> {
-    /// Takes one wanted field. Returns false to stop the walk on an error.
-    fn field(&mut self, key: &str, value: FieldValue<'_>) -> bool {
-        if let Some((field, unit)) = &self.plan.time {
-            if field == key {
-                match timestamp_ms(value, *unit) {
-                    Some(ts) => self.out.ts = Some(ts),
-                    None => {
-                        self.error = Some(DecodeError::BadTimestamp);
-                        return false;
-                    }
+    /// Takes the value of a wanted field, resolved by [`FieldPlan::resolve`]. Returns false to
+    /// stop the walk on an error.
+    fn field(&mut self, slot: Slot, value: FieldValue<'_>) -> bool {
+        if let Some(unit) = slot.time {
+            match timestamp_ms(value, unit) {
+                Some(ts) => self.out.ts = Some(ts),
+                None => {
+                    self.error = Some(DecodeError::BadTimestamp);
+                    return false;
                 }
-                // A field may be both the time and a metric; fall through.
             }
+            // A field may be both the time and a metric; fall through.
         }
-        if self.plan.seq.as_deref() == Some(key) {
+        if slot.seq {
             match value {
                 FieldValue::Number(n) if n >= 0.0 && n.fract() == 0.0 && n < 1.8e19 => {
                     self.out.seq = Some(n as u64)
@@ -495,10 +536,12 @@ impl FieldSink<'_, '_> {
                 }
             }
         }
-        if let Some(slot) = self.plan.metric_slot(key) {
-            let field = Field::Metric(slot as u16);
+        if let Some(slot) = slot.metric {
+            let field = Field::Metric(slot);
             match value {
-                FieldValue::Number(n) if n.is_finite() => self.out.values[slot] = Some(n),
+                FieldValue::Number(n) if n.is_finite() => {
+                    self.out.values[usize::from(slot)] = Some(n)
+                }
                 FieldValue::Number(_) => {
                     self.error = Some(DecodeError::NotFinite { field });
                     return false;
@@ -512,8 +555,8 @@ impl FieldSink<'_, '_> {
                 }
             }
         }
-        if let Some(slot) = self.plan.discrete_slot(key) {
-            let target = &mut self.out.discrete[slot];
+        if let Some(slot) = slot.discrete {
+            let target = &mut self.out.discrete[usize::from(slot)];
             match value {
                 FieldValue::Bool(b) => target.set(Discrete::Bool(b)),
                 FieldValue::Text(t) => target.set(Discrete::Text(t)),
@@ -523,7 +566,7 @@ impl FieldSink<'_, '_> {
                 FieldValue::Null => target.kind = SlotKind::Absent,
                 other => {
                     self.error = Some(DecodeError::WrongType {
-                        field: Field::Discrete(slot as u16),
+                        field: Field::Discrete(slot),
                         found: other.type_name(),
                     });
                     return false;

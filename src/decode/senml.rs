@@ -212,14 +212,14 @@ pub(super) fn decode_pack(
         };
         while index < records.len() && records[index].time_ms == time_ms {
             let record = &records[index];
-            if let Some(key) = plan.wanted_key(&record.name) {
+            if let Some(slot) = plan.resolve(&record.name) {
                 let value = match &record.value {
                     RecordValue::Number(n) => FieldValue::Number(*n),
                     RecordValue::Text(s) => FieldValue::Text(s),
                     RecordValue::Bool(b) => FieldValue::Bool(*b),
                     RecordValue::None => FieldValue::Null,
                 };
-                if !sink.field(key, value) {
+                if !sink.field(slot, value) {
                     return Err(sink.error.unwrap_or(DecodeError::Malformed));
                 }
             }
