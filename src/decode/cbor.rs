@@ -48,7 +48,7 @@ pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), D
                 None
             }
         };
-        let wanted = key.and_then(|k| sink.plan.resolve(k));
+        let wanted = key.and_then(|k| sink.plan.resolve(k.as_bytes()));
         let value_head = reader.head_skipping_tags()?;
         match wanted {
             Some(slot) => {

@@ -69,7 +69,7 @@ impl Visitor<'_> for KeySeed<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.plan.resolve(key))
+        Ok(self.plan.resolve(key.as_bytes()))
     }
 }
 
