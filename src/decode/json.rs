@@ -1,12 +1,27 @@
-//! JSON payloads: walks the top-level object with serde_json, decoding only planned fields and
-//! skipping the rest with `IgnoredAny` (no allocation for skipped values).
+//! JSON payloads: the flat scanner first (`flat_json.rs`), else a walk of the top-level object
+//! with serde_json, decoding only planned fields and skipping the rest with `IgnoredAny` (no
+//! allocation for skipped values). The serde_json walk is the reference: it names every error.
 
-use super::{DecodeError, FieldSink, FieldValue, Slot};
+use super::{flat_json, DecodeError, FieldSink, FieldValue, Slot};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
 /// Feeds the planned top-level fields of a JSON object to `sink`.
 pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), DecodeError> {
+    if flat_json::scan(payload, sink) {
+        return Ok(());
+    }
+    // The scanner may have taken some fields before it gave up.
+    sink.out.clear();
+    sink.error = None;
+    walk_general(payload, sink)
+}
+
+/// The serde_json walk alone (the fast path's reference in tests).
+pub(super) fn walk_general(
+    payload: &[u8],
+    sink: &mut FieldSink<'_, '_>,
+) -> Result<(), DecodeError> {
     let mut deserializer = serde_json::Deserializer::from_slice(payload);
     let result = de::Deserializer::deserialize_any(&mut deserializer, TopLevel { sink })
         .and_then(|()| deserializer.end());

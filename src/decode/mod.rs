@@ -2,6 +2,7 @@
 //! rest are skipped without allocating. Bad input yields a [`DecodeError`] with a reason label.
 
 mod cbor;
+mod flat_json;
 mod json;
 mod senml;
 
