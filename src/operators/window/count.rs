@@ -59,7 +59,7 @@ impl CountWindows {
             start,
             end,
             readings: state.times.len() as u64,
-            accumulators: vec![Accumulator::new(self.spec.percentiles); width],
+            accumulators: vec![Accumulator::new(self.spec.percentiles); width].into_boxed_slice(),
             fired: true,
             updates: 0,
         };

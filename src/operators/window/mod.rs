@@ -146,7 +146,8 @@ impl WindowSpec {
             start,
             end,
             readings: 0,
-            accumulators: vec![Accumulator::new(self.percentiles); self.metrics.len()],
+            accumulators: vec![Accumulator::new(self.percentiles); self.metrics.len()]
+                .into_boxed_slice(),
             fired: false,
             updates: 0,
         }
@@ -274,7 +275,7 @@ pub struct Pane {
     /// Readings applied (with at least one of the rule's metrics).
     readings: u64,
     /// One per rule metric, in the rule's order.
-    accumulators: Vec<Accumulator>,
+    accumulators: Box<[Accumulator]>,
     /// Fired panes are kept until the watermark passes `end + allowed_lateness`.
     fired: bool,
     /// Re-emissions after firing.
@@ -378,6 +379,11 @@ impl<A: Assigner> Operator for TimeWindows<A> {
                         return;
                     }
                     Err(index) => {
+                        // Room for one more pane at a time up to two (a tumbling window holds
+                        // one, two at a boundary) instead of the four a first push reserves.
+                        if state.panes.len() == state.panes.capacity() && state.panes.len() < 2 {
+                            state.panes.reserve_exact(1);
+                        }
                         state.panes.insert(index, spec.new_pane(start, end));
                         out.open_windows_delta += 1;
                         state.panes[index].fired = fired;
