@@ -3,8 +3,11 @@
 //!
 //! Run: `cargo bench --bench pipeline`. Targets (issue 7): >= 3M readings/s per core through the
 //! engine, CBOR decode faster than JSON.
+//!
+//! Instruction counts (stable where timings on a shared machine are not): `benches/callgrind.sh`
+//! runs one pass of a case under callgrind, selected by `WEIR_BENCH_ONCE=<group/case>`.
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -165,5 +168,55 @@ fn engine(c: &mut Criterion) {
     group.finish();
 }
 
+/// One pass of one case, without criterion, for `valgrind --tool=callgrind --toggle-collect`:
+/// the same payloads and the same fresh worker per pass as the criterion case.
+fn once(case: &str) {
+    let plan = Arc::new(example_plan());
+    let metrics = Arc::new(Metrics::new());
+    let (messages, readings) = match case {
+        "decode/json" | "decode/cbor" => {
+            let format = if case == "decode/json" {
+                Format::Json
+            } else {
+                Format::Cbor
+            };
+            let mut fields: FieldPlan = plan.inputs[0].fields.clone();
+            fields.format = format;
+            let inputs = payloads(format);
+            let mut decoded = Decoded::for_plan(&fields);
+            for (_, payload) in &inputs {
+                let _ = black_box(fields.decode(payload, &mut decoded));
+            }
+            println!("{case}: {} payloads", inputs.len());
+            return;
+        }
+        "engine/json_hysteresis_tumbling" => {
+            let messages = raw_messages(payloads(Format::Json));
+            let len = messages.len();
+            (messages, len)
+        }
+        "engine/json_realistic_alert_rate" => {
+            let messages = raw_messages(realistic_payloads());
+            let len = messages.len();
+            (messages, len)
+        }
+        other => panic!("unknown case {other}"),
+    };
+    let mut worker = Worker::new(plan, metrics);
+    let mut out = Vec::with_capacity(1024);
+    for message in &messages {
+        worker.process(message, &mut out);
+        out.clear();
+    }
+    println!("{case}: {readings} readings");
+}
+
 criterion_group!(benches, decoders, engine);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(case) = std::env::var("WEIR_BENCH_ONCE") {
+        return once(&case);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

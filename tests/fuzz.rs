@@ -35,13 +35,12 @@ fn fuzz_config() -> ProptestConfig {
 
 /// The reference scenario's plan: two metrics, a time field in ms and a sequence field.
 fn plan(format: Format) -> FieldPlan {
-    FieldPlan {
+    FieldPlan::of(
         format,
-        metrics: vec!["temperature".into(), "humidity".into()],
-        time: Some(("ts".into(), TimeUnit::Ms)),
-        seq: Some("seq".into()),
-        discrete: Vec::new(),
-    }
+        vec!["temperature".into(), "humidity".into()],
+        Some(("ts".into(), TimeUnit::Ms)),
+        Some("seq".into()),
+    )
 }
 
 fn decode(format: Format, payload: &[u8]) -> Result<Decoded, DecodeError> {

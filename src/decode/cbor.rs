@@ -48,12 +48,12 @@ pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), D
                 None
             }
         };
-        let wanted = key.and_then(|k| sink.plan.wanted_key(k));
+        let wanted = key.and_then(|k| sink.plan.resolve(k.as_bytes()));
         let value_head = reader.head_skipping_tags()?;
         match wanted {
-            Some(key) => {
+            Some(slot) => {
                 let value = reader.scalar(value_head)?;
-                if !sink.field(key, value) {
+                if !sink.field(slot, value) {
                     return Ok(());
                 }
             }

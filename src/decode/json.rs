@@ -1,12 +1,27 @@
-//! JSON payloads: walks the top-level object with serde_json, decoding only planned fields and
-//! skipping the rest with `IgnoredAny` (no allocation for skipped values).
+//! JSON payloads: the flat scanner first (`flat_json.rs`), else a walk of the top-level object
+//! with serde_json, decoding only planned fields and skipping the rest with `IgnoredAny` (no
+//! allocation for skipped values). The serde_json walk is the reference: it names every error.
 
-use super::{DecodeError, FieldSink, FieldValue};
+use super::{flat_json, DecodeError, FieldSink, FieldValue, Slot};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
 /// Feeds the planned top-level fields of a JSON object to `sink`.
 pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), DecodeError> {
+    if flat_json::scan(payload, sink) {
+        return Ok(());
+    }
+    // The scanner may have taken some fields before it gave up.
+    sink.out.clear();
+    sink.error = None;
+    walk_general(payload, sink)
+}
+
+/// The serde_json walk alone (the fast path's reference in tests).
+pub(super) fn walk_general(
+    payload: &[u8],
+    sink: &mut FieldSink<'_, '_>,
+) -> Result<(), DecodeError> {
     let mut deserializer = serde_json::Deserializer::from_slice(payload);
     let result = de::Deserializer::deserialize_any(&mut deserializer, TopLevel { sink })
         .and_then(|()| deserializer.end());
@@ -30,11 +45,11 @@ impl<'de> Visitor<'de> for TopLevel<'_, '_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let plan = self.sink.plan;
-        while let Some(key) = map.next_key_seed(KeySeed { plan })? {
-            match key {
-                Some(key) => map.next_value_seed(ValueSeed {
+        while let Some(slot) = map.next_key_seed(KeySeed { plan })? {
+            match slot {
+                Some(slot) => map.next_value_seed(ValueSeed {
                     sink: &mut *self.sink,
-                    key,
+                    slot,
                 })?,
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -45,13 +60,13 @@ impl<'de> Visitor<'de> for TopLevel<'_, '_, '_> {
     }
 }
 
-/// Resolves a key to the plan's own copy of it (so no key is allocated), or `None` to skip.
+/// Resolves a key to its [`Slot`] in the plan (without allocating it), or `None` to skip.
 struct KeySeed<'p> {
     plan: &'p super::FieldPlan,
 }
 
-impl<'de, 'p> DeserializeSeed<'de> for KeySeed<'p> {
-    type Value = Option<&'p str>;
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Option<Slot>;
 
     fn deserialize<D: de::Deserializer<'de>>(
         self,
@@ -61,27 +76,27 @@ impl<'de, 'p> DeserializeSeed<'de> for KeySeed<'p> {
     }
 }
 
-impl<'p> Visitor<'_> for KeySeed<'p> {
-    type Value = Option<&'p str>;
+impl Visitor<'_> for KeySeed<'_> {
+    type Value = Option<Slot>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a field name")
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.plan.wanted_key(key))
+        Ok(self.plan.resolve(key.as_bytes()))
     }
 }
 
-/// Decodes one wanted value and hands it to the sink under `key`.
+/// Decodes one wanted value and hands it to the sink for `slot`.
 struct ValueSeed<'s, 'p, 'o> {
     sink: &'s mut FieldSink<'p, 'o>,
-    key: &'p str,
+    slot: Slot,
 }
 
 impl ValueSeed<'_, '_, '_> {
     fn give<E: de::Error>(self, value: FieldValue<'_>) -> Result<(), E> {
-        if self.sink.field(self.key, value) {
+        if self.sink.field(self.slot, value) {
             Ok(())
         } else {
             // The sink kept the precise error; this one only stops the walk.

@@ -2,6 +2,7 @@
 //! rest are skipped without allocating. Bad input yields a [`DecodeError`] with a reason label.
 
 mod cbor;
+mod flat_json;
 mod json;
 mod senml;
 
@@ -285,6 +286,9 @@ impl fmt::Display for DecodeError {
 }
 
 /// What to read from an input's payloads: the metrics its rules use, the time and sequence fields.
+///
+/// Built by [`FieldPlan::new`] or [`FieldPlan::of`] (then [`with_discrete`](Self::with_discrete)),
+/// which index the field names; the names are public to read, not to change afterwards.
 #[derive(Debug, Clone)]
 pub struct FieldPlan {
     pub format: Format,
@@ -295,6 +299,28 @@ pub struct FieldPlan {
     pub discrete: Vec<String>,
     pub time: Option<(String, TimeUnit)>,
     pub seq: Option<String>,
+    /// Every name above with its roles, for [`FieldPlan::resolve`].
+    keys: Vec<Key>,
+}
+
+/// One field name of a plan, in the form a payload key is matched against: every key of every
+/// payload is resolved, so this is on the hot path.
+#[derive(Debug, Clone)]
+struct Key {
+    name: Box<[u8]>,
+    /// The name's first eight bytes, little-endian, zero-padded: most keys are told apart here.
+    head: u64,
+    slot: Slot,
+}
+
+/// The first eight bytes of `key`, little-endian, zero-padded (as [`Key::head`]).
+#[inline]
+fn key_head(key: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    for (to, from) in word.iter_mut().zip(key) {
+        *to = *from;
+    }
+    u64::from_le_bytes(word)
 }
 
 /// The decoded content of one payload, before it is joined with its topic's device and labels.
@@ -338,13 +364,68 @@ impl Decoded {
 impl FieldPlan {
     /// The plan for an input whose rules use `metrics`.
     pub fn new(input: &InputConfig, metrics: Vec<String>) -> Self {
-        Self {
-            format: input.format,
+        Self::of(
+            input.format,
+            metrics,
+            input.time.as_ref().map(|t| (t.field.clone(), t.unit)),
+            input.seq_field.clone(),
+        )
+    }
+
+    /// A plan reading `metrics`, the time field and the sequence field from payloads in `format`.
+    pub fn of(
+        format: Format,
+        metrics: Vec<String>,
+        time: Option<(String, TimeUnit)>,
+        seq: Option<String>,
+    ) -> Self {
+        let mut plan = Self {
+            format,
             metrics,
             discrete: Vec::new(),
-            time: input.time.as_ref().map(|t| (t.field.clone(), t.unit)),
-            seq: input.seq_field.clone(),
+            time,
+            seq,
+            keys: Vec::new(),
+        };
+        plan.index_keys();
+        plan
+    }
+
+    /// Builds `keys`: one entry per distinct name, with all of its roles.
+    fn index_keys(&mut self) {
+        let mut keys: Vec<Key> = Vec::new();
+        let mut add = |name: &str, set: &dyn Fn(&mut Slot)| {
+            let index = match keys.iter().position(|key| &*key.name == name.as_bytes()) {
+                Some(index) => index,
+                None => {
+                    keys.push(Key {
+                        name: name.as_bytes().into(),
+                        head: key_head(name.as_bytes()),
+                        slot: Slot::default(),
+                    });
+                    keys.len() - 1
+                }
+            };
+            set(&mut keys[index].slot);
+        };
+        if let Some((name, unit)) = &self.time {
+            add(name, &|slot| slot.time = Some(*unit));
         }
+        if let Some(name) = &self.seq {
+            add(name, &|slot| slot.seq = true);
+        }
+        for (i, name) in self.metrics.iter().enumerate() {
+            // The first of two equal names takes the slot, as `metric_slot` finds it.
+            add(name, &|slot| {
+                slot.metric.get_or_insert(i as u16);
+            });
+        }
+        for (i, name) in self.discrete.iter().enumerate() {
+            add(name, &|slot| {
+                slot.discrete.get_or_insert(i as u16);
+            });
+        }
+        self.keys = keys;
     }
 
     fn format_name(&self) -> &'static str {
@@ -360,18 +441,30 @@ impl FieldPlan {
     /// The same plan also reading the discrete fields `discrete`.
     pub fn with_discrete(mut self, discrete: Vec<String>) -> Self {
         self.discrete = discrete;
+        self.index_keys();
         self
     }
 
-    /// The plan's own copy of `key` when the plan reads that field (so walkers need not copy keys).
-    pub(crate) fn wanted_key(&self, key: &str) -> Option<&str> {
-        self.metrics
+    /// What `key` (its bytes) is to this plan, or `None` when no rule reads it. Walkers resolve
+    /// each key once and hand the [`Slot`] to the sink.
+    #[inline]
+    pub(crate) fn resolve(&self, key: &[u8]) -> Option<Slot> {
+        self.resolve_with_head(key, key_head(key))
+    }
+
+    /// [`resolve`](Self::resolve) with the key's [`key_head`] already at hand (a scanner can
+    /// load it in one read).
+    #[inline]
+    fn resolve_with_head(&self, key: &[u8], head: u64) -> Option<Slot> {
+        // Equal heads and lengths mean equal names up to eight bytes.
+        self.keys
             .iter()
-            .map(String::as_str)
-            .chain(self.discrete.iter().map(String::as_str))
-            .chain(self.time.as_ref().map(|t| t.0.as_str()))
-            .chain(self.seq.as_deref())
-            .find(|wanted| *wanted == key)
+            .find(|k| {
+                k.head == head
+                    && k.name.len() == key.len()
+                    && (key.len() <= 8 || k.name[8..] == key[8..])
+            })
+            .map(|k| k.slot)
     }
 
     /// Slot of a metric field.
@@ -434,8 +527,8 @@ impl FieldPlan {
             }
             Format::Text => match std::str::from_utf8(payload) {
                 Ok(text) => {
-                    if let Some(key) = self.wanted_key("payload") {
-                        sink.field(key, FieldValue::Text(text.trim()));
+                    if let Some(slot) = self.resolve(b"payload") {
+                        sink.field(slot, FieldValue::Text(text.trim()));
                     }
                     Ok(())
                 }
@@ -460,6 +553,17 @@ impl FieldPlan {
     }
 }
 
+/// The roles of one payload field in a [`FieldPlan`]. A field may have several (a time field
+/// that is also a metric), so each role is kept apart rather than as one enum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// The unit, when this is the time field.
+    time: Option<TimeUnit>,
+    seq: bool,
+    metric: Option<u16>,
+    discrete: Option<u16>,
+}
+
 /// Receives the top-level fields of a payload from a format walker and keeps the planned ones.
 struct FieldSink<'p, 'o> {
     plan: &'p FieldPlan,
@@ -469,23 +573,25 @@ struct FieldSink<'p, 'o> {
 }
 
 impl FieldSink<'_, '_> {
-    /// Takes one wanted field. Returns false to stop the walk on an error.
-    fn field(&mut self, key: &str, value: FieldValue<'_>) -> bool {
-        if let Some((field, unit)) = &self.plan.time {
-            if field == key {
-                match timestamp_ms(value, *unit) {
-                    Some(ts) => self.out.ts = Some(ts),
-                    None => {
-                        self.error = Some(DecodeError::BadTimestamp);
-                        return false;
-                    }
+    /// Takes the value of a wanted field, resolved by [`FieldPlan::resolve`]. Returns false to
+    /// stop the walk on an error.
+    #[inline(always)]
+    fn field(&mut self, slot: Slot, value: FieldValue<'_>) -> bool {
+        if let Some(unit) = slot.time {
+            match timestamp_ms(value, unit) {
+                Some(ts) => self.out.ts = Some(ts),
+                None => {
+                    self.error = Some(DecodeError::BadTimestamp);
+                    return false;
                 }
-                // A field may be both the time and a metric; fall through.
             }
+            // A field may be both the time and a metric; fall through.
         }
-        if self.plan.seq.as_deref() == Some(key) {
+        if slot.seq {
             match value {
-                FieldValue::Number(n) if n >= 0.0 && n.fract() == 0.0 && n < 1.8e19 => {
+                // `n as u64` truncates, so the round trip tells a whole number (without the
+                // libm call `fract` is on baseline x86-64).
+                FieldValue::Number(n) if (0.0..1.8e19).contains(&n) && (n as u64) as f64 == n => {
                     self.out.seq = Some(n as u64)
                 }
                 other => {
@@ -497,10 +603,12 @@ impl FieldSink<'_, '_> {
                 }
             }
         }
-        if let Some(slot) = self.plan.metric_slot(key) {
-            let field = Field::Metric(slot as u16);
+        if let Some(slot) = slot.metric {
+            let field = Field::Metric(slot);
             match value {
-                FieldValue::Number(n) if n.is_finite() => self.out.values[slot] = Some(n),
+                FieldValue::Number(n) if n.is_finite() => {
+                    self.out.values[usize::from(slot)] = Some(n)
+                }
                 FieldValue::Number(_) => {
                     self.error = Some(DecodeError::NotFinite { field });
                     return false;
@@ -514,8 +622,8 @@ impl FieldSink<'_, '_> {
                 }
             }
         }
-        if let Some(slot) = self.plan.discrete_slot(key) {
-            let target = &mut self.out.discrete[slot];
+        if let Some(slot) = slot.discrete {
+            let target = &mut self.out.discrete[usize::from(slot)];
             match value {
                 FieldValue::Bool(b) => target.set(Discrete::Bool(b)),
                 FieldValue::Text(t) => target.set(Discrete::Text(t)),
@@ -525,7 +633,7 @@ impl FieldSink<'_, '_> {
                 FieldValue::Null => target.kind = SlotKind::Absent,
                 other => {
                     self.error = Some(DecodeError::WrongType {
-                        field: Field::Discrete(slot as u16),
+                        field: Field::Discrete(slot),
                         found: other.type_name(),
                     });
                     return false;
@@ -537,25 +645,40 @@ impl FieldSink<'_, '_> {
 }
 
 /// Converts a time field to ms since the epoch.
+#[inline]
 fn timestamp_ms(value: FieldValue<'_>, unit: TimeUnit) -> Option<i64> {
     let ms = match (value, unit) {
         (FieldValue::Number(n), TimeUnit::S) => n * 1e3,
         (FieldValue::Number(n), TimeUnit::Ms) => n,
         (FieldValue::Number(n), TimeUnit::Us) => n / 1e3,
         (FieldValue::Number(n), TimeUnit::Ns) => n / 1e6,
-        (FieldValue::Text(text), TimeUnit::Rfc3339) => {
-            let time = humantime::parse_rfc3339_weak(text).ok()?;
-            return match time.duration_since(std::time::UNIX_EPOCH) {
-                Ok(after) => i64::try_from(after.as_millis()).ok(),
-                Err(before) => i64::try_from(before.duration().as_millis())
-                    .ok()
-                    .map(|ms| -ms),
-            };
-        }
+        (FieldValue::Text(text), TimeUnit::Rfc3339) => return rfc3339_ms(text),
         _ => return None,
     };
     // Reject values that cannot be a time in ms as i64 (and NaN).
-    (ms.is_finite() && ms.abs() < 9.2e18).then(|| ms.floor() as i64)
+    (ms.is_finite() && ms.abs() < 9.2e18).then(|| floor_to_i64(ms))
+}
+
+fn rfc3339_ms(text: &str) -> Option<i64> {
+    let time = humantime::parse_rfc3339_weak(text).ok()?;
+    match time.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).ok(),
+        Err(before) => i64::try_from(before.duration().as_millis())
+            .ok()
+            .map(|ms| -ms),
+    }
+}
+
+/// `ms.floor() as i64` for |ms| < 9.2e18, without the libm call `floor` is on baseline x86-64:
+/// the cast truncates toward zero, which is one too high for a negative fraction. (Beyond 2^53
+/// every f64 is whole, so the comparison never sees a rounded `truncated`.)
+fn floor_to_i64(ms: f64) -> i64 {
+    let truncated = ms as i64;
+    if (truncated as f64) > ms {
+        truncated - 1
+    } else {
+        truncated
+    }
 }
 
 #[cfg(test)]
@@ -564,13 +687,12 @@ mod tests {
     use crate::config::TimeUnit;
 
     fn plan(format: Format) -> FieldPlan {
-        FieldPlan {
+        FieldPlan::of(
             format,
-            metrics: vec!["temperature".into(), "humidity".into()],
-            discrete: Vec::new(),
-            time: Some(("ts".into(), TimeUnit::Ms)),
-            seq: Some("seq".into()),
-        }
+            vec!["temperature".into(), "humidity".into()],
+            Some(("ts".into(), TimeUnit::Ms)),
+            Some("seq".into()),
+        )
     }
 
     fn decode(format: Format, payload: &[u8]) -> Result<Decoded, DecodeError> {
@@ -666,13 +788,8 @@ mod tests {
 
     #[test]
     fn a_text_payload_is_the_field_payload() {
-        let plan = FieldPlan {
-            format: Format::Text,
-            metrics: Vec::new(),
-            discrete: vec!["payload".into()],
-            time: None,
-            seq: None,
-        };
+        let plan = FieldPlan::of(Format::Text, Vec::new(), None, None)
+            .with_discrete(vec!["payload".into()]);
         let mut out = Decoded::for_plan(&plan);
         plan.decode(b"offline\n", &mut out).unwrap();
         assert_eq!(out.discrete[0].get(), Some(Discrete::Text("offline")));

@@ -212,14 +212,14 @@ pub(super) fn decode_pack(
         };
         while index < records.len() && records[index].time_ms == time_ms {
             let record = &records[index];
-            if let Some(key) = plan.wanted_key(&record.name) {
+            if let Some(slot) = plan.resolve(record.name.as_bytes()) {
                 let value = match &record.value {
                     RecordValue::Number(n) => FieldValue::Number(*n),
                     RecordValue::Text(s) => FieldValue::Text(s),
                     RecordValue::Bool(b) => FieldValue::Bool(*b),
                     RecordValue::None => FieldValue::Null,
                 };
-                if !sink.field(key, value) {
+                if !sink.field(slot, value) {
                     return Err(sink.error.unwrap_or(DecodeError::Malformed));
                 }
             }
@@ -242,13 +242,13 @@ mod tests {
     use crate::config::Format;
 
     fn plan() -> FieldPlan {
-        FieldPlan {
-            format: Format::Senml,
-            metrics: vec!["temperature".into(), "humidity".into()],
-            discrete: vec!["door".into()],
-            time: None,
-            seq: None,
-        }
+        FieldPlan::of(
+            Format::Senml,
+            vec!["temperature".into(), "humidity".into()],
+            None,
+            None,
+        )
+        .with_discrete(vec!["door".into()])
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Recognising redelivered readings per device, in little memory: a sliding window over the
-//! device's sequence numbers (16 bytes per device, the anti-replay window of IPsec), or, for
-//! payloads without one, a short ring of payload hashes.
+//! device's sequence numbers (the anti-replay window of IPsec), or, for payloads without one, a
+//! short ring of payload hashes. 24 bytes per device, plus the ring where there is one.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -11,21 +11,58 @@ pub const SEQ_WINDOW: u64 = 64;
 
 /// What one device's recent readings were.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RecentRecord", into = "RecentRecord")]
 pub struct Recent {
-    /// The highest sequence number seen, and a bitmap of the window below it: bit `i` set means
-    /// `highest - i` was seen.
+    /// The highest sequence number seen.
+    highest: u64,
+    /// A bitmap of the window below `highest`: bit `i` set means `highest - i` was seen. Bit 0 is
+    /// set once a sequence number was seen, so no bit set means none was.
+    bits: u64,
+    /// Hashes of recent payloads without a sequence number, oldest first. Boxed (8 bytes when
+    /// absent, against 32 for an empty `VecDeque`): a device whose readings have a sequence
+    /// number never needs it.
+    #[allow(clippy::box_collection)]
+    hashes: Option<Box<VecDeque<u64>>>,
+}
+
+/// How a [`Recent`] is written in snapshots: its layout before it was packed, so snapshots of
+/// either version restore in the other.
+#[derive(Serialize, Deserialize)]
+struct RecentRecord {
     seq: Option<(u64, u64)>,
-    /// Hashes of recent payloads without a sequence number, oldest first.
     hashes: VecDeque<u64>,
+}
+
+impl From<RecentRecord> for Recent {
+    fn from(record: RecentRecord) -> Self {
+        let (highest, bits) = record
+            .seq
+            .map_or((0, 0), |(highest, bits)| (highest, bits | 1));
+        Self {
+            highest,
+            bits,
+            hashes: (!record.hashes.is_empty()).then(|| Box::new(record.hashes)),
+        }
+    }
+}
+
+impl From<Recent> for RecentRecord {
+    fn from(recent: Recent) -> Self {
+        Self {
+            seq: (recent.bits != 0).then_some((recent.highest, recent.bits)),
+            hashes: recent.hashes.map(|hashes| *hashes).unwrap_or_default(),
+        }
+    }
 }
 
 impl Recent {
     /// Records `seq`; true if it was already seen (a redelivery).
     pub fn seen_seq(&mut self, seq: u64) -> bool {
-        let Some((highest, bits)) = self.seq else {
-            self.seq = Some((seq, 1));
+        let (highest, bits) = (self.highest, self.bits);
+        if bits == 0 {
+            (self.highest, self.bits) = (seq, 1);
             return false;
-        };
+        }
         if seq > highest {
             let shift = seq - highest;
             let bits = if shift >= SEQ_WINDOW {
@@ -33,32 +70,33 @@ impl Recent {
             } else {
                 bits << shift
             };
-            self.seq = Some((seq, bits | 1));
+            (self.highest, self.bits) = (seq, bits | 1);
             return false;
         }
         let back = highest - seq;
         if back >= SEQ_WINDOW {
             // Far below the window: the device restarted its counter. Start a new window.
-            self.seq = Some((seq, 1));
+            (self.highest, self.bits) = (seq, 1);
             return false;
         }
         let bit = 1u64 << back;
         if bits & bit != 0 {
             return true;
         }
-        self.seq = Some((highest, bits | bit));
+        self.bits = bits | bit;
         false
     }
 
     /// Records a payload hash; true if it is among the last `horizon` ones.
     pub fn seen_hash(&mut self, hash: u64, horizon: usize) -> bool {
-        if self.hashes.contains(&hash) {
+        let hashes = self.hashes.get_or_insert_with(Box::default);
+        if hashes.contains(&hash) {
             return true;
         }
-        if self.hashes.len() >= horizon.max(1) {
-            self.hashes.pop_front();
+        if hashes.len() >= horizon.max(1) {
+            hashes.pop_front();
         }
-        self.hashes.push_back(hash);
+        hashes.push_back(hash);
         false
     }
 }
@@ -97,6 +135,36 @@ mod tests {
         assert!(!recent.seen_seq(0));
         assert!(!recent.seen_seq(1));
         assert!(recent.seen_seq(0));
+    }
+
+    #[test]
+    fn snapshots_keep_the_layout_from_before_the_window_was_packed() {
+        #[derive(Serialize, Deserialize)]
+        struct Unpacked {
+            seq: Option<(u64, u64)>,
+            hashes: VecDeque<u64>,
+        }
+        fn cbor(value: &impl Serialize) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(value, &mut bytes).unwrap();
+            bytes
+        }
+        let mut recent = Recent::default();
+        for seq in [7, 9] {
+            recent.seen_seq(seq);
+        }
+        recent.seen_hash(42, 4);
+        let unpacked: Unpacked = ciborium::from_reader(&cbor(&recent)[..]).unwrap();
+        assert_eq!(unpacked.seq, Some((9, 0b101)));
+        assert_eq!(unpacked.hashes, [42]);
+        let restored: Recent = ciborium::from_reader(&cbor(&unpacked)[..]).unwrap();
+        assert_eq!(restored, recent);
+        let empty = Unpacked {
+            seq: None,
+            hashes: VecDeque::new(),
+        };
+        let restored: Recent = ciborium::from_reader(&cbor(&empty)[..]).unwrap();
+        assert_eq!(restored, Recent::default());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::sink::SinkInput;
 use crate::store::DeviceSnapshot;
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -103,6 +103,11 @@ impl FxHasher {
 }
 
 type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+type FastSet<K> = HashSet<K, std::hash::BuildHasherDefault<FxHasher>>;
+
+/// Distinct topic segment values (other than device ids) kept for sharing: values beyond this
+/// start the set afresh, so it stays small when every device has a value of its own.
+const MAX_SHARED_LABELS: usize = 4096;
 
 /// Dense per-worker device number; indexes the rules' state vectors.
 type DeviceId = usize;
@@ -247,17 +252,20 @@ pub struct Worker {
     runners: Vec<Box<dyn RuleRunner>>,
     /// Topic -> (device, origin); a cache, so parsing a topic and building its origin happens
     /// once per topic. Cleared when it reaches its cap (it is rebuilt as readings arrive).
-    origins: FastMap<Box<str>, (DeviceId, Arc<Origin>)>,
-    /// (input, device id) -> dense device number. Capped at `max_devices_per_worker`.
-    devices: FastMap<(usize, Box<str>), DeviceId>,
+    origins: FastSet<Cached>,
+    /// Per input, device id -> dense device number; capped at `max_devices_per_worker` in
+    /// all. The key is the device's `Origin::device` (and its device segment): one copy per
+    /// device id.
+    devices: Vec<FastMap<Arc<str>, DeviceId>>,
+    /// Segment values other than the device (sites, lines), shared by the origins that have
+    /// them; bounded by [`MAX_SHARED_LABELS`].
+    labels: FastSet<Arc<str>>,
     /// The latest origin of each device, for flushing at close.
     device_origins: Vec<Arc<Origin>>,
     /// The input of each device.
     device_inputs: Vec<usize>,
     /// What each device's recent readings were, to recognise redeliveries.
     recent: Vec<Recent>,
-    /// The key of each device in `devices`, to forget it on eviction.
-    device_keys: Vec<(usize, Box<str>)>,
     /// Set when a known device is heard from again; the eviction sweep clears it and takes the
     /// first device it finds clear (the CLOCK approximation of least recently used).
     referenced: Vec<bool>,
@@ -306,12 +314,12 @@ impl Worker {
             .collect();
         Self {
             runners,
-            origins: FastMap::default(),
-            devices: FastMap::default(),
+            origins: FastSet::default(),
+            devices: vec![FastMap::default(); plan.inputs.len()],
+            labels: FastSet::default(),
             device_origins: Vec::new(),
             device_inputs: Vec::new(),
             recent: Vec::new(),
-            device_keys: Vec::new(),
             referenced: Vec::new(),
             hand: 0,
             packs: vec![Vec::new(); plan.inputs.len()],
@@ -353,10 +361,9 @@ impl Worker {
             if Plan::shard(expected.input, name, workers) != index {
                 continue;
             }
-            let device = match self.devices.get(&(expected.input, name.into())) {
+            let device = match self.devices[expected.input].get(name) {
                 Some(device) => *device,
-                None => match self.register(expected.input, name, Arc::new(expected.origin(&plan)))
-                {
+                None => match self.register(expected.input, Arc::new(expected.origin(&plan))) {
                     Some(device) => device,
                     None => continue,
                 },
@@ -365,18 +372,18 @@ impl Worker {
         }
     }
 
-    /// Registers a new device with its per-device tables; at the device limit it takes the place
-    /// of an idle device (`evict_idle`) or is refused (`None`).
-    fn register(&mut self, input: usize, name: &str, origin: Arc<Origin>) -> Option<DeviceId> {
-        if self.devices.len() >= self.plan.max_devices_per_worker {
+    /// Registers a new device (`origin.device`) with its per-device tables; at the device limit
+    /// it takes the place of an idle device (`evict_idle`) or is refused (`None`).
+    fn register(&mut self, input: usize, origin: Arc<Origin>) -> Option<DeviceId> {
+        // Every tracked device has one place in `device_origins` (eviction reuses places).
+        if self.device_origins.len() >= self.plan.max_devices_per_worker {
             return match self.plan.when_device_limit {
                 DeviceLimitPolicy::Refuse => None,
-                DeviceLimitPolicy::EvictIdle => Some(self.evict_for(input, name, origin)),
+                DeviceLimitPolicy::EvictIdle => Some(self.evict_for(input, origin)),
             };
         }
         let device = self.device_origins.len();
-        self.devices.insert((input, name.into()), device);
-        self.device_keys.push((input, name.into()));
+        self.devices[input].insert(origin.device.clone(), device);
         self.device_origins.push(origin);
         self.device_inputs.push(input);
         self.recent.push(Recent::default());
@@ -389,7 +396,7 @@ impl Worker {
     }
 
     /// Forgets the first device the clock sweep finds idle and gives its place to a new one.
-    fn evict_for(&mut self, input: usize, name: &str, origin: Arc<Origin>) -> DeviceId {
+    fn evict_for(&mut self, input: usize, origin: Arc<Origin>) -> DeviceId {
         let count = self.referenced.len();
         let victim = loop {
             let at = self.hand % count;
@@ -399,10 +406,9 @@ impl Worker {
             }
             break at;
         };
-        let (old_input, old_name) =
-            std::mem::replace(&mut self.device_keys[victim], (input, name.into()));
-        self.devices.remove(&(old_input, old_name));
-        self.devices.insert((input, name.into()), victim);
+        let old_input = self.device_inputs[victim];
+        self.devices[old_input].remove(&self.device_origins[victim].device);
+        self.devices[input].insert(origin.device.clone(), victim);
         for (rule, runner) in self.runners.iter_mut().enumerate() {
             runner.reset(victim, &mut self.output);
             if let Some(gauge) = &self.rule_counters[rule].offline {
@@ -424,7 +430,7 @@ impl Worker {
 
     /// The device and origin of a topic, registering a new device if there is room.
     fn resolve(&mut self, input: usize, topic: &str) -> Result<(DeviceId, Arc<Origin>), Refusal> {
-        if let Some((device, origin)) = self.origins.get(topic) {
+        if let Some(Cached { origin, device }) = self.origins.get(topic) {
             // The entry is stale if its device's place was taken by another device since.
             if Arc::ptr_eq(origin, &self.device_origins[*device]) {
                 self.referenced[*device] = true;
@@ -436,28 +442,48 @@ impl Worker {
             .pattern
             .captures(topic)
             .ok_or(Refusal::Decode(DecodeError::BadTopic))?;
-        let device_name = captures[input_plan.device_index];
+        let device_index = input_plan.device_index;
+        let known = self.devices[input]
+            .get_key_value(captures[device_index])
+            .map(|(id, device)| (id.clone(), *device));
+        let device_id = known
+            .as_ref()
+            .map_or_else(|| Arc::from(captures[device_index]), |(id, _)| id.clone());
+        let segments = captures
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                if i == device_index {
+                    device_id.clone()
+                } else {
+                    share_label(&mut self.labels, value)
+                }
+            })
+            .collect();
         let origin = Arc::new(Origin {
             topic: topic.into(),
-            device: device_name.into(),
+            device: device_id,
             names: input_plan.names.clone(),
-            segments: captures.iter().map(|s| Arc::from(*s)).collect(),
-            device_index: input_plan.device_index,
+            segments,
+            device_index,
         });
-        let device = match self.devices.get(&(input, device_name.into())) {
-            Some(device) => {
-                self.device_origins[*device] = origin.clone();
-                self.referenced[*device] = true;
-                *device
+        let device = match known {
+            Some((_, device)) => {
+                self.device_origins[device] = origin.clone();
+                self.referenced[device] = true;
+                device
             }
             None => self
-                .register(input, device_name, origin.clone())
+                .register(input, origin.clone())
                 .ok_or(Refusal::DeviceLimit)?,
         };
         if self.origins.len() >= self.plan.max_devices_per_worker.saturating_mul(2) {
             self.origins.clear();
         }
-        self.origins.insert(topic.into(), (device, origin.clone()));
+        self.origins.replace(Cached {
+            origin: origin.clone(),
+            device,
+        });
         Ok((device, origin))
     }
 
@@ -1034,6 +1060,48 @@ fn drain_output(
     }
 }
 
+/// An entry of the topic cache, found by its origin's topic (so the topic is stored once, and an
+/// entry is two words).
+struct Cached {
+    origin: Arc<Origin>,
+    device: DeviceId,
+}
+
+impl std::borrow::Borrow<str> for Cached {
+    fn borrow(&self) -> &str {
+        &self.origin.topic
+    }
+}
+
+// Hash and equality are the topic's, as `Borrow<str>` requires.
+impl std::hash::Hash for Cached {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.origin.topic.hash(state);
+    }
+}
+
+impl PartialEq for Cached {
+    fn eq(&self, other: &Self) -> bool {
+        self.origin.topic == other.origin.topic
+    }
+}
+
+impl Eq for Cached {}
+
+/// The shared copy of a topic segment value, added to `labels` if new (starting the set afresh
+/// when it is full).
+fn share_label(labels: &mut FastSet<Arc<str>>, value: &str) -> Arc<str> {
+    if let Some(shared) = labels.get(value) {
+        return shared.clone();
+    }
+    if labels.len() >= MAX_SHARED_LABELS {
+        labels.clear();
+    }
+    let shared: Arc<str> = Arc::from(value);
+    labels.insert(shared.clone());
+    shared
+}
+
 /// Why a message did not reach the rules.
 enum Refusal {
     Decode(DecodeError),
@@ -1042,7 +1110,7 @@ enum Refusal {
 
 #[cfg(test)]
 mod tests {
-    use super::base64;
+    use super::*;
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
@@ -1051,5 +1119,67 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    fn example_worker(max_devices: usize) -> Worker {
+        let mut config = crate::config::parse(
+            crate::config::EXAMPLE,
+            std::path::Path::new("example.toml"),
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        config.pipeline.max_devices_per_worker = max_devices;
+        config.pipeline.when_device_limit = DeviceLimitPolicy::EvictIdle;
+        let plan = Arc::new(Plan::build(&config).unwrap());
+        Worker::new(plan, Arc::new(Metrics::new()))
+    }
+
+    fn reading(device: &str, ts: i64) -> RawMessage {
+        RawMessage {
+            input: 0,
+            topic: format!("sensors/plant-1/{device}/telemetry"),
+            payload: format!(r#"{{"ts": {ts}, "temperature": 20}}"#)
+                .into_bytes()
+                .into(),
+            arrival: Instant::now(),
+            arrival_ms: ts,
+            lsn: 0,
+        }
+    }
+
+    #[test]
+    fn a_device_stores_its_topic_id_and_labels_once() {
+        let mut worker = example_worker(10);
+        let mut out = Vec::new();
+        for (device, ts) in [("dev-1", 1), ("dev-2", 1), ("dev-1", 2)] {
+            worker.process(&reading(device, ts), &mut out);
+        }
+        let [one, two] = &worker.device_origins[..] else {
+            panic!("two devices");
+        };
+        let cached = worker.origins.get(&*one.topic).unwrap();
+        assert!(Arc::ptr_eq(&cached.origin, one), "one origin per topic");
+        let (key, _) = worker.devices[0].get_key_value("dev-1").unwrap();
+        assert!(
+            Arc::ptr_eq(key, &one.device),
+            "the table key is the origin's id"
+        );
+        assert!(Arc::ptr_eq(&one.segments[one.device_index], &one.device));
+        assert!(
+            Arc::ptr_eq(&one.segments[0], &two.segments[0]),
+            "devices of one site share its name"
+        );
+    }
+
+    #[test]
+    fn an_evicted_device_leaves_no_key_behind() {
+        let mut worker = example_worker(1);
+        let mut out = Vec::new();
+        worker.process(&reading("dev-1", 1), &mut out);
+        worker.process(&reading("dev-2", 2), &mut out);
+        assert_eq!(worker.device_count(), 1);
+        assert!(!worker.devices[0].contains_key("dev-1"));
+        assert_eq!(worker.devices[0].get("dev-2"), Some(&0));
+        assert_eq!(&*worker.device_origins[0].device, "dev-2");
     }
 }

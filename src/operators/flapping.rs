@@ -17,8 +17,36 @@ pub struct Flapping {
 /// Per-device (per-field) flapping state: recent transition times, bounded by `max_changes + 1`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlapState {
-    changes: VecDeque<i64>,
+    /// Boxed, and `None` rather than empty: every device of a detector carries this state, most
+    /// rules have no flapping settings, and an empty `VecDeque` is 32 bytes. Written as the plain
+    /// sequence it was before.
+    #[serde(with = "changes_as_sequence")]
+    #[allow(clippy::box_collection)]
+    changes: Option<Box<VecDeque<i64>>>,
     flapping: bool,
+}
+
+#[allow(clippy::box_collection)]
+mod changes_as_sequence {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::VecDeque;
+
+    pub fn serialize<S: Serializer>(
+        changes: &Option<Box<VecDeque<i64>>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match changes {
+            Some(changes) => changes.serialize(serializer),
+            None => VecDeque::<i64>::new().serialize(serializer),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Box<VecDeque<i64>>>, D::Error> {
+        let changes = VecDeque::<i64>::deserialize(deserializer)?;
+        Ok((!changes.is_empty()).then(|| Box::new(changes)))
+    }
 }
 
 /// What to do with a transition.
@@ -42,23 +70,23 @@ impl Flapping {
 
     /// Records a transition at event time `ts`.
     pub fn on_transition(&self, state: &mut FlapState, ts: i64) -> Verdict {
-        state.changes.push_back(ts);
-        while state
-            .changes
+        let changes = state.changes.get_or_insert_with(Box::default);
+        changes.push_back(ts);
+        while changes
             .front()
             .is_some_and(|first| *first <= ts.saturating_sub(self.within_ms))
         {
-            state.changes.pop_front();
+            changes.pop_front();
         }
-        while state.changes.len() > self.max_changes + 1 {
-            state.changes.pop_front();
+        while changes.len() > self.max_changes + 1 {
+            changes.pop_front();
         }
         if state.flapping {
             Verdict::Held
-        } else if state.changes.len() > self.max_changes {
+        } else if changes.len() > self.max_changes {
             state.flapping = true;
             Verdict::Started {
-                changes: state.changes.len() as u32,
+                changes: changes.len() as u32,
             }
         } else {
             Verdict::Publish
@@ -70,11 +98,12 @@ impl Flapping {
     pub fn settles(&self, state: &mut FlapState, ts: i64) -> bool {
         let quiet = state
             .changes
-            .back()
+            .as_ref()
+            .and_then(|changes| changes.back())
             .is_none_or(|last| ts.saturating_sub(*last) >= self.within_ms);
         if state.flapping && quiet {
             state.flapping = false;
-            state.changes.clear();
+            state.changes = None;
             return true;
         }
         false
@@ -85,6 +114,33 @@ impl Flapping {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn snapshots_keep_the_changes_as_a_plain_sequence() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Unboxed {
+            changes: VecDeque<i64>,
+            flapping: bool,
+        }
+        fn cbor(value: &impl Serialize) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(value, &mut bytes).unwrap();
+            bytes
+        }
+        let mut state = FlapState::default();
+        flapping().on_transition(&mut state, 5);
+        let unboxed: Unboxed = ciborium::from_reader(&cbor(&state)[..]).unwrap();
+        assert_eq!(unboxed.changes, [5]);
+        let restored: FlapState = ciborium::from_reader(&cbor(&unboxed)[..]).unwrap();
+        assert_eq!(restored, state);
+        let quiet = Unboxed {
+            changes: VecDeque::new(),
+            flapping: false,
+        };
+        assert_eq!(cbor(&FlapState::default()), cbor(&quiet));
+        let restored: FlapState = ciborium::from_reader(&cbor(&quiet)[..]).unwrap();
+        assert_eq!(restored, FlapState::default());
+    }
 
     fn flapping() -> Flapping {
         Flapping::new(&FlappingConfig {

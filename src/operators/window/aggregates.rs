@@ -1,11 +1,14 @@
 //! Window aggregates: one running [`Accumulator`] per metric per window, shared by every window
 //! kind. Adding a value is O(1); mean and variance use Welford's update (and Chan's formula to
-//! merge sessions), so long windows of large, close values keep their precision.
+//! merge sessions), so long windows of large, close values keep their precision. A rule that
+//! reads only count, sum, min, max and avg keeps a [`Basic`] accumulator instead, half the size:
+//! every device with an open window holds one per metric.
 
 use super::sketch::Sketch;
 use crate::config::Aggregate;
 use crate::event::WindowMetric;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Running aggregates of one metric over one window. Every field is finite (no infinities as
@@ -25,6 +28,169 @@ pub struct Accumulator {
     last: f64,
     /// Present only when the rule asks for a percentile.
     sketch: Option<Box<Sketch>>,
+    /// Built from a [`Basic`] accumulator: only count, sum, min, max and avg are known, the
+    /// other aggregates are undefined (NaN). Absent from snapshots when false, as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    partial: bool,
+}
+
+/// The running values of one metric over one window for a rule that reads only count, sum,
+/// min, max and avg: 40 bytes, against 88 for an [`Accumulator`]. Updated with the same
+/// operations in the same order, so the values are the same to the bit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Basic {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    mean: f64,
+}
+
+impl Basic {
+    /// The aggregates a basic accumulator can tell.
+    pub const TRACKS: [Aggregate; 5] = [
+        Aggregate::Count,
+        Aggregate::Sum,
+        Aggregate::Min,
+        Aggregate::Max,
+        Aggregate::Avg,
+    ];
+
+    fn add(&mut self, value: f64) {
+        if self.count == 0 {
+            (self.min, self.max) = (value, value);
+        } else {
+            self.min = self.min.min(value);
+            self.max = self.max.max(value);
+        }
+        self.count += 1;
+        self.sum += value;
+        let delta = value - self.mean;
+        self.mean += delta / self.count as f64;
+    }
+
+    fn merge(&mut self, other: &Basic) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return;
+        }
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let delta = other.mean - self.mean;
+        let n = na + nb;
+        self.mean += delta * nb / n;
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    /// The same values as a (partial) [`Accumulator`].
+    fn to_full(&self) -> Accumulator {
+        Accumulator {
+            count: self.count,
+            sum: self.sum,
+            min: self.min,
+            max: self.max,
+            mean: self.mean,
+            partial: true,
+            ..Accumulator::default()
+        }
+    }
+}
+
+/// The accumulators of one window, one per rule metric in the rule's order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accumulators {
+    Basic(Box<[Basic]>),
+    Full(Box<[Accumulator]>),
+}
+
+impl Accumulators {
+    /// Accumulators for `metrics` metrics: [`Basic`] ones when `basic` (the rule reads only
+    /// count, sum, min, max and avg), else full ones, with a sketch when `percentiles`.
+    pub fn new(basic: bool, percentiles: bool, metrics: usize) -> Self {
+        if basic {
+            Self::Basic(vec![Basic::default(); metrics].into_boxed_slice())
+        } else {
+            Self::Full(vec![Accumulator::new(percentiles); metrics].into_boxed_slice())
+        }
+    }
+
+    pub fn add(&mut self, metric: usize, ts: i64, value: f64) {
+        match self {
+            Self::Basic(basics) => basics[metric].add(value),
+            Self::Full(accumulators) => accumulators[metric].add(ts, value),
+        }
+    }
+
+    pub fn count(&self, metric: usize) -> u64 {
+        match self {
+            Self::Basic(basics) => basics[metric].count,
+            Self::Full(accumulators) => accumulators[metric].count,
+        }
+    }
+
+    pub fn finish(&self, metric: usize, name: &Arc<str>) -> WindowMetric {
+        match self {
+            Self::Basic(basics) => basics[metric].to_full().finish(name),
+            Self::Full(accumulators) => accumulators[metric].finish(name),
+        }
+    }
+
+    /// Full accumulators to read any aggregate from (a rule with a condition has them already).
+    pub fn full(&self) -> Cow<'_, [Accumulator]> {
+        match self {
+            Self::Basic(basics) => Cow::Owned(basics.iter().map(Basic::to_full).collect()),
+            Self::Full(accumulators) => Cow::Borrowed(accumulators),
+        }
+    }
+
+    /// Folds `other` in metric by metric (sessions merging). A window restored from a snapshot
+    /// has full accumulators; merged with basic ones, the result is full.
+    pub fn merge(&mut self, other: &Accumulators) {
+        if let (Self::Basic(mine), Self::Basic(theirs)) = (&mut *self, other) {
+            for (mine, theirs) in mine.iter_mut().zip(theirs.iter()) {
+                mine.merge(theirs);
+            }
+            return;
+        }
+        if let Self::Basic(basics) = self {
+            *self = Self::Full(basics.iter().map(Basic::to_full).collect());
+        }
+        if let Self::Full(mine) = self {
+            for (mine, theirs) in mine.iter_mut().zip(other.full().iter()) {
+                mine.merge(theirs);
+            }
+        }
+    }
+
+    /// Heap bytes of these accumulators.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Basic(basics) => std::mem::size_of_val::<[Basic]>(basics),
+            Self::Full(accumulators) => accumulators.iter().map(Accumulator::bytes).sum(),
+        }
+    }
+}
+
+/// Snapshots hold full accumulators, as before basic ones existed (a basic one is written as a
+/// partial full one); a restored window keeps full ones until it closes.
+impl Serialize for Accumulators {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Basic(basics) => serializer.collect_seq(basics.iter().map(Basic::to_full)),
+            Self::Full(accumulators) => accumulators.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Accumulators {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<[Accumulator]>::deserialize(deserializer).map(Self::Full)
+    }
 }
 
 impl Accumulator {
@@ -78,6 +244,7 @@ impl Accumulator {
             }
             return;
         }
+        self.partial |= other.partial;
         let (na, nb) = (self.count as f64, other.count as f64);
         let delta = other.mean - self.mean;
         let n = na + nb;
@@ -100,6 +267,9 @@ impl Accumulator {
 
     /// One aggregate, computed without allocating (for conditions). NaN when undefined.
     pub fn aggregate(&self, aggregate: Aggregate) -> f64 {
+        if self.partial && !Basic::TRACKS.contains(&aggregate) {
+            return f64::NAN;
+        }
         match aggregate {
             Aggregate::Count => self.count as f64,
             Aggregate::Sum => self.sum,
@@ -137,8 +307,8 @@ impl Accumulator {
             max: self.max,
             avg: self.mean,
             stddev: self.aggregate(Aggregate::Stddev),
-            first: self.first,
-            last: self.last,
+            first: self.aggregate(Aggregate::First),
+            last: self.aggregate(Aggregate::Last),
             rate: self.aggregate(Aggregate::Rate),
             percentiles: [
                 self.aggregate(Aggregate::P50),
@@ -254,5 +424,65 @@ mod tests {
             let (x, y) = (merged.aggregate(aggregate), expected.aggregate(aggregate));
             assert!((x - y).abs() < 1e-9, "{aggregate:?}: {x} vs {y}");
         }
+    }
+
+    #[test]
+    fn basic_accumulators_agree_with_full_ones_to_the_bit() {
+        let a = [(10, 1.5), (30, -2.0), (20, 8.25), (25, 1e9 + 1.0)];
+        let b = [(5, 3.0), (40, 4.5), (41, -0.1)];
+        let mut basic = Accumulators::new(true, false, 1);
+        let mut full = Accumulators::new(false, false, 1);
+        let (mut basic_b, mut full_b) = (basic.clone(), full.clone());
+        for &(t, v) in &a {
+            basic.add(0, t, v);
+            full.add(0, t, v);
+        }
+        for &(t, v) in &b {
+            basic_b.add(0, t, v);
+            full_b.add(0, t, v);
+        }
+        basic.merge(&basic_b);
+        full.merge(&full_b);
+        assert!(matches!(basic, Accumulators::Basic(_)));
+        let (basic, full) = (basic.finish(0, &"m".into()), full.finish(0, &"m".into()));
+        for aggregate in Basic::TRACKS {
+            assert_eq!(
+                basic.aggregate(aggregate).to_bits(),
+                full.aggregate(aggregate).to_bits(),
+                "{aggregate:?}"
+            );
+        }
+        for aggregate in [Aggregate::Stddev, Aggregate::First, Aggregate::Rate] {
+            assert!(basic.aggregate(aggregate).is_nan(), "{aggregate:?}");
+        }
+    }
+
+    #[test]
+    fn a_basic_window_is_saved_as_a_partial_full_one() {
+        fn cbor(value: &impl Serialize) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(value, &mut bytes).unwrap();
+            bytes
+        }
+        let mut basic = Accumulators::new(true, false, 2);
+        basic.add(0, 1, 20.5);
+        basic.add(1, 1, 40.0);
+        let restored: Accumulators = ciborium::from_reader(&cbor(&basic)[..]).unwrap();
+        assert!(matches!(restored, Accumulators::Full(_)));
+        assert_eq!(restored.full(), basic.full());
+        let metric = restored.finish(0, &"m".into());
+        assert_eq!((metric.count, metric.avg), (1, 20.5));
+        assert!(metric.stddev.is_nan() && metric.first.is_nan());
+        // A full accumulator is written as before: no `partial` key.
+        let mut full = Accumulator::new(false);
+        full.add(1, 2.0);
+        let value: ciborium::Value = ciborium::from_reader(&cbor(&full)[..]).unwrap();
+        let keys: Vec<_> = value
+            .as_map()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| k.as_text())
+            .collect();
+        assert!(!keys.contains(&"partial"), "{keys:?}");
     }
 }

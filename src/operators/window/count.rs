@@ -4,7 +4,7 @@
 //! event times among the window's readings. `idle_timeout` emits what arrived since the last
 //! emission as a partial window.
 
-use super::{aggregates::Accumulator, Pane, WindowSpec};
+use super::{aggregates::Accumulators, Pane, WindowSpec};
 use crate::decode::{Origin, Reading};
 use crate::event::WindowClose;
 use crate::operators::{Operator, Output};
@@ -59,14 +59,14 @@ impl CountWindows {
             start,
             end,
             readings: state.times.len() as u64,
-            accumulators: vec![Accumulator::new(self.spec.percentiles); width],
+            accumulators: Accumulators::new(self.spec.basic, self.spec.percentiles, width),
             fired: true,
             updates: 0,
         };
         for (i, &ts) in state.times.iter().enumerate() {
-            for (m, acc) in pane.accumulators.iter_mut().enumerate() {
+            for m in 0..width {
                 if let Some(value) = state.values[i * width + m] {
-                    acc.add(ts, value);
+                    pane.accumulators.add(m, ts, value);
                 }
             }
         }

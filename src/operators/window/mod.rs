@@ -34,7 +34,7 @@ use super::{Operator, Output, RuleMeta};
 use crate::config::{Aggregate, OnShutdown, WindowConfig};
 use crate::decode::{Origin, Reading};
 use crate::event::{Cause, DerivedEvent, EventBody, EventId, WindowClose};
-use aggregates::Accumulator;
+use aggregates::{Accumulators, Basic};
 use condition::WindowView;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -77,6 +77,8 @@ pub struct WindowSpec {
     aggregates: Arc<[Aggregate]>,
     /// Whether accumulators carry a percentile sketch (asked for, or used by `when`).
     percentiles: bool,
+    /// Whether [`Basic`] accumulators suffice: the rule reads only count, sum, min, max, avg.
+    basic: bool,
     out_of_orderness_ms: i64,
     lateness_ms: i64,
     future_skew_ms: i64,
@@ -113,6 +115,11 @@ impl WindowSpec {
                 .zip(slots)
                 .collect(),
             aggregates: config.aggregates.clone().into(),
+            basic: when.is_none()
+                && config
+                    .aggregates
+                    .iter()
+                    .all(|aggregate| Basic::TRACKS.contains(aggregate)),
             percentiles,
             out_of_orderness_ms: millis(config.max_out_of_orderness),
             lateness_ms: millis(config.allowed_lateness),
@@ -146,7 +153,7 @@ impl WindowSpec {
             start,
             end,
             readings: 0,
-            accumulators: vec![Accumulator::new(self.percentiles); self.metrics.len()],
+            accumulators: Accumulators::new(self.basic, self.percentiles, self.metrics.len()),
             fired: false,
             updates: 0,
         }
@@ -154,9 +161,9 @@ impl WindowSpec {
 
     fn add(&self, pane: &mut Pane, reading: &Reading<'_>) {
         pane.readings += 1;
-        for ((_, slot), acc) in self.metrics.iter().zip(&mut pane.accumulators) {
+        for (metric, (_, slot)) in self.metrics.iter().enumerate() {
             if let Some(value) = reading.values[*slot] {
-                acc.add(reading.ts, value);
+                pane.accumulators.add(metric, reading.ts, value);
             }
         }
     }
@@ -220,7 +227,7 @@ impl WindowSpec {
         if let Some(when) = &self.when {
             let view = WindowView {
                 readings: pane.readings,
-                accumulators: &pane.accumulators,
+                accumulators: &pane.accumulators.full(),
             };
             if !when.holds(&view) {
                 return;
@@ -229,9 +236,9 @@ impl WindowSpec {
         let metrics = self
             .metrics
             .iter()
-            .zip(&pane.accumulators)
-            .filter(|(_, acc)| acc.count() > 0)
-            .map(|((name, _), acc)| acc.finish(name))
+            .enumerate()
+            .filter(|(metric, _)| pane.accumulators.count(*metric) > 0)
+            .map(|(metric, (name, _))| pane.accumulators.finish(metric, name))
             .collect();
         out.events.push(DerivedEvent {
             id: EventId::derive(&[
@@ -275,7 +282,7 @@ pub struct Pane {
     /// Readings applied (with at least one of the rule's metrics).
     readings: u64,
     /// One per rule metric, in the rule's order.
-    accumulators: Vec<Accumulator>,
+    accumulators: Accumulators,
     /// Fired panes are kept until the watermark passes `end + allowed_lateness`.
     fired: bool,
     /// Re-emissions after firing.
@@ -285,7 +292,7 @@ pub struct Pane {
 impl Pane {
     /// Stack plus heap bytes of this pane (for the documented memory figure).
     pub fn bytes(&self) -> usize {
-        std::mem::size_of::<Self>() + self.accumulators.iter().map(|a| a.bytes()).sum::<usize>()
+        std::mem::size_of::<Self>() + self.accumulators.bytes()
     }
 }
 
@@ -379,6 +386,11 @@ impl<A: Assigner> Operator for TimeWindows<A> {
                         return;
                     }
                     Err(index) => {
+                        // Room for one more pane at a time up to two (a tumbling window holds
+                        // one, two at a boundary) instead of the four a first push reserves.
+                        if state.panes.len() == state.panes.capacity() && state.panes.len() < 2 {
+                            state.panes.reserve_exact(1);
+                        }
                         state.panes.insert(index, spec.new_pane(start, end));
                         out.open_windows_delta += 1;
                         state.panes[index].fired = fired;

@@ -141,14 +141,7 @@ impl Operator for SessionWindows {
                         merged.pane.start = merged.pane.start.min(other.pane.start);
                         merged.last = merged.last.max(other.last);
                         merged.pane.readings += other.pane.readings;
-                        for (mine, theirs) in merged
-                            .pane
-                            .accumulators
-                            .iter_mut()
-                            .zip(&other.pane.accumulators)
-                        {
-                            mine.merge(theirs);
-                        }
+                        merged.pane.accumulators.merge(&other.pane.accumulators);
                     } else {
                         i += 1;
                     }
