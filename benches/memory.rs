@@ -132,6 +132,7 @@ fn measure(case: usize, devices: usize) {
                 payload: payload.into_bytes().into(),
                 arrival,
                 arrival_ms: ts0 + 3_600_000,
+                trace: None,
             };
             worker.process(&message, &mut out);
             out.clear();

@@ -1144,6 +1144,7 @@ mod tests {
             arrival: Instant::now(),
             arrival_ms: ts,
             lsn: 0,
+            trace: None,
         }
     }
 
