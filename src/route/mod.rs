@@ -2,6 +2,7 @@
 //! payload in schema v1 (JSON or CBOR, same fields).
 
 mod encode;
+mod json;
 
 pub use encode::{encode, EventView};
 
