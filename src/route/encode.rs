@@ -1,4 +1,5 @@
-//! Schema v1 encoding. One `Serialize` impl serves JSON and CBOR, so both carry the same fields.
+//! Schema v1 encoding. One `Serialize` impl serves CBOR and is the reference for JSON, which
+//! `json.rs` writes directly for speed (a test holds the two to the same bytes).
 
 use crate::config::Format;
 use crate::event::{DerivedEvent, EventBody, SCHEMA_VERSION};
@@ -13,8 +14,9 @@ pub fn encode(event: &DerivedEvent, format: Format) -> Vec<u8> {
         // ever gets here.
         Format::Json | Format::Text | Format::Senml | Format::SenmlCbor => {
             // Sized for a state change or a two-metric window, so encoding does not regrow.
+            // Written directly, as serde_json would write `view` (see json.rs).
             let mut out = Vec::with_capacity(384);
-            let _ = serde_json::to_writer(&mut out, &view);
+            super::json::write_event(event, &mut out);
             out
         }
         Format::Cbor => {

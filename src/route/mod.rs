@@ -3,6 +3,7 @@
 //! event id, and the event's span in the trace of the reading that caused it).
 
 mod encode;
+mod json;
 
 pub use encode::{encode, EventView};
 
