@@ -47,6 +47,10 @@ pub fn write_event(event: &DerivedEvent, out: &mut Vec<u8>) {
             w.raw(b",\"seq\":");
             w.u64(seq);
         }
+        if let Some(trace) = &cause.trace {
+            w.raw(b",\"trace_id\":");
+            w.string(&trace.trace_id_hex());
+        }
         w.raw(b"}");
     }
     w.raw(b"}");
@@ -402,11 +406,19 @@ mod tests {
 
     /// One event of every kind, with optional fields both present and absent.
     fn every_kind() -> Vec<DerivedEvent> {
-        let cause = |seq| {
+        // With a sequence number the cause also carries a trace, so both shapes are covered.
+        let cause = |seq: Option<u64>| {
             Some(Cause {
                 topic: "sensors/s\"1/d\n1/telemetry".into(),
                 ts: 17,
                 seq,
+                trace: seq.and_then(|_| {
+                    crate::trace::TraceContext::parse(
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                        None,
+                    )
+                    .map(Arc::new)
+                }),
             })
         };
         let arc = |s: &str| -> Arc<str> { s.into() };
@@ -566,7 +578,7 @@ mod tests {
                 to: text.as_str().into(),
                 value,
             };
-            let cause = Some(Cause { topic: text.as_str().into(), ts, seq: Some(seq) });
+            let cause = Some(Cause { topic: text.as_str().into(), ts, seq: Some(seq), trace: None });
             let mut event = event(body, cause, &text, origin(&text, &text));
             event.ts = ts;
             assert_same_as_serde(&event);
