@@ -42,13 +42,20 @@ pub(super) fn walk(payload: &[u8], sink: &mut FieldSink<'_, '_>) -> Result<(), D
                 major: 3,
                 arg: Some(len),
                 ..
-            } => Some(reader.text(len)?),
+            } => Some(reader.bytes(len)?),
             other => {
                 reader.skip_from(other, 1)?;
                 None
             }
         };
-        let wanted = key.and_then(|k| sink.plan.resolve(k.as_bytes()));
+        let wanted = key.and_then(|k| sink.plan.resolve(k));
+        // A key the plan knows equals one of its names, so it is valid UTF-8; any other text
+        // key is checked as before (ASCII first, which is cheap and nearly always so).
+        if let (Some(key), None) = (key, wanted) {
+            if !key.is_ascii() && std::str::from_utf8(key).is_err() {
+                return Err(DecodeError::Malformed);
+            }
+        }
         let value_head = reader.head_skipping_tags()?;
         match wanted {
             Some(slot) => {
@@ -132,8 +139,13 @@ impl<'a> Reader<'a> {
     }
 
     fn text(&mut self, len: u64) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.bytes(len)?).map_err(|_| DecodeError::Malformed)
+    }
+
+    /// The bytes of a string of `len` bytes whose head was just read, not yet checked as UTF-8.
+    fn bytes(&mut self, len: u64) -> Result<&'a [u8], DecodeError> {
         let len = usize::try_from(len).map_err(|_| DecodeError::Malformed)?;
-        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::Malformed)
+        self.take(len)
     }
 
     /// Reads a value whose head was just read; arrays, maps and chunked strings are skipped and
@@ -216,7 +228,8 @@ fn half_to_f64(bits: u16) -> f64 {
         0 => fraction * 2f64.powi(-24),
         31 if fraction == 0.0 => f64::INFINITY,
         31 => f64::NAN,
-        e => (1.0 + fraction / 1024.0) * 2f64.powi(e - 15),
+        // 2^(e - 15) built from its bits (exact, like `powi`, without the call).
+        e => (1.0 + fraction / 1024.0) * f64::from_bits(((e - 15 + 1023) as u64) << 52),
     }
 }
 
@@ -230,5 +243,54 @@ mod tests {
         assert_eq!(half_to_f64(0xc000), -2.0);
         assert_eq!(half_to_f64(0x7bff), 65504.0);
         assert!(half_to_f64(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn every_half_float_converts_as_the_powi_formula_does() {
+        for bits in 0..=u16::MAX {
+            let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+            let exponent = i32::from((bits >> 10) & 0x1f);
+            let fraction = f64::from(bits & 0x3ff);
+            let expected = sign
+                * match exponent {
+                    0 => fraction * 2f64.powi(-24),
+                    31 if fraction == 0.0 => f64::INFINITY,
+                    31 => f64::NAN,
+                    e => (1.0 + fraction / 1024.0) * 2f64.powi(e - 15),
+                };
+            let got = half_to_f64(bits);
+            assert!(
+                got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
+                "{bits:#06x}: {got} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unplanned_key_that_is_not_utf8_is_still_malformed() {
+        use crate::config::{Format, TimeUnit};
+        use crate::decode::{Decoded, FieldPlan};
+        let plan = FieldPlan::of(
+            Format::Cbor,
+            vec!["temperature".into()],
+            Some(("ts".into(), TimeUnit::Ms)),
+            None,
+        );
+        let mut out = Decoded::for_plan(&plan);
+        // {"ts": 1, "temperature": 2, <key>: 3}
+        let with_key = |key: &[u8]| {
+            let mut bytes = vec![0xa3, 0x62, b't', b's', 0x01, 0x6b];
+            bytes.extend_from_slice(b"temperature");
+            bytes.push(0x02);
+            bytes.push(0x60 + key.len() as u8);
+            bytes.extend_from_slice(key);
+            bytes.push(0x03);
+            bytes
+        };
+        assert_eq!(plan.decode(&with_key("é".as_bytes()), &mut out), Ok(()));
+        assert_eq!(
+            plan.decode(&with_key(&[0xff, 0xfe]), &mut out),
+            Err(DecodeError::Malformed)
+        );
     }
 }
