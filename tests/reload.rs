@@ -167,12 +167,14 @@ async fn kept_rules_keep_their_state_changed_and_new_start_fresh_removed_flush()
     let first = overheat.take(1).await;
     assert_eq!(state(&first[0]), "hot");
 
-    // overheat and hourly unchanged; limit's thresholds changed; doomed removed; fresh added.
-    // The rules are written in another order, so every rule's index moves.
+    // overheat and hourly unchanged; limit's thresholds changed; doomed removed; added and
+    // fresh new. Rules are planned in name order, so the kept rules move: hourly from 1 to 2,
+    // overheat from 3 to 4. (added never fires here: no reading reaches 60.)
     write_config(
         &path,
         &[
             head.clone(),
+            hysteresis("added", 60.0, 55.0),
             hysteresis("fresh", 30.0, 28.0),
             hourly("hourly"),
             hysteresis("limit", 30.0, 28.0),
@@ -184,7 +186,7 @@ async fn kept_rules_keep_their_state_changed_and_new_start_fresh_removed_flush()
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["ok"], json!(true), "{report}");
     assert_eq!(names(&report, "kept"), ["hourly", "overheat"]);
-    assert_eq!(names(&report, "started"), ["fresh", "limit"]);
+    assert_eq!(names(&report, "started"), ["added", "fresh", "limit"]);
     assert_eq!(names(&report, "removed"), ["doomed"]);
 
     // The removed window rule flushed its open window: both readings.
@@ -210,7 +212,7 @@ async fn kept_rules_keep_their_state_changed_and_new_start_fresh_removed_flush()
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(listed, ["fresh", "hourly", "limit", "overheat"]);
+    assert_eq!(listed, ["added", "fresh", "hourly", "limit", "overheat"]);
     let (_, metrics) = http_get(weir.http_addr, "/metrics").await;
     assert_eq!(
         metric(&metrics, r#"weir_config_reloads_total{result="applied"}"#),
