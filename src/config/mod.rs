@@ -95,9 +95,7 @@ impl Fingerprints {
             .collect();
         Self { rules, sections }
     }
-}
 
-impl Fingerprints {
     /// The top-level sections other than `[rules]` that differ between the two.
     pub fn changed_sections(&self, other: &Self) -> Vec<String> {
         let mut names: Vec<&String> = self.sections.keys().chain(other.sections.keys()).collect();

@@ -307,11 +307,7 @@ impl Worker {
                 duplicates: metrics.duplicates_dropped.with_label_values(&[&input.name]),
             })
             .collect();
-        let decoded = plan
-            .inputs
-            .iter()
-            .map(|input| Decoded::for_plan(&input.fields))
-            .collect();
+        let decoded = decode_buffers(&plan);
         Self {
             runners,
             origins: FastSet::default(),
@@ -774,11 +770,7 @@ impl Worker {
             }
         }
         self.rule_counters = rule_counters(&plan, &self.metrics);
-        self.decoded = plan
-            .inputs
-            .iter()
-            .map(|input| Decoded::for_plan(&input.fields))
-            .collect();
+        self.decoded = decode_buffers(&plan);
         self.metrics.retire_worker_stats(&self.stats);
         self.stats = self
             .metrics
@@ -883,6 +875,14 @@ fn runners(plan: &Plan) -> Vec<Box<dyn RuleRunner>> {
                 OperatorPlan::Count(op) => Keyed::boxed(op),
             }
         })
+        .collect()
+}
+
+/// One decode buffer per input, shaped by the fields the plan's rules read.
+fn decode_buffers(plan: &Plan) -> Vec<Decoded> {
+    plan.inputs
+        .iter()
+        .map(|input| Decoded::for_plan(&input.fields))
         .collect()
 }
 

@@ -79,6 +79,17 @@ fn stored(message: &Outgoing) -> StoredMessage {
     }
 }
 
+/// The outbox as a snapshot keeps it: the unacknowledged events, then the queued ones, in
+/// publish order.
+fn stored_outbox(unacked: &Unacked, queue: &VecDeque<Outgoing>) -> Vec<StoredMessage> {
+    let mut outbox: Vec<StoredMessage> = unacked
+        .lock()
+        .map(|u| u.iter().map(stored).collect())
+        .unwrap_or_default();
+    outbox.extend(queue.iter().map(stored));
+    outbox
+}
+
 /// Rebuilds a restored outbox entry.
 pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
     let rule_index = plan.rules.iter().position(|r| *r.name == message.rule);
@@ -353,11 +364,7 @@ pub async fn run(
                     if entry.0 >= options.workers {
                         let (_, devices, rules) = barriers.remove(&lsn).unwrap_or_default();
                         if let Some(snapshots) = &options.snapshots {
-                            let mut outbox: Vec<StoredMessage> = unacked
-                                .lock()
-                                .map(|u| u.iter().map(stored).collect())
-                                .unwrap_or_default();
-                            outbox.extend(queue.iter().map(stored));
+                            let outbox = stored_outbox(&unacked, &queue);
                             let snapshot = Snapshot { lsn, devices, outbox, rules };
                             let outbox_len = snapshot.outbox.len();
                             if snapshots.send(SnapshotCommand::Write(snapshot)).await.is_err() {
@@ -394,11 +401,7 @@ pub async fn run(
     // be published again at the next start.
     if let (Some((lsn, held)), Some(snapshots)) = (last_snapshot, &options.snapshots) {
         if left < held {
-            let mut outbox: Vec<StoredMessage> = unacked
-                .lock()
-                .map(|u| u.iter().map(stored).collect())
-                .unwrap_or_default();
-            outbox.extend(queue.iter().map(stored));
+            let outbox = stored_outbox(&unacked, &queue);
             let _ = snapshots
                 .send(SnapshotCommand::ReplaceOutbox { lsn, outbox })
                 .await;

@@ -130,12 +130,8 @@ pub async fn run(
                         continue;
                     }
                     Some((reload, done)) = reloads.recv() => {
-                        if !pass_reload(reload, done, &workers).await {
-                            break;
-                        }
-                        // A snapshot right after the switch, so a restart never replays readings
-                        // the old rules handled through the new ones.
-                        if snapshots.is_some() && !barrier(next_lsn, &log, &workers).await {
+                        let snapshot_at = snapshots.is_some().then_some((next_lsn, &log));
+                        if !pass_reload(reload, done, &workers, snapshot_at).await {
                             break;
                         }
                         continue;
@@ -249,9 +245,8 @@ pub async fn run(
                     () = tokio::time::sleep(delay) => {}
                     // A reload does not wait for the broker to come back.
                     Some((reload, done)) = reloads.recv() => {
-                        if !pass_reload(reload, done, &workers).await
-                            || (snapshots.is_some() && !barrier(next_lsn, &log, &workers).await)
-                        {
+                        let snapshot_at = snapshots.is_some().then_some((next_lsn, &log));
+                        if !pass_reload(reload, done, &workers, snapshot_at).await {
                             break;
                         }
                     }
@@ -355,11 +350,14 @@ async fn barrier(
     true
 }
 
-/// Queues new rules to every worker at this point of the input; false when a worker is gone.
+/// Queues new rules to every worker at this point of the input, then (with a state dir,
+/// `snapshot_at`) a snapshot barrier, so a restart never replays readings the old rules handled
+/// through the new ones. False when a worker or the log is gone.
 async fn pass_reload(
     reload: Arc<Reload>,
     done: oneshot::Sender<()>,
     workers: &[mpsc::Sender<WorkerInput>],
+    snapshot_at: Option<(u64, &Option<mpsc::Sender<LogCommand>>)>,
 ) -> bool {
     for worker in workers {
         if worker
@@ -371,7 +369,10 @@ async fn pass_reload(
         }
     }
     let _ = done.send(());
-    true
+    match snapshot_at {
+        Some((lsn, log)) => barrier(lsn, log, workers).await,
+        None => true,
+    }
 }
 
 /// Sends released acks in order, each only on the connection that delivered its message.
