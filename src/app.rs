@@ -133,6 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             recovery.next_lsn,
             ack_after,
             delivery.fsync_interval,
+            metrics.clone(),
             log_rx,
             ack_tx,
         )?;
@@ -165,6 +166,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         SinkOptions {
             mqtt: sink_options,
             request_capacity: capacity,
+            max_packet_bytes: publish_broker.max_packet_bytes,
             outbox_max: delivery.outbox_max_messages,
             policy: delivery.outbox_when_full,
             workers: worker_count,

@@ -43,6 +43,11 @@ pub struct InputLog {
     /// First LSN of the open segment.
     segment_start: u64,
     unsynced: bool,
+    /// Bytes appended to the open segment, buffered or not.
+    appended: u64,
+    /// Bytes of the open segment known to be written whole (flushed or synced): where a rewrite
+    /// after a failed write starts, so a torn record never sits before good ones.
+    written: u64,
 }
 
 fn segment_name(first_lsn: u64) -> String {
@@ -228,14 +233,21 @@ impl InputLog {
             writer,
             segment_start: next_lsn,
             unsynced: false,
+            appended: 0,
+            written: 0,
         })
     }
 
+    /// Creates the segment whose first record is `first_lsn`. A file of that name can only
+    /// exist if recovery found no valid record in it (else the next LSN would be past it): it
+    /// is a torn first write, and is emptied, since records appended after a torn one would be
+    /// unreadable.
     fn create_segment(dir: &Path, first_lsn: u64) -> std::io::Result<BufWriter<File>> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join(segment_name(first_lsn)))?;
+        file.set_len(0)?;
         sync_dir(dir)?;
         Ok(BufWriter::with_capacity(256 * 1024, file))
     }
@@ -246,9 +258,9 @@ impl InputLog {
     /// Write errors (disk full): the caller must not acknowledge the record.
     pub fn append(&mut self, record: RecordRef<'_>, scratch: &mut Vec<u8>) -> std::io::Result<()> {
         encode(record, scratch);
-        self.writer.write_all(scratch)?;
         self.unsynced = true;
-        Ok(())
+        self.appended += scratch.len() as u64;
+        self.writer.write_all(scratch)
     }
 
     /// Hands what was appended to the OS (it survives a crash of weir, not a power cut).
@@ -256,7 +268,9 @@ impl InputLog {
     /// # Errors
     /// Write errors.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        self.writer.flush()
+        self.writer.flush()?;
+        self.written = self.appended;
+        Ok(())
     }
 
     /// Flushes and fsyncs what was appended.
@@ -268,8 +282,36 @@ impl InputLog {
             self.writer.flush()?;
             self.writer.get_ref().sync_data()?;
             self.unsynced = false;
+            self.written = self.appended;
         }
         Ok(())
+    }
+
+    /// After a failed append, flush or sync: drops what the failed attempt may have left (the
+    /// write buffer, and the open segment past its last whole write), writes `records` again
+    /// and syncs them. Called with every record appended since the last successful
+    /// [`flush`](Self::flush) or [`sync`](Self::sync), in order.
+    ///
+    /// A sync that failed once is never trusted to have written anything: after an fsync error
+    /// the kernel may have dropped the dirty pages, so they are written again.
+    ///
+    /// # Errors
+    /// The disk still refuses (full, or failing): call again later with the same records.
+    pub fn rewrite<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = RecordRef<'a>>,
+        scratch: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let placeholder = BufWriter::new(self.writer.get_ref().try_clone()?);
+        let (file, _unwritten) = std::mem::replace(&mut self.writer, placeholder).into_parts();
+        file.set_len(self.written)?;
+        self.writer = BufWriter::with_capacity(256 * 1024, file);
+        self.appended = self.written;
+        self.unsynced = true;
+        for record in records {
+            self.append(record, scratch)?;
+        }
+        self.sync()
     }
 
     /// Starts a new segment at `next_lsn`, so segments before a snapshot can be deleted whole.
@@ -283,6 +325,8 @@ impl InputLog {
         self.sync()?;
         self.writer = Self::create_segment(&self.dir, next_lsn)?;
         self.segment_start = next_lsn;
+        self.appended = 0;
+        self.written = 0;
         Ok(())
     }
 
@@ -380,6 +424,48 @@ mod tests {
         assert!(recovered.damage.is_empty());
         log.truncate_before(5).unwrap();
         assert_eq!(recover(&dir, 0).unwrap().records.len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rewrite_after_a_failed_write_replaces_the_torn_part_and_keeps_the_rest() {
+        let dir = temp("rewrite");
+        let mut log = InputLog::open(&dir, 0).unwrap();
+        let mut scratch = Vec::new();
+        for lsn in 0..3 {
+            log.append(record(lsn).as_ref(), &mut scratch).unwrap();
+        }
+        log.sync().unwrap();
+        log.append(record(3).as_ref(), &mut scratch).unwrap();
+        // What a write cut short by a full disk leaves: part of a record past the good ones.
+        let path = dir.join(segment_name(0));
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[0xAB; 11]).unwrap();
+        drop(file);
+        log.rewrite([record(3).as_ref(), record(4).as_ref()], &mut scratch)
+            .unwrap();
+        log.append(record(5).as_ref(), &mut scratch).unwrap();
+        log.sync().unwrap();
+        let recovered = recover(&dir, 0).unwrap();
+        assert_eq!(recovered.records, (0..6).map(record).collect::<Vec<_>>());
+        assert!(recovered.damage.is_empty(), "{:?}", recovered.damage);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_segment_torn_at_its_first_record_is_emptied_before_it_is_written_again() {
+        let dir = temp("torn-first");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A power cut during the first write of segment 4: recovery finds nothing valid in it,
+        // so the next start opens segment 4 again.
+        std::fs::write(dir.join(segment_name(4)), [0xCD; 7]).unwrap();
+        let mut log = InputLog::open(&dir, 4).unwrap();
+        let mut scratch = Vec::new();
+        log.append(record(4).as_ref(), &mut scratch).unwrap();
+        log.sync().unwrap();
+        let recovered = recover(&dir, 0).unwrap();
+        assert_eq!(recovered.records, vec![record(4)]);
+        assert!(recovered.damage.is_empty(), "{:?}", recovered.damage);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

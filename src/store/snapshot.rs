@@ -74,11 +74,16 @@ pub fn write(dir: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
     bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&body);
     let temp = dir.join("snapshot.tmp");
-    {
+    let written = (|| {
         use std::io::Write;
         let mut file = std::fs::File::create(&temp)?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
+        file.sync_all()
+    })();
+    if let Err(err) = written {
+        // A half-written temp file would only hold on to the space a full disk lacks.
+        let _ = std::fs::remove_file(&temp);
+        return Err(err.into());
     }
     let current = dir.join(CURRENT);
     if current.exists() {

@@ -65,6 +65,11 @@ pub enum AckAfter {
 /// durable with one fsync and releases their acks; inputs arriving during an fsync form the next
 /// group. So the ack delay is about one fsync, and the fsync rate adapts to the load.
 ///
+/// A failed write (disk full, I/O error) is retried with backoff until it works; meanwhile the
+/// thread takes no new commands, so nothing is acknowledged, the source stops receiving once
+/// the broker's inflight window is full, and the broker's queue is the buffer. `/readyz` and
+/// `weir_store_writable` say so while it lasts.
+///
 /// # Errors
 /// The log cannot be opened.
 pub fn spawn_log_writer(
@@ -72,6 +77,7 @@ pub fn spawn_log_writer(
     next_lsn: u64,
     ack_after: AckAfter,
     fsync_interval: Duration,
+    metrics: Arc<Metrics>,
     mut commands: mpsc::Receiver<LogCommand>,
     acks: mpsc::Sender<AckBatch>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
@@ -81,16 +87,20 @@ pub fn spawn_log_writer(
             dir.log_dir().display()
         )
     })?;
+    let log_dir = dir.log_dir();
     let handle = std::thread::Builder::new()
         .name("weir-log".into())
         .spawn(move || {
             let mut writer = LogWriter {
                 log: &mut log,
+                log_dir,
                 scratch: Vec::with_capacity(4096),
                 pending: Vec::new(),
+                unwritten: Vec::new(),
                 done: Vec::new(),
                 previous_snapshot: None,
-                failed: false,
+                fault: None,
+                metrics,
                 ack_after,
                 last_fsync: Instant::now(),
                 fsync_interval,
@@ -100,23 +110,58 @@ pub fn spawn_log_writer(
                 while let Ok(command) = commands.try_recv() {
                     writer.handle(command);
                 }
-                writer.commit(&acks);
+                if !writer.commit(&acks, &commands) {
+                    return;
+                }
             }
-            writer.commit(&acks);
+            writer.commit(&acks, &commands);
         })?;
     Ok(handle)
 }
 
+/// An input appended to the log and not yet known to be written: kept until it is, so a failed
+/// write can be done again.
+struct Unwritten {
+    lsn: u64,
+    arrival_ms: i64,
+    input: u16,
+    topic: String,
+    payload: Bytes,
+    trace: Option<Arc<TraceContext>>,
+}
+
+impl Unwritten {
+    fn record(&self) -> RecordRef<'_> {
+        RecordRef {
+            lsn: self.lsn,
+            arrival_ms: self.arrival_ms,
+            input: self.input,
+            topic: &self.topic,
+            payload: &self.payload,
+            trace: self.trace.as_deref(),
+        }
+    }
+}
+
+/// First and longest wait between attempts to write the log again after a failure.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// The log writer thread's state between commands.
 struct LogWriter<'a> {
     log: &'a mut InputLog,
+    log_dir: std::path::PathBuf,
     scratch: Vec<u8>,
     /// Acks of appended inputs, released at the next commit.
     pending: Vec<AckToken>,
+    /// Inputs appended since the last successful write, for a retry.
+    unwritten: Vec<Unwritten>,
     /// Flush requests answered at the next commit.
     done: Vec<oneshot::Sender<()>>,
     previous_snapshot: Option<u64>,
-    failed: bool,
+    /// The error that stops the log from being written, while it lasts.
+    fault: Option<std::io::Error>,
+    metrics: Arc<Metrics>,
     ack_after: AckAfter,
     last_fsync: Instant,
     fsync_interval: Duration,
@@ -134,22 +179,31 @@ impl LogWriter<'_> {
                 trace,
                 ack,
             } => {
-                let record = RecordRef {
+                let unwritten = Unwritten {
                     lsn,
                     arrival_ms,
                     input,
-                    topic: &topic,
-                    payload: &payload,
-                    trace: trace.as_deref(),
+                    topic,
+                    payload,
+                    trace,
                 };
-                match self.log.append(record, &mut self.scratch) {
-                    Ok(()) => self.pending.extend(ack),
-                    Err(err) => self.fail("cannot append to the input log", &err),
+                // After a failure nothing more is appended until the retry writes everything.
+                if self.fault.is_none() {
+                    if let Err(err) = self.log.append(unwritten.record(), &mut self.scratch) {
+                        self.failed(err);
+                    }
                 }
+                self.unwritten.push(unwritten);
+                self.pending.extend(ack);
             }
             LogCommand::Rotate(lsn) => {
-                if let Err(err) = self.log.rotate(lsn) {
-                    self.fail("cannot start a new input log segment", &err);
+                // Rotating syncs first: a failure there is retried like any write. A segment
+                // that cannot be created is not: the log goes on in the open one, which is
+                // correct (segments are read by LSN), only kept longer.
+                if self.fault.is_none() && self.write_pending(true) {
+                    if let Err(err) = self.log.rotate(lsn) {
+                        tracing::warn!(%err, lsn, "cannot start a new input log segment; writing on in the current one");
+                    }
                 }
             }
             LogCommand::SnapshotWritten(lsn) => {
@@ -165,28 +219,73 @@ impl LogWriter<'_> {
         }
     }
 
-    /// Makes what was appended durable (per `ack_after`) and releases its acks.
-    fn commit(&mut self, acks: &mpsc::Sender<AckBatch>) {
-        let flushing = !self.done.is_empty();
-        let fsync = match self.ack_after {
-            AckAfter::Fsync => true,
-            AckAfter::Write => flushing || self.last_fsync.elapsed() >= self.fsync_interval,
-        };
+    /// Writes (`fsync`: and syncs) what was appended; false, with the fault recorded, if that
+    /// failed.
+    fn write_pending(&mut self, fsync: bool) -> bool {
         let result = if fsync {
             self.last_fsync = Instant::now();
             self.log.sync()
         } else {
             self.log.flush()
         };
-        if let Err(err) = result {
-            // Inputs not made durable are never acknowledged: the broker redelivers them.
-            self.fail("cannot write the input log to disk", &err);
-            self.pending.clear();
+        match result {
+            Ok(()) => {
+                self.unwritten.clear();
+                true
+            }
+            Err(err) => {
+                self.failed(err);
+                false
+            }
+        }
+    }
+
+    /// Makes what was appended durable (per `ack_after`) and releases its acks, in order. After
+    /// a failure it retries with backoff until the write works, taking no new commands
+    /// meanwhile; false if weir stopped (`commands` closed) first, when what was not written is
+    /// never acknowledged and the broker delivers it again after the restart.
+    fn commit(
+        &mut self,
+        acks: &mpsc::Sender<AckBatch>,
+        commands: &mpsc::Receiver<LogCommand>,
+    ) -> bool {
+        let flushing = !self.done.is_empty();
+        let fsync = match self.ack_after {
+            AckAfter::Fsync => true,
+            AckAfter::Write => flushing || self.last_fsync.elapsed() >= self.fsync_interval,
+        };
+        if self.fault.is_none() {
+            self.write_pending(fsync);
+        }
+        let mut wait = RETRY_FIRST;
+        while self.fault.is_some() {
+            if commands.is_closed() {
+                tracing::warn!(
+                    inputs = self.unwritten.len(),
+                    "stopping with inputs the input log could not write; they were not acknowledged, and the broker delivers them again"
+                );
+                return false;
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(RETRY_MAX);
+            let records = self.unwritten.iter().map(Unwritten::record);
+            match self.log.rewrite(records, &mut self.scratch) {
+                Ok(()) => {
+                    tracing::info!(
+                        inputs = self.unwritten.len(),
+                        "the input log can be written again; acknowledging inputs again"
+                    );
+                    self.unwritten.clear();
+                    self.fault = None;
+                    self.metrics.set_store_fault(None);
+                }
+                Err(err) => self.failed(err),
+            }
         }
         let tokens = std::mem::take(&mut self.pending);
         let mut done = std::mem::take(&mut self.done);
         if tokens.is_empty() && done.is_empty() {
-            return;
+            return true;
         }
         // One batch per flush request, so each request is answered after the acks before it.
         let last = done.pop();
@@ -194,13 +293,32 @@ impl LogWriter<'_> {
             let _ = request.send(());
         }
         let _ = acks.blocking_send(AckBatch { tokens, done: last });
+        true
     }
 
-    fn fail(&mut self, what: &str, err: &std::io::Error) {
-        if !self.failed {
-            tracing::error!(%err, "{what}; inputs are no longer acknowledged until it works again");
+    /// Records a failed write: counted every time, logged and shown on `/readyz` when it
+    /// starts or its reason changes.
+    fn failed(&mut self, err: std::io::Error) {
+        self.metrics
+            .store_write_errors
+            .with_label_values(&["log"])
+            .inc();
+        let changed = self
+            .fault
+            .as_ref()
+            .is_none_or(|fault| fault.kind() != err.kind());
+        if changed {
+            tracing::error!(
+                %err,
+                dir = %self.log_dir.display(),
+                "cannot write the input log; inputs are not acknowledged (the broker keeps them) until it works again, retrying"
+            );
+            self.metrics.set_store_fault(Some(format!(
+                "cannot write the input log in {} ({err}); inputs are not acknowledged until it works again",
+                self.log_dir.display()
+            )));
         }
-        self.failed = true;
+        self.fault = Some(err);
     }
 }
 
@@ -272,7 +390,11 @@ pub fn spawn_snapshot_writer(
                     }
                 }
                 Ok(Err(err)) => {
-                    tracing::error!(%err, "cannot write a snapshot; the previous one stays")
+                    metrics
+                        .store_write_errors
+                        .with_label_values(&["snapshot"])
+                        .inc();
+                    tracing::error!(%err, "cannot write a snapshot; the previous one stays, and the input log is kept back to it");
                 }
                 Err(err) => tracing::error!(%err, "the snapshot writer failed"),
             }
