@@ -147,13 +147,12 @@ async fn render_metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
 }
 
 async fn ready(State(api): State<Arc<Api>>) -> impl IntoResponse {
-    if api.metrics.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    match api.metrics.not_ready_reason() {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not connected to the broker or not subscribed\n",
-        )
+            format!("not ready: {reason}\n"),
+        ),
     }
 }
 

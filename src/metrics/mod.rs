@@ -61,6 +61,12 @@ pub struct Metrics {
     pub outbox_messages: IntGauge,
     pub mqtt_connected: IntGaugeVec,
     pub mqtt_reconnects: IntCounterVec,
+    /// Incoming packets over `broker.max_packet_bytes` that dropped the connection.
+    pub mqtt_oversized_packets: IntCounter,
+    /// Failed writes to the state dir, by file (`log`, `snapshot`).
+    pub store_write_errors: IntCounterVec,
+    /// 1 while the input log can be written; 0 while inputs wait for the disk unacknowledged.
+    pub store_writable: IntGauge,
     pub subscriptions_active: IntGauge,
     pub queue_depth: IntGaugeVec,
     pub queue_capacity: IntGaugeVec,
@@ -89,6 +95,8 @@ pub struct Metrics {
     pub otlp_spans_dropped: IntCounterVec,
     build_info: IntGaugeVec,
     subscribed: AtomicBool,
+    /// Why the input log cannot be written right now (what `/readyz` says), if it cannot.
+    store_fault: Mutex<Option<String>>,
     /// Input and rule names by index, for the per-worker state gauges.
     names: RwLock<(Vec<String>, Vec<String>)>,
     workers: Mutex<Vec<Arc<WorkerStats>>>,
@@ -336,6 +344,22 @@ impl Metrics {
                 "Connection losses followed by a reconnect attempt, by connection.",
                 &["connection"],
             ),
+            mqtt_oversized_packets: counter(
+                r,
+                "weir_mqtt_oversized_packets_total",
+                "Incoming packets larger than broker.max_packet_bytes: each dropped the source connection once and is read on the next one, to be dead-lettered as too_large.",
+            ),
+            store_write_errors: counter_vec(
+                r,
+                "weir_store_write_errors_total",
+                "Failed writes to the state dir (disk full, I/O error), by file: log (retried until it works; inputs stay unacknowledged meanwhile) or snapshot (the previous one stays).",
+                &["file"],
+            ),
+            store_writable: gauge(
+                r,
+                "weir_store_writable",
+                "1 while the input log can be written to the state dir; 0 while it cannot, when inputs are not acknowledged and the broker holds them.",
+            ),
             subscriptions_active: gauge(
                 r,
                 "weir_mqtt_subscriptions_active",
@@ -411,6 +435,7 @@ impl Metrics {
             event_latency,
             tap,
             subscribed: AtomicBool::new(false),
+            store_fault: Mutex::new(None),
             names: RwLock::new((Vec::new(), Vec::new())),
             workers: Mutex::new(Vec::new()),
         };
@@ -425,6 +450,10 @@ impl Metrics {
             metrics.config_reloads.with_label_values(&[result]);
         }
         metrics.config_last_reload_successful.set(1);
+        metrics.store_writable.set(1);
+        for file in ["log", "snapshot"] {
+            metrics.store_write_errors.with_label_values(&[file]);
+        }
         for reason in ["queue_full", "export_failed"] {
             metrics.otlp_spans_dropped.with_label_values(&[reason]);
         }
@@ -587,14 +616,42 @@ impl Metrics {
         self.subscribed.store(filters > 0, Ordering::Relaxed);
     }
 
-    /// Ready means: the source is connected and subscribed (what `/readyz` reports).
+    /// Records that the input log cannot be written (`Some(why)`), or can again (`None`).
+    pub fn set_store_fault(&self, fault: Option<String>) {
+        self.store_writable.set(i64::from(fault.is_none()));
+        *self
+            .store_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = fault;
+    }
+
+    /// Ready means: the source is connected and subscribed, and the input log (if any) can be
+    /// written (what `/readyz` reports).
     pub fn is_ready(&self) -> bool {
-        self.subscribed.load(Ordering::Relaxed)
-            && self
-                .mqtt_connected
-                .with_label_values(&[Connection::Source.label()])
-                .get()
-                == 1
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why weir is not ready, as a sentence for `/readyz`; `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some(fault) = &*self
+            .store_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Some(fault.clone());
+        }
+        let connected = self
+            .mqtt_connected
+            .with_label_values(&[Connection::Source.label()])
+            .get()
+            == 1;
+        if !connected {
+            return Some("not connected to the broker".into());
+        }
+        if !self.subscribed.load(Ordering::Relaxed) {
+            return Some("connected to the broker but not subscribed".into());
+        }
+        None
     }
 
     /// Total messages received over all inputs (for the demo's live line).
