@@ -245,6 +245,25 @@ pub enum ConnectionError {
 }
 
 impl ConnectionError {
+    /// The size of an incoming packet that was larger than the connection reads
+    /// ([`EventLoop::set_incoming_limit`]): rumqttc drops the connection before reading it.
+    pub fn oversized_packet(&self) -> Option<usize> {
+        match self {
+            ConnectionError::V4(rumqttc::ConnectionError::MqttState(
+                rumqttc::StateError::Deserialization(
+                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+                ),
+            )) => Some(*size),
+            ConnectionError::V5(v5::ConnectionError::MqttState(
+                v5::StateError::Deserialization(v5::mqttbytes::Error::PayloadSizeLimitExceeded {
+                    pkt_size,
+                    ..
+                }),
+            )) => Some(*pkt_size),
+            _ => None,
+        }
+    }
+
     /// A sentence that says what to check (see `mqtt::describe`).
     pub fn describe(&self) -> String {
         match self {
@@ -255,6 +274,34 @@ impl ConnectionError {
 }
 
 impl EventLoop {
+    /// The largest incoming packet the next connection reads (its remaining length, in bytes).
+    pub fn incoming_limit(&self) -> usize {
+        match self {
+            EventLoop::V4(eventloop) => eventloop.mqtt_options.max_packet_size(),
+            EventLoop::V5(eventloop) => eventloop
+                .options
+                .max_packet_size()
+                .map_or(usize::MAX, |max| max as usize),
+        }
+    }
+
+    /// Sets the largest incoming packet from the next connection on; `outgoing` stays the
+    /// limit of what weir sends. With MQTT 5 the limit is also announced in CONNECT, so the
+    /// broker drops larger messages instead of sending them.
+    pub fn set_incoming_limit(&mut self, incoming: usize, outgoing: usize) {
+        match self {
+            EventLoop::V4(eventloop) => {
+                eventloop
+                    .mqtt_options
+                    .set_max_packet_size(incoming, outgoing);
+            }
+            EventLoop::V5(eventloop) => {
+                let max = u32::try_from(incoming).unwrap_or(u32::MAX);
+                eventloop.options.set_max_packet_size(Some(max));
+            }
+        }
+    }
+
     /// The next event; reconnects first when the connection is down. Cancel-safe as rumqttc's
     /// own `poll` is: no state is held here across the await.
     ///

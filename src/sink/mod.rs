@@ -47,6 +47,8 @@ pub struct SinkOptions {
     /// Connection options (MQTT 3.1.1 or 5).
     pub mqtt: client::Options,
     pub request_capacity: usize,
+    /// `broker.max_packet_bytes` of the publishing connection.
+    pub max_packet_bytes: usize,
     pub outbox_max: usize,
     pub policy: OutboxPolicy,
     /// Number of workers, i.e. barriers that complete a snapshot.
@@ -159,9 +161,41 @@ struct Handover<'a> {
     /// by the number of reloads times rules.
     counters: Vec<RuleCounters>,
     processing_latency: LatencyRecorder,
+    /// `broker.max_packet_bytes`: a larger PUBLISH would drop the connection, and rumqttc would
+    /// send it again after every reconnect.
+    max_packet: usize,
+    refused_warnings: WarnLimit,
 }
 
 impl Handover<'_> {
+    /// Why `message` can never be published, if it cannot: it is counted, logged and dropped
+    /// rather than handed to the connection, where it would fail again after every reconnect
+    /// and hold up every event behind it.
+    fn unpublishable(&mut self, message: &Outgoing) -> Option<&'static str> {
+        // Remaining length of the PUBLISH: topic length, topic, packet id, payload.
+        let size = 2 + message.topic.len() + 2 + message.payload.len();
+        let problem = if size > self.max_packet {
+            "it is larger than broker.max_packet_bytes"
+        } else if message.topic.is_empty() || message.topic.contains(['+', '#', '\0']) {
+            "its topic is empty or holds a wildcard or NUL"
+        } else {
+            return None;
+        };
+        if let Some(rule) = &message.rule {
+            self.metrics.publish_errors.with_label_values(&[rule]).inc();
+        }
+        if let Some(suppressed) = self.refused_warnings.allow(Instant::now()) {
+            tracing::error!(
+                topic = %message.topic,
+                size,
+                rule = message.rule.as_deref().unwrap_or("dead letter"),
+                suppressed,
+                "an event cannot be published and was dropped: {problem}"
+            );
+        }
+        Some(problem)
+    }
+
     fn counters(&mut self, rule: &Arc<str>) -> &mut RuleCounters {
         let found = self
             .counters
@@ -182,6 +216,9 @@ impl Handover<'_> {
         while let Some(mut message) = queue.pop_front() {
             if let Some(rule) = &message.rule {
                 self.counters(rule).attempts.inc();
+            }
+            if self.unpublishable(&message).is_some() {
+                continue;
             }
             // A QoS 1 event stays in the outbox until its PUBACK, so the connection gets a copy;
             // a QoS 0 event is handed over as it is.
@@ -321,6 +358,8 @@ pub async fn run(
         metrics: &metrics,
         counters,
         processing_latency: metrics.processing_latency.recorder(""),
+        max_packet: options.max_packet_bytes,
+        refused_warnings: WarnLimit::new(RECONNECT_WARN_INTERVAL),
     };
     let mut queue: VecDeque<Outgoing> = options.restored.into();
     // Per LSN: barriers in, devices, and the rules (every worker passed a reload at the same

@@ -61,6 +61,8 @@ pub async fn run(
     let manual_acks = log.is_some();
     mqtt.set_manual_acks(manual_acks);
     let (client, mut eventloop) = client::new(mqtt, 1024);
+    // broker.max_packet_bytes: what a connection normally reads (see `oversized`).
+    let packet_limit = eventloop.incoming_limit();
     let generation = Arc::new(AtomicU64::new(0));
     let acker = acks.map(|acks| {
         tokio::spawn(run_acker(
@@ -141,8 +143,18 @@ pub async fn run(
             }
         };
         match event {
-            Ok(Event::Message(publish)) => {
+            Ok(Event::Message(mut publish)) => {
                 let arrival = Instant::now();
+                if packet_size(&publish) > packet_limit {
+                    // The oversized message the limit was raised for: it goes on as too_large
+                    // (every input's max_payload_bytes is below the packet limit) with what fits
+                    // the limit, so the log never holds more; later connections read only up
+                    // to the limit again.
+                    publish.payload = bytes::Bytes::copy_from_slice(
+                        &publish.payload[..publish.payload.len().min(packet_limit)],
+                    );
+                    eventloop.set_incoming_limit(packet_limit, packet_limit);
+                }
                 let Some((input, device)) = plan.match_topic(&publish.topic) else {
                     metrics.readings_unmatched.inc();
                     continue;
@@ -226,6 +238,9 @@ pub async fn run(
                 if !hand_over(&mut pending, &workers).await {
                     break;
                 }
+                if let Some(size) = err.oversized_packet() {
+                    oversized(size, packet_limit, &mut eventloop, &metrics);
+                }
                 if connected {
                     if let Some(suppressed) = lost_warnings.allow(Instant::now()) {
                         tracing::warn!(%err, suppressed, "source lost the broker connection; reconnecting");
@@ -298,6 +313,29 @@ pub async fn run(
     }
     metrics.set_connected(Connection::Source, false);
     tracing::info!("source stopped");
+}
+
+/// An incoming packet larger than `limit` (`broker.max_packet_bytes`) dropped the connection:
+/// rumqttc refuses to read it. A persistent session's broker delivers the same message again
+/// first thing on the next connection, and it would drop that one too, forever (a poison
+/// message). So the next connection reads packets up to this one's size: the message arrives,
+/// is dead-lettered as too_large and acknowledged, and the limit goes back down after it.
+/// Reading it costs its size in memory once (MQTT caps a packet at 256 MiB); with MQTT 5 the
+/// broker knows the limit from CONNECT and drops such messages itself.
+fn oversized(size: usize, limit: usize, eventloop: &mut client::EventLoop, metrics: &Metrics) {
+    metrics.mqtt_oversized_packets.inc();
+    tracing::warn!(
+        size,
+        limit,
+        "an incoming packet is larger than broker.max_packet_bytes and dropped the connection; reading it once on the next connection to dead-letter it as too_large"
+    );
+    eventloop.set_incoming_limit(size.max(limit), limit);
+}
+
+/// The remaining length of a PUBLISH as the broker framed it (topic, packet id, payload; MQTT 5
+/// properties are not counted): what rumqttc compares with the incoming limit.
+fn packet_size(publish: &client::Message) -> usize {
+    2 + publish.topic.len() + 2 + publish.payload.len()
 }
 
 /// Events taken from the event loop without waiting before the collected messages are handed
