@@ -1,0 +1,237 @@
+//! Faults an operator meets on a gateway, each through a real Mosquitto: a poison message that
+//! used to stop intake for every device, and a state dir whose disk fills and frees again.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A reading of the reference scenario with its sequence number.
+fn reading(seq: u64, temperature: f64) -> Vec<u8> {
+    json!({"ts": T0 + seq as i64 * 100, "seq": seq, "temperature": temperature, "humidity": 40.0})
+        .to_string()
+        .into_bytes()
+}
+
+/// The value of one sample of `/metrics` (name with its labels, as Prometheus prints it).
+async fn metric(weir: &weir::app::Running, sample: &str) -> Option<f64> {
+    let (_, body) = http_get(weir.http_addr, "/metrics").await;
+    body.lines().find_map(|line| {
+        let value = line.strip_prefix(sample)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_packet_limit_is_dead_lettered_once_and_intake_goes_on() {
+    let broker = Mosquitto::start();
+    // The example: at_least_once, a persistent session, max_packet_bytes = 262144.
+    let weir = start_weir(&broker, "poison").await;
+    let mut dead_letters = Subscriber::start(&broker, "weir/dead-letter/#").await;
+    let mut alerts = Subscriber::start(&broker, "alerts/#").await;
+    let mut publisher = Publisher::start(&broker).await;
+
+    publisher
+        .publish(&telemetry_topic("plant-1", "dev-big"), vec![b'x'; 300_000])
+        .await;
+    const DEVICES: u64 = 20;
+    const PER_DEVICE: u64 = 20;
+    for seq in 0..PER_DEVICE {
+        for device in 0..DEVICES {
+            // Each device's last reading is hot: one alert per device.
+            let temperature = if seq + 1 == PER_DEVICE { 31.0 } else { 25.0 };
+            publisher
+                .publish_pipelined(
+                    &telemetry_topic("plant-1", &format!("dev-{device}")),
+                    reading(seq, temperature),
+                    false,
+                    64,
+                )
+                .await;
+        }
+    }
+    publisher.flush().await;
+
+    let decoded = weir
+        .metrics
+        .readings_decoded
+        .with_label_values(&["telemetry"]);
+    let good = DEVICES * PER_DEVICE;
+    assert!(
+        wait_until(DEADLINE, || decoded.get() >= good).await,
+        "intake stopped behind the oversized message: {} of {good} readings decoded, {} source reconnects\n{}",
+        decoded.get(),
+        weir.metrics
+            .mqtt_reconnects
+            .with_label_values(&["source"])
+            .get(),
+        broker.log()
+    );
+    let letter = dead_letters
+        .next(DEADLINE)
+        .await
+        .expect("a dead letter for the oversized message")
+        .json();
+    assert_eq!(letter["reason"], "too_large", "{letter}");
+    assert_eq!(letter["topic"], telemetry_topic("plant-1", "dev-big"));
+    assert!(
+        letter["payload_bytes"].as_u64().unwrap_or(0) > 65_536,
+        "{letter}"
+    );
+    let hot = alerts.take(DEVICES as usize).await;
+    assert!(hot.iter().all(|m| m.json()["to"] == "hot"));
+    assert!(
+        wait_until(DEADLINE, || weir.metrics.inputs_acked.get() > good).await,
+        "every input, the oversized one included, is acknowledged: {} acks",
+        weir.metrics.inputs_acked.get()
+    );
+    // It cost one reconnect, not a loop, and was dead-lettered once.
+    dead_letters.assert_quiet().await;
+    let reconnects = weir
+        .metrics
+        .mqtt_reconnects
+        .with_label_values(&["source"])
+        .get();
+    assert!(reconnects <= 1, "{reconnects} source reconnects");
+    assert_eq!(
+        metric(&weir, "weir_mqtt_oversized_packets_total").await,
+        Some(1.0)
+    );
+    weir.stop().await.expect("clean stop");
+}
+
+/// A tmpfs mounted for one test; unmounted and removed on drop, also when the test fails.
+struct SmallDisk {
+    mount: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let mount = temp_dir("small-disk");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mount)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {} (this test needs root, or CAP_SYS_ADMIN, to give the state dir a small disk)",
+            mount.display()
+        );
+        Self { mount }
+    }
+
+    fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.mount)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "cannot resize {}", self.mount.display());
+    }
+
+    /// Fills the disk to the last byte with a file of its own.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.mount.join("filler")).expect("create filler");
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).and_then(|()| file.flush()).is_ok() {}
+        let _ = file.write_all(&[0]);
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir_all(&self.mount);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_resumes_by_itself_when_the_state_dirs_disk_has_room_again() {
+    let disk = SmallDisk::mount("1m");
+    let broker = Mosquitto::start();
+    let mut config = example_config(&broker, "disk");
+    let own_state_dir = config.delivery.state_dir.replace(disk.path().join("state"));
+    let weir = start_weir_with(config.clone()).await;
+    let mut alerts = Subscriber::start(&broker, "alerts/#").await;
+    let mut publisher = Publisher::start(&broker).await;
+
+    disk.fill();
+    const DEVICES: u64 = 10;
+    const PER_DEVICE: u64 = 30;
+    let mut published = Vec::new();
+    for seq in 0..PER_DEVICE {
+        for device in 0..DEVICES {
+            let temperature = if seq + 1 == PER_DEVICE { 31.0 } else { 25.0 };
+            let topic = telemetry_topic("plant-1", &format!("dev-{device}"));
+            let payload = reading(seq, temperature);
+            publisher
+                .publish_pipelined(&topic, payload.clone(), false, 64)
+                .await;
+            published.push((topic, payload));
+        }
+    }
+    publisher.flush().await;
+    let total = DEVICES * PER_DEVICE;
+
+    // While the disk is full: not ready, with the reason; the metric says so; nothing acked.
+    assert!(
+        eventually(DEADLINE, || async {
+            let (status, body) = http_get(weir.http_addr, "/readyz").await;
+            status == 503 && body.contains("input log")
+        })
+        .await,
+        "/readyz did not report the full disk: {:?}",
+        http_get(weir.http_addr, "/readyz").await
+    );
+    assert_eq!(metric(&weir, "weir_store_writable").await, Some(0.0));
+    assert!(
+        metric(&weir, "weir_store_write_errors_total{file=\"log\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let acked_while_full = weir.metrics.inputs_acked.get();
+    assert!(
+        acked_while_full < total,
+        "{acked_while_full} acks while the disk was full"
+    );
+
+    // The disk grows, as in the outage this test reproduces; weir goes on by itself.
+    disk.resize("64m");
+    assert!(
+        wait_until(DEADLINE, || weir.metrics.inputs_acked.get() >= total).await,
+        "acks did not resume: {} of {total} (readyz: {:?})",
+        weir.metrics.inputs_acked.get(),
+        http_get(weir.http_addr, "/readyz").await
+    );
+    let (status, body) = http_get(weir.http_addr, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert_eq!(metric(&weir, "weir_store_writable").await, Some(1.0));
+    let hot = alerts.take(DEVICES as usize).await;
+    assert!(hot.iter().all(|m| m.json()["to"] == "hot"));
+    weir.stop().await.expect("clean stop");
+
+    // Nothing was acknowledged before it was durable: every reading is in the log, once.
+    let recovered =
+        weir::store::log::recover(&disk.path().join("state").join("log"), 0).expect("read log");
+    let mut logged: Vec<(String, Vec<u8>)> = recovered
+        .records
+        .into_iter()
+        .map(|r| (r.topic, r.payload))
+        .collect();
+    logged.sort();
+    published.sort();
+    assert_eq!(logged.len(), published.len(), "{:?}", recovered.damage);
+    assert_eq!(logged, published);
+    if let Some(dir) = own_state_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
