@@ -482,7 +482,7 @@ fn recover(
                 lsn: record.lsn,
                 trace: record.trace.map(std::sync::Arc::new),
             };
-            workers[shard].process(&message, &mut recovery.outbox);
+            workers[shard].process_contained(&message, &mut recovery.outbox);
         }
         recovery.next_lsn = recovery.next_lsn.max(recovered.next_lsn);
         if replayed > 0 {

@@ -189,6 +189,10 @@ pub enum DecodeError {
     TooLarge,
     /// The event time is further ahead of the gateway clock than `max_clock_skew`.
     FutureTimestamp,
+    /// Processing the reading panicked inside weir (a bug). It is skipped like a bad payload,
+    /// so a message that trips a bug cannot stop a worker, or crash weir again each time the
+    /// broker or the input log delivers it anew.
+    Internal,
 }
 
 /// Which field of a [`FieldPlan`] an error is about.
@@ -213,11 +217,12 @@ impl DecodeError {
             DecodeError::BadTopic => "bad_topic",
             DecodeError::TooLarge => "too_large",
             DecodeError::FutureTimestamp => "future_timestamp",
+            DecodeError::Internal => "internal_error",
         }
     }
 
     /// Every reason label, so metrics can be pre-registered at zero.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "malformed",
         "not_an_object",
         "wrong_type",
@@ -227,6 +232,7 @@ impl DecodeError {
         "bad_topic",
         "too_large",
         "future_timestamp",
+        "internal_error",
     ];
 
     /// A sentence for logs and dead letters.
@@ -275,6 +281,7 @@ impl DecodeError {
             DecodeError::FutureTimestamp => {
                 "the event time is further ahead of the gateway clock than max_clock_skew".into()
             }
+            DecodeError::Internal => "processing this reading failed inside weir (a bug: please report it with the payload); the reading was skipped".into(),
         }
     }
 }

@@ -485,6 +485,11 @@ impl Worker {
 
     /// Decodes one message, runs the input's rules, and appends the routed messages to `out`.
     pub fn process(&mut self, message: &RawMessage, out: &mut Vec<Outgoing>) {
+        // The unit tests' stand-in for a bug that a particular reading trips.
+        #[cfg(test)]
+        if message.topic.contains("/trips-a-bug/") {
+            panic!("a bug tripped by {}", message.topic);
+        }
         let input = message.input;
         let topic = message.topic.as_str();
         if message.payload.len() > self.plan.inputs[input].max_payload_bytes {
@@ -658,6 +663,22 @@ impl Worker {
         }
     }
 
+    /// [`process`](Self::process), with a panic contained to the reading that caused it: its
+    /// partial events are dropped and it is dead-lettered as `internal_error`. A device's state
+    /// may be left half-updated by the failed reading; that beats a worker that stops for every
+    /// device, and a crash that the same message repeats after every restart.
+    pub fn process_contained(&mut self, message: &RawMessage, out: &mut Vec<Outgoing>) {
+        let before = out.len();
+        let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.process(message, out);
+        }));
+        if processed.is_err() {
+            out.truncate(before);
+            tracing::error!(topic = %message.topic, lsn = message.lsn, "processing a reading panicked; it was skipped and dead-lettered");
+            self.decode_failed(message, DecodeError::Internal, out);
+        }
+    }
+
     /// Counts, logs (rate-limited) and dead-letters an input that could not become a reading.
     fn decode_failed(&mut self, message: &RawMessage, err: DecodeError, out: &mut Vec<Outgoing>) {
         let input_plan = &self.plan.inputs[message.input];
@@ -827,7 +848,7 @@ impl Worker {
                     }
                     for item in batch.drain(..) {
                         match item {
-                            WorkerInput::Message(message) => self.process(&message, &mut out),
+                            WorkerInput::Message(message) => self.process_contained(&message, &mut out),
                             WorkerInput::Barrier(lsn) => {
                                 if !send_all(&sink, &mut out).await {
                                     return;
@@ -1182,5 +1203,29 @@ mod tests {
         assert!(!worker.devices[0].contains_key("dev-1"));
         assert_eq!(worker.devices[0].get("dev-2"), Some(&0));
         assert_eq!(&*worker.device_origins[0].device, "dev-2");
+    }
+
+    #[test]
+    fn a_reading_that_panics_is_dead_lettered_and_the_worker_goes_on() {
+        let mut worker = example_worker(10);
+        let mut out = Vec::new();
+        worker.process_contained(&reading("trips-a-bug", 1), &mut out);
+        let [letter] = &out[..] else {
+            panic!("one dead letter, got {out:?}");
+        };
+        assert_eq!(letter.topic, "weir/dead-letter/telemetry/internal_error");
+        let body: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+        assert_eq!(body["topic"], "sensors/plant-1/trips-a-bug/telemetry");
+        out.clear();
+        worker.process_contained(&reading("dev-1", 2), &mut out);
+        assert_eq!(worker.device_count(), 1, "the next reading is processed");
+        assert_eq!(
+            worker
+                .metrics
+                .decode_errors
+                .with_label_values(&["telemetry", "internal_error"])
+                .get(),
+            1
+        );
     }
 }

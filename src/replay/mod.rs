@@ -448,7 +448,7 @@ pub fn replay(
             trace: None,
         };
         lsn += 1;
-        worker.process(&message, &mut out);
+        worker.process_contained(&message, &mut out);
         drain(&mut out, &mut summary)?;
     }
     if let (true, Some(clock)) = (ticking, clock) {
