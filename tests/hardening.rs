@@ -7,6 +7,7 @@ use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 /// A reading of the reference scenario with its sequence number.
 fn reading(seq: u64, temperature: f64) -> Vec<u8> {
@@ -231,6 +232,59 @@ async fn intake_resumes_by_itself_when_the_state_dirs_disk_has_room_again() {
     published.sort();
     assert_eq!(logged.len(), published.len(), "{:?}", recovered.damage);
     assert_eq!(logged, published);
+    if let Some(dir) = own_state_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_snapshots_resume() {
+    let disk = SmallDisk::mount("1m");
+    let broker = Mosquitto::start();
+    let mut config = example_config(&broker, "snapshot-disk");
+    let own_state_dir = config.delivery.state_dir.replace(disk.path().join("state"));
+    // Snapshots every second, so some are due while the disk is full.
+    config.delivery.snapshot_interval = Duration::from_secs(1);
+    let weir = start_weir_with(config).await;
+    let mut publisher = Publisher::start(&broker).await;
+    publisher
+        .reading(
+            "plant-1",
+            "dev-1",
+            json!({"ts": T0, "seq": 0, "temperature": 25.0}),
+        )
+        .await;
+    assert!(
+        wait_until(DEADLINE, || weir.metrics.snapshots_written.get() >= 1).await,
+        "a first snapshot"
+    );
+    disk.fill();
+    // A snapshot that cannot be written is counted; the previous one stays, whole.
+    assert!(
+        eventually(DEADLINE, || async {
+            metric(&weir, "weir_store_write_errors_total{file=\"snapshot\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+        .await,
+        "no failed snapshot counted"
+    );
+    let state = disk.path().join("state");
+    assert!(weir::store::snapshot::load(&state).snapshot.is_some());
+    assert!(
+        !state.join("snapshot.tmp").exists(),
+        "a partial snapshot left behind"
+    );
+    let snapshots_while_full = weir.metrics.snapshots_written.get();
+    disk.resize("64m");
+    assert!(
+        wait_until(DEADLINE, || weir.metrics.snapshots_written.get()
+            > snapshots_while_full)
+        .await,
+        "snapshots resume too"
+    );
+    weir.stop().await.expect("clean stop");
     if let Some(dir) = own_state_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
