@@ -29,7 +29,9 @@ async fn metric(weir: &weir::app::Running, sample: &str) -> Option<f64> {
 async fn a_message_over_the_packet_limit_is_dead_lettered_once_and_intake_goes_on() {
     let broker = Mosquitto::start();
     // The example: at_least_once, a persistent session, max_packet_bytes = 262144.
-    let weir = start_weir(&broker, "poison").await;
+    let config = example_config(&broker, "poison");
+    let own_state_dir = config.delivery.state_dir.clone();
+    let weir = start_weir_with(config).await;
     let mut dead_letters = Subscriber::start(&broker, "weir/dead-letter/#").await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
     let mut publisher = Publisher::start(&broker).await;
@@ -101,6 +103,9 @@ async fn a_message_over_the_packet_limit_is_dead_lettered_once_and_intake_goes_o
         Some(1.0)
     );
     weir.stop().await.expect("clean stop");
+    if let Some(dir) = own_state_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A tmpfs mounted for one test; unmounted and removed on drop, also when the test fails.
@@ -283,6 +288,46 @@ async fn a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_snapshots
             > snapshots_while_full)
         .await,
         "snapshots resume too"
+    );
+    weir.stop().await.expect("clean stop");
+    if let Some(dir) = own_state_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mqtt_5_the_broker_knows_the_packet_limit_and_drops_an_oversized_message_itself() {
+    let broker = Mosquitto::start();
+    let mut config = example_config(&broker, "poison-v5");
+    config.broker.protocol = weir::config::Protocol::V5;
+    let own_state_dir = config.delivery.state_dir.clone();
+    let weir = start_weir_with(config).await;
+    let mut alerts = Subscriber::start(&broker, "alerts/#").await;
+    let mut publisher = Publisher::start(&broker).await;
+    publisher
+        .publish(&telemetry_topic("plant-1", "dev-big"), vec![b'x'; 300_000])
+        .await;
+    publisher
+        .reading(
+            "plant-1",
+            "dev-1",
+            json!({"ts": T0, "seq": 0, "temperature": 31.0}),
+        )
+        .await;
+    let hot = alerts.take(1).await;
+    assert_eq!(hot[0].json()["device"], "dev-1");
+    let reconnects = weir
+        .metrics
+        .mqtt_reconnects
+        .with_label_values(&["source"])
+        .get();
+    assert_eq!(
+        reconnects, 0,
+        "the oversized message reached weir's connection"
+    );
+    assert_eq!(
+        metric(&weir, "weir_mqtt_oversized_packets_total").await,
+        Some(0.0)
     );
     weir.stop().await.expect("clean stop");
     if let Some(dir) = own_state_dir {
