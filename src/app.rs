@@ -14,6 +14,7 @@ use crate::metrics::http::{ReloadReport, RuleInfo, SharedRules};
 use crate::metrics::{http, Metrics};
 use crate::route::Outgoing;
 use crate::sink::SinkOptions;
+use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
 use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer, AckAfter};
 use crate::store::{snapshot, StateDir};
@@ -179,9 +180,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let filters = plan
+        .inputs
+        .iter()
+        .map(|input| (input.pattern.subscription_filter(), input.qos))
+        .collect();
+    let mqtt_source = MqttSource::new(source_options, logged, filters, metrics.clone());
     let source = crate::source::run(
+        mqtt_source,
         SourceOptions {
-            mqtt: source_options,
             next_lsn: recovery.next_lsn,
             log: log_tx,
             acks: ack_rx,

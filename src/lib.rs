@@ -30,6 +30,7 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod metrics;
+pub mod model;
 pub mod mqtt;
 pub mod operators;
 pub mod replay;

@@ -5,20 +5,12 @@
 use super::log::{InputLog, RecordRef};
 use super::{snapshot, Snapshot, StateDir};
 use crate::metrics::Metrics;
+use crate::model::port::AckToken;
 use crate::trace::TraceContext;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-
-/// The acknowledgement owed to the broker for one QoS 1 input, sent once the input is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckToken {
-    /// Which connection delivered the message: acks are never sent on a later connection,
-    /// where the packet id means something else (the broker redelivers instead).
-    pub generation: u64,
-    pub pkid: u16,
-}
 
 /// Acks released by one sync, in receive order; `done` is answered once they are all sent.
 #[derive(Debug, Default)]

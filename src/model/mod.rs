@@ -1,0 +1,4 @@
+//! What flows through weir, and the ports it flows through: shapes every layer above may use,
+//! importing nothing of the runtime.
+
+pub mod port;

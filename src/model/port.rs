@@ -1,0 +1,75 @@
+//! The ports between the engine and the world outside. A [`Source`] yields raw messages, each
+//! with an opaque [`AckToken`], and takes acknowledgements back once their effects are durable;
+//! MQTT implements it today, JetStream next. The engine, the store and replay know only these.
+
+use bytes::Bytes;
+use std::future::Future;
+
+/// An acknowledgement owed to a source for one message. Opaque to everyone but the source that
+/// issued it (MQTT packs its connection and packet id in it; a stream would put its sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken(pub u64);
+
+/// One message as a source received it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Bytes,
+    /// The W3C trace context its headers carried.
+    pub trace: crate::trace::Incoming,
+    /// `None` for a message that needs no acknowledgement (MQTT QoS 0).
+    pub ack: Option<AckToken>,
+}
+
+/// What a source reports.
+#[derive(Debug)]
+pub enum Delivery {
+    Message(Incoming),
+    /// The source lost its connection; it reconnects by itself, with backoff, when asked for
+    /// the next delivery. Messages received so far should be handed on before waiting.
+    Lost,
+    /// Anything else (connection and subscription changes the source keeps to itself).
+    Other,
+}
+
+/// The source went away for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the source is gone")]
+pub struct Closed;
+
+/// A source of raw messages for the engine.
+///
+/// Called from one task: [`try_next`](Self::try_next) takes what has already arrived without
+/// waiting (so a batch can be handed on at once), [`next`](Self::next) waits. Nothing slow may
+/// happen between two calls while connected: a source keeps its connection alive only while it
+/// is asked for deliveries.
+pub trait Source: Send + 'static {
+    /// Sends acknowledgements from another task.
+    type Acker: Acker;
+
+    /// A delivery that is ready now, or `None` if one would have to be waited for.
+    fn try_next(&mut self) -> Option<Delivery>;
+
+    /// The next delivery. Cancel-safe: nothing is lost if the future is dropped.
+    fn next(&mut self) -> impl Future<Output = Delivery> + Send;
+
+    /// The handle that acknowledges this source's messages.
+    fn acker(&self) -> Self::Acker;
+
+    /// Ends the source: keeps its connection served until `acks_sent` resolves (the last
+    /// acknowledgements are out), within a bound of its own, then disconnects.
+    fn close(
+        self,
+        acks_sent: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Acknowledges a source's messages, in the order they were received, once each is durable.
+pub trait Acker: Send + 'static {
+    /// Whether the acknowledgement went out: `false` when the source delivers the message again
+    /// instead (MQTT, after a reconnect).
+    ///
+    /// # Errors
+    /// The source is gone.
+    fn ack(&self, token: AckToken) -> impl Future<Output = Result<bool, Closed>> + Send;
+}
