@@ -13,6 +13,7 @@ use crate::engine::{Plan, RawMessage, Reload, Worker};
 use crate::metrics::http::{ReloadReport, RuleInfo, SharedRules};
 use crate::metrics::{http, Metrics};
 use crate::route::Outgoing;
+use crate::sink::mqtt::MqttSink;
 use crate::sink::SinkOptions;
 use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
@@ -163,11 +164,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let depth = spawn_queue_gauges(metrics.clone(), worker_txs.clone(), sink_tx.clone());
     drop(sink_tx);
+    let mqtt_sink = MqttSink::start(
+        sink_options,
+        capacity,
+        publish_broker.max_packet_bytes,
+        metrics.clone(),
+    );
     let sink = tokio::spawn(crate::sink::run(
+        mqtt_sink,
         SinkOptions {
-            mqtt: sink_options,
-            request_capacity: capacity,
-            max_packet_bytes: publish_broker.max_packet_bytes,
             outbox_max: delivery.outbox_max_messages,
             policy: delivery.outbox_when_full,
             workers: worker_count,
@@ -183,7 +188,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let filters = plan
         .inputs
         .iter()
-        .map(|input| (input.pattern.subscription_filter(), input.qos))
+        .map(|input| {
+            let qos = if input.qos == 0 {
+                rumqttc::QoS::AtMostOnce
+            } else {
+                rumqttc::QoS::AtLeastOnce
+            };
+            (input.pattern.subscription_filter(), qos)
+        })
         .collect();
     let mqtt_source = MqttSource::new(source_options, logged, filters, metrics.clone());
     let source = crate::source::run(

@@ -33,7 +33,8 @@ pub struct Plan {
     pub dedup_horizon: usize,
     /// Dead-letter topic (`{input}` and `{reason}` replaced), if dead letters are published.
     pub dead_letter_topic: Option<String>,
-    pub dead_letter_qos: rumqttc::QoS,
+    /// Dead letters are confirmed by the sink (QoS 1) or not.
+    pub dead_letter_confirm: bool,
     /// True with a state dir: open state is snapshotted at shutdown instead of flushed as partial.
     pub durable_state: bool,
     /// Devices the config expects (liveness), registered by the worker that owns each at start.
@@ -81,7 +82,8 @@ pub struct InputPlan {
     /// Index of the device segment among the pattern's names.
     pub device_index: usize,
     pub fields: FieldPlan,
-    pub qos: rumqttc::QoS,
+    /// The subscription's QoS level (0 or 1): the MQTT source's business, kept as the number.
+    pub qos: u8,
     pub max_payload_bytes: usize,
     pub max_clock_skew_ms: i64,
     /// Indexes into [`Plan::rules`].
@@ -267,14 +269,6 @@ fn build_operator(
     })
 }
 
-fn qos(level: u8) -> rumqttc::QoS {
-    match level {
-        0 => rumqttc::QoS::AtMostOnce,
-        1 => rumqttc::QoS::AtLeastOnce,
-        _ => rumqttc::QoS::ExactlyOnce,
-    }
-}
-
 impl Plan {
     /// Each rule's name and definition fingerprint, as a snapshot records them.
     pub fn fingerprints(&self) -> Vec<(String, u64)> {
@@ -332,7 +326,7 @@ impl Plan {
                 device_index,
                 fields: FieldPlan::new(input, std::mem::take(&mut metrics[index]))
                     .with_discrete(std::mem::take(&mut discrete[index])),
-                qos: qos(config.effective_qos(input.qos)),
+                qos: config.effective_qos(input.qos),
                 max_payload_bytes: input.max_payload_bytes,
                 max_clock_skew_ms: i64::try_from(input.max_clock_skew.as_millis())
                     .unwrap_or(i64::MAX),
@@ -372,7 +366,7 @@ impl Plan {
                 Some((kind, topic)) => Some(Route {
                     template: TopicTemplate::parse(topic, &inputs[input].pattern)
                         .map_err(|e| anyhow::anyhow!("rules.{name}.{kind}.late_topic: {e}"))?,
-                    qos: qos(config.effective_qos(rule.output.qos)),
+                    confirm: config.effective_qos(rule.output.qos) > 0,
                     retain: false,
                     format: rule.output.format,
                 }),
@@ -386,7 +380,7 @@ impl Plan {
                 operator,
                 route: Route {
                     template,
-                    qos: qos(config.effective_qos(rule.output.qos)),
+                    confirm: config.effective_qos(rule.output.qos) > 0,
                     retain: rule.output.retain,
                     format: rule.output.format,
                 },
@@ -417,7 +411,7 @@ impl Plan {
             when_device_limit: config.pipeline.when_device_limit,
             dedup_horizon: config.delivery.dedup_horizon,
             dead_letter_topic: config.dead_letter.topic.clone(),
-            dead_letter_qos: qos(config.effective_qos(None)),
+            dead_letter_confirm: config.effective_qos(None) > 0,
             durable_state: config.delivery.state_dir.is_some(),
             expected,
         })

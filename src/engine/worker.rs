@@ -708,7 +708,7 @@ impl Worker {
                     .replace("{input}", &input_plan.name)
                     .replace("{reason}", reason),
                 payload: dead_letter_payload(&input_plan.name, message, reason, &description),
-                qos: self.plan.dead_letter_qos,
+                confirm: self.plan.dead_letter_confirm,
                 retain: false,
                 rule: None,
                 arrival: Some(message.arrival),

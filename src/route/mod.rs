@@ -18,7 +18,8 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct Route {
     pub template: TopicTemplate,
-    pub qos: rumqttc::QoS,
+    /// The sink must confirm delivery (MQTT: QoS 1); the event stays in the outbox until then.
+    pub confirm: bool,
     pub retain: bool,
     pub format: Format,
 }
@@ -28,7 +29,9 @@ pub struct Route {
 pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
-    pub qos: rumqttc::QoS,
+    /// Kept in the outbox until the sink confirms delivery (MQTT: QoS 1), or handed over once
+    /// (QoS 0).
+    pub confirm: bool,
     pub retain: bool,
     /// The rule that derived it, for per-rule publish metrics; `None` for dead letters. A name,
     /// not an index: a hot reload renumbers the rules while their events are still queued.
@@ -59,7 +62,7 @@ impl Route {
         Outgoing {
             topic,
             payload: encode(event, self.format),
-            qos: self.qos,
+            confirm: self.confirm,
             retain: self.retain,
             rule: Some(event.rule.clone()),
             arrival: event.arrival,

@@ -1,31 +1,57 @@
-//! MQTT publishing on its own connection, so a slow publish never stalls intake. The event loop is
-//! polled by a dedicated task (never publish from the polling task: that deadlocks under load).
+//! Delivery of derived events to a [`Sink`] (MQTT: [`mqtt::MqttSink`]; HTTP, AMQP and
+//! PostgreSQL next), with what every sink shares: the outbox, its cap and policy, confirmations,
+//! snapshots and the drain at shutdown.
 //!
-//! The sink owns the outbox: derived events queued for the broker, and QoS 1 events handed to the
-//! connection but not yet acknowledged (PUBACK). Its size is capped (`delivery.outbox_max_messages`)
+//! The outbox holds derived events queued for the sink, and events handed over that must be
+//! confirmed (MQTT: QoS 1, until the PUBACK). Its size is capped (`delivery.outbox_max_messages`)
 //! and `delivery.outbox_when_full` says what happens at the cap: `block` stops taking events from
-//! the workers (backpressure reaches intake), `drop_oldest` / `drop_newest` drop and count.
+//! the workers (backpressure reaches intake), `drop_oldest` / `drop_newest` drop and count. An
+//! event the sink can never deliver (too large, an impossible topic) is counted and dropped
+//! rather than retried after every reconnect, holding up everything behind it.
 //!
-//! The sink also completes snapshots: each worker passes its state down the same channel as its
+//! The outbox also completes snapshots: each worker passes its state down the same channel as its
 //! events (a barrier), so when every worker's barrier has arrived, the outbox holds every event
-//! derived before the barrier that the broker has not acknowledged.
+//! derived before the barrier that the sink has not confirmed.
+
+pub mod mqtt;
 
 use crate::config::OutboxPolicy;
 use crate::engine::Plan;
-use crate::metrics::{Connection, LatencyRecorder, Metrics, WarnLimit};
-use crate::mqtt::client::{self, Client, ContentType, Event, Properties};
-use crate::mqtt::{Backoff, ConnectFailures, RECONNECT_WARN_INTERVAL};
+use crate::metrics::{LatencyRecorder, Metrics, WarnLimit};
+use crate::mqtt::client::{ContentType, Properties};
 use crate::route::Outgoing;
 use crate::store::writer::SnapshotCommand;
 use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
 use crate::trace::TraceContext;
 use prometheus::IntCounter;
-use rumqttc::QoS;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+
+/// Where derived events leave weir.
+///
+/// Called from one task. Confirmations are counted, in the order events were handed over: a
+/// sink whose service confirms out of order counts the oldest run of confirmed events.
+pub trait Sink: Send + 'static {
+    /// Whether events are handed over now; while not (the service is away), they wait in the
+    /// outbox, where its cap and policy apply.
+    fn is_ready(&self) -> bool;
+
+    /// Why `event` can never be delivered, if it cannot: it is dropped and counted instead of
+    /// failing again after every reconnect.
+    fn refuses(&self, event: &Outgoing) -> Option<&'static str>;
+
+    /// Hands `event` over, or gives it back whole (`Some`) when the sink cannot take more now.
+    fn offer(&mut self, event: Outgoing) -> Option<Outgoing>;
+
+    /// How many of the events handed over with `confirm` have been confirmed so far.
+    fn confirmed(&self) -> u64;
+
+    /// Ends the sink (disconnects), within a bound of its own.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
 
 /// How long the sink keeps trying to hand over and get acknowledged the last events at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,11 +70,6 @@ pub enum SinkInput {
 
 /// How the sink is set up.
 pub struct SinkOptions {
-    /// Connection options (MQTT 3.1.1 or 5).
-    pub mqtt: client::Options,
-    pub request_capacity: usize,
-    /// `broker.max_packet_bytes` of the publishing connection.
-    pub max_packet_bytes: usize,
     pub outbox_max: usize,
     pub policy: OutboxPolicy,
     /// Number of workers, i.e. barriers that complete a snapshot.
@@ -59,16 +80,32 @@ pub struct SinkOptions {
     pub restored: Vec<Outgoing>,
 }
 
-/// QoS 1 events handed to the connection and not yet acknowledged, oldest first. Shared with the
-/// poll task, which pops one per PUBACK: a broker acknowledges one client's QoS 1 publishes in
-/// order, and rumqttc retransmits unacknowledged ones itself after a reconnect.
-type Unacked = Arc<Mutex<VecDeque<Outgoing>>>;
+/// Events handed to the sink that it must confirm, oldest first, with the count of
+/// confirmations already taken off.
+#[derive(Default)]
+struct Unconfirmed {
+    events: VecDeque<Outgoing>,
+    confirmed: u64,
+}
+
+impl Unconfirmed {
+    /// Drops the events the sink has confirmed since the last call.
+    fn update(&mut self, sink: &impl Sink) {
+        let confirmed = sink.confirmed();
+        while self.confirmed < confirmed {
+            if self.events.pop_front().is_none() {
+                break;
+            }
+            self.confirmed += 1;
+        }
+    }
+}
 
 fn stored(message: &Outgoing) -> StoredMessage {
     StoredMessage {
         topic: message.topic.clone(),
         payload: message.payload.clone(),
-        qos: message.qos as u8,
+        qos: u8::from(message.confirm),
         retain: message.retain,
         rule: message.rule.as_deref().unwrap_or_default().to_owned(),
         id: message.properties.correlation.map(|id| id.0),
@@ -81,15 +118,10 @@ fn stored(message: &Outgoing) -> StoredMessage {
     }
 }
 
-/// The outbox as a snapshot keeps it: the unacknowledged events, then the queued ones, in
+/// The outbox as a snapshot keeps it: the unconfirmed events, then the queued ones, in
 /// publish order.
-fn stored_outbox(unacked: &Unacked, queue: &VecDeque<Outgoing>) -> Vec<StoredMessage> {
-    let mut outbox: Vec<StoredMessage> = unacked
-        .lock()
-        .map(|u| u.iter().map(stored).collect())
-        .unwrap_or_default();
-    outbox.extend(queue.iter().map(stored));
-    outbox
+fn stored_outbox(unconfirmed: &Unconfirmed, queue: &VecDeque<Outgoing>) -> Vec<StoredMessage> {
+    unconfirmed.events.iter().chain(queue).map(stored).collect()
 }
 
 /// Rebuilds a restored outbox entry.
@@ -112,11 +144,7 @@ pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
         rule,
         topic: message.topic,
         payload: message.payload,
-        qos: if message.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        },
+        confirm: message.qos != 0,
         retain: message.retain,
         arrival: None,
         ts: 0,
@@ -150,52 +178,20 @@ impl RuleCounters {
     }
 }
 
-/// Where the sink hands events to the connection, and what it records when it does.
-struct Handover<'a> {
-    client: &'a Client,
-    connected: &'a AtomicBool,
-    unacked: &'a Unacked,
+/// Where events are handed to the sink, and what is recorded when they are.
+struct Handover<'a, S> {
+    sink: &'a mut S,
+    unconfirmed: Unconfirmed,
     metrics: &'a Metrics,
     /// One entry per rule name seen; a handful, so a scan (which matches the name's `Arc` by
     /// pointer first) beats hashing the name per event. Rules removed by a reload stay, bounded
     /// by the number of reloads times rules.
     counters: Vec<RuleCounters>,
     processing_latency: LatencyRecorder,
-    /// `broker.max_packet_bytes`: a larger PUBLISH would drop the connection, and rumqttc would
-    /// send it again after every reconnect.
-    max_packet: usize,
     refused_warnings: WarnLimit,
 }
 
-impl Handover<'_> {
-    /// Why `message` can never be published, if it cannot: it is counted, logged and dropped
-    /// rather than handed to the connection, where it would fail again after every reconnect
-    /// and hold up every event behind it.
-    fn unpublishable(&mut self, message: &Outgoing) -> Option<&'static str> {
-        // Remaining length of the PUBLISH: topic length, topic, packet id, payload.
-        let size = 2 + message.topic.len() + 2 + message.payload.len();
-        let problem = if size > self.max_packet {
-            "it is larger than broker.max_packet_bytes"
-        } else if message.topic.is_empty() || message.topic.contains(['+', '#', '\0']) {
-            "its topic is empty or holds a wildcard or NUL"
-        } else {
-            return None;
-        };
-        if let Some(rule) = &message.rule {
-            self.metrics.publish_errors.with_label_values(&[rule]).inc();
-        }
-        if let Some(suppressed) = self.refused_warnings.allow(Instant::now()) {
-            tracing::error!(
-                topic = %message.topic,
-                size,
-                rule = message.rule.as_deref().unwrap_or("dead letter"),
-                suppressed,
-                "an event cannot be published and was dropped: {problem}"
-            );
-        }
-        Some(problem)
-    }
-
+impl<S: Sink> Handover<'_, S> {
     fn counters(&mut self, rule: &Arc<str>) -> &mut RuleCounters {
         let found = self
             .counters
@@ -208,62 +204,62 @@ impl Handover<'_> {
         &mut self.counters[index]
     }
 
-    /// Hands queued events to the connection while it is up, until its request queue is full.
+    /// Whether `message` can be delivered at all; if not, it is counted and logged.
+    fn deliverable(&mut self, message: &Outgoing) -> bool {
+        let Some(problem) = self.sink.refuses(message) else {
+            return true;
+        };
+        if let Some(rule) = &message.rule {
+            self.metrics.publish_errors.with_label_values(&[rule]).inc();
+        }
+        if let Some(suppressed) = self.refused_warnings.allow(Instant::now()) {
+            tracing::error!(
+                topic = %message.topic,
+                size = message.payload.len(),
+                rule = message.rule.as_deref().unwrap_or("dead letter"),
+                suppressed,
+                "an event cannot be delivered and was dropped: {problem}"
+            );
+        }
+        false
+    }
+
+    /// Hands queued events to the sink while it is ready, until it takes no more.
     fn run(&mut self, queue: &mut VecDeque<Outgoing>) {
-        if !self.connected.load(Ordering::Acquire) {
+        self.unconfirmed.update(&*self.sink);
+        if !self.sink.is_ready() {
             return;
         }
-        while let Some(mut message) = queue.pop_front() {
+        while let Some(message) = queue.pop_front() {
             if let Some(rule) = &message.rule {
                 self.counters(rule).attempts.inc();
             }
-            if self.unpublishable(&message).is_some() {
+            if !self.deliverable(&message) {
                 continue;
             }
-            // A QoS 1 event stays in the outbox until its PUBACK, so the connection gets a copy;
-            // a QoS 0 event is handed over as it is.
-            let keep = message.qos != QoS::AtMostOnce;
-            let (topic, payload) = if keep {
-                (message.topic.clone(), message.payload.clone())
-            } else {
-                (
-                    std::mem::take(&mut message.topic),
-                    std::mem::take(&mut message.payload),
-                )
-            };
-            if let Err(returned) = self.client.try_publish(
-                topic,
-                message.qos,
-                message.retain,
-                payload,
-                &message.properties,
-            ) {
-                // The request queue is full: the event goes back to the front, whole.
-                if !keep {
-                    message.topic = returned.topic;
-                    message.payload = returned.payload;
-                }
-                queue.push_front(message);
+            // An event to be confirmed stays in the outbox until then, so the sink gets a
+            // copy; any other is handed over as it is.
+            let kept = message.confirm.then(|| message.clone());
+            let (rule, arrival, ts) = (message.rule.clone(), message.arrival, message.ts);
+            if let Some(returned) = self.sink.offer(message) {
+                // The sink's queue is full: the event goes back to the front, whole.
+                queue.push_front(returned);
                 break;
             }
-            if let Some(rule) = &message.rule {
+            if let Some(rule) = &rule {
                 let rule = self.counters(rule);
                 rule.published.inc();
                 // Event times are whole ms; the clock is read in us so that sub-ms latencies
                 // are not all rounded to zero.
-                let behind_us = wall_clock_us().saturating_sub(message.ts.saturating_mul(1000));
+                let behind_us = wall_clock_us().saturating_sub(ts.saturating_mul(1000));
                 if let Ok(behind_us) = u64::try_from(behind_us) {
                     rule.event_latency.record(Duration::from_micros(behind_us));
                 }
             }
-            if let Some(arrival) = message.arrival {
+            if let Some(arrival) = arrival {
                 self.processing_latency.record(arrival.elapsed());
             }
-            if message.qos != QoS::AtMostOnce {
-                if let Ok(mut unacked) = self.unacked.lock() {
-                    unacked.push_back(message);
-                }
-            }
+            self.unconfirmed.events.extend(kept);
         }
     }
 
@@ -277,102 +273,41 @@ impl Handover<'_> {
     }
 }
 
-/// Publishes everything from `input` until the workers close it, then drains and disconnects.
-pub async fn run(
+/// Delivers everything from `input` to `sink` until the workers close it, then drains and
+/// closes the sink.
+pub async fn run<S: Sink>(
+    mut sink: S,
     options: SinkOptions,
     plan: Arc<Plan>,
     mut input: mpsc::Receiver<SinkInput>,
     metrics: Arc<Metrics>,
 ) {
-    let (client, mut eventloop) = client::new(options.mqtt, options.request_capacity.max(10));
-    let unacked: Unacked = Arc::default();
-    // Events are handed to the connection only while it is up; while it is down they stay in the
-    // outbox, where the cap and the policy apply (rumqttc's own request queue is not counted).
-    let connected = Arc::new(AtomicBool::new(false));
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let poll_metrics = metrics.clone();
-    let poll_unacked = unacked.clone();
-    let poll_connected = connected.clone();
-    let poller = tokio::spawn(async move {
-        let mut backoff = Backoff::default();
-        let mut failures = ConnectFailures::default();
-        let mut connected = false;
-        // A flapping broker logs one line per interval; the reconnect counter counts them all.
-        let mut lost_warnings = WarnLimit::new(RECONNECT_WARN_INTERVAL);
-        loop {
-            let event = tokio::select! {
-                _ = stop_rx.changed() => break,
-                event = eventloop.poll() => event,
-            };
-            match event {
-                Ok(Event::PubAck) => {
-                    if let Ok(mut unacked) = poll_unacked.lock() {
-                        unacked.pop_front();
-                    }
-                }
-                Ok(Event::ConnAck { .. }) => {
-                    connected = true;
-                    poll_connected.store(true, Ordering::Release);
-                    backoff.reset();
-                    failures.reset();
-                    poll_metrics.set_connected(Connection::Sink, true);
-                    tracing::info!("sink connected to the broker");
-                }
-                Ok(Event::Disconnected) => break,
-                Ok(_) => {}
-                Err(err) => {
-                    poll_connected.store(false, Ordering::Release);
-                    if connected {
-                        if let Some(suppressed) = lost_warnings.allow(Instant::now()) {
-                            tracing::warn!(%err, suppressed, "sink lost the broker connection; reconnecting");
-                        }
-                        connected = false;
-                        poll_metrics.set_connected(Connection::Sink, false);
-                    } else {
-                        failures.report(Connection::Sink.label(), &err);
-                    }
-                    poll_metrics
-                        .mqtt_reconnects
-                        .with_label_values(&[Connection::Sink.label()])
-                        .inc();
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = stop_rx.changed() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
-        poll_metrics.set_connected(Connection::Sink, false);
-    });
-
     let counters: Vec<_> = plan
         .rules
         .iter()
         .map(|rule| RuleCounters::new(&rule.name, &metrics))
         .collect();
     let mut handover = Handover {
-        client: &client,
-        connected: &connected,
-        unacked: &unacked,
+        sink: &mut sink,
+        unconfirmed: Unconfirmed::default(),
         metrics: &metrics,
         counters,
         processing_latency: metrics.processing_latency.recorder(""),
-        max_packet: options.max_packet_bytes,
-        refused_warnings: WarnLimit::new(RECONNECT_WARN_INTERVAL),
+        refused_warnings: WarnLimit::new(crate::mqtt::RECONNECT_WARN_INTERVAL),
     };
+
     let mut queue: VecDeque<Outgoing> = options.restored.into();
     // Per LSN: barriers in, devices, and the rules (every worker passed a reload at the same
     // LSN, so they agree).
     type Pending = (usize, Vec<DeviceSnapshot>, Vec<(String, u64)>);
     let mut barriers: BTreeMap<u64, Pending> = BTreeMap::new();
-    let unacked_len = |unacked: &Unacked| unacked.lock().map_or(0, |u| u.len());
     let mut input_open = true;
     // The LSN and outbox size of the last snapshot, while no event has come in since it.
     let mut last_snapshot: Option<(u64, usize)> = None;
 
     while input_open {
-        let outbox_len = queue.len() + unacked_len(&unacked);
+        handover.unconfirmed.update(&*handover.sink);
+        let outbox_len = queue.len() + handover.unconfirmed.events.len();
         metrics.outbox_messages.set(outbox_len as i64);
         let accepting = outbox_len < options.outbox_max || options.policy != OutboxPolicy::Block;
         tokio::select! {
@@ -403,7 +338,8 @@ pub async fn run(
                     if entry.0 >= options.workers {
                         let (_, devices, rules) = barriers.remove(&lsn).unwrap_or_default();
                         if let Some(snapshots) = &options.snapshots {
-                            let outbox = stored_outbox(&unacked, &queue);
+                            handover.unconfirmed.update(&*handover.sink);
+                            let outbox = stored_outbox(&handover.unconfirmed, &queue);
                             let snapshot = Snapshot { lsn, devices, outbox, rules };
                             let outbox_len = snapshot.outbox.len();
                             if snapshots.send(SnapshotCommand::Write(snapshot)).await.is_err() {
@@ -426,7 +362,7 @@ pub async fn run(
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         loop {
             handover.run(&mut queue);
-            if queue.is_empty() && unacked_len(&unacked) == 0 {
+            if queue.is_empty() && handover.unconfirmed.events.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -434,13 +370,15 @@ pub async fn run(
     })
     .await;
     handover.flush();
+    handover.unconfirmed.update(&*handover.sink);
+    let unconfirmed = std::mem::take(&mut handover.unconfirmed);
     drop(handover);
-    let left = queue.len() + unacked_len(&unacked);
+    let left = queue.len() + unconfirmed.events.len();
     // The final snapshot was taken before the drain; what the broker acknowledged since must not
     // be published again at the next start.
     if let (Some((lsn, held)), Some(snapshots)) = (last_snapshot, &options.snapshots) {
         if left < held {
-            let outbox = stored_outbox(&unacked, &queue);
+            let outbox = stored_outbox(&unconfirmed, &queue);
             let _ = snapshots
                 .send(SnapshotCommand::ReplaceOutbox { lsn, outbox })
                 .await;
@@ -453,16 +391,7 @@ pub async fn run(
             "sink could not publish everything within {DRAIN_TIMEOUT:?}; with a state dir, the last snapshot holds them"
         );
     }
-    let _ = client.try_disconnect();
-    let mut poller = poller;
-    if tokio::time::timeout(Duration::from_secs(1), &mut poller)
-        .await
-        .is_err()
-    {
-        let _ = stop_tx.send(true);
-        let _ = poller.await;
-    }
-    tracing::info!("sink stopped");
+    sink.close().await;
 }
 
 #[cfg(test)]
@@ -488,7 +417,7 @@ mod tests {
         let event = Outgoing {
             topic: "alerts/s1/d1/overheat".into(),
             payload: b"{}".to_vec(),
-            qos: QoS::AtLeastOnce,
+            confirm: true,
             retain: false,
             rule: rule.clone(),
             arrival: None,
