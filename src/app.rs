@@ -340,7 +340,7 @@ impl Reloader {
                 ..ReloadReport::default()
             },
         };
-        report.at_ms = crate::source::wall_clock_ms();
+        report.at_ms = crate::model::time::wall_clock_ms();
         let result = if report.ok { "applied" } else { "refused" };
         self.metrics
             .config_reloads
@@ -544,7 +544,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 fn spawn_queue_gauges(
     metrics: Arc<Metrics>,
     workers: Vec<mpsc::Sender<crate::engine::WorkerInput>>,
-    sink: mpsc::Sender<crate::sink::SinkInput>,
+    sink: mpsc::Sender<crate::engine::SinkInput>,
 ) -> JoinHandle<()> {
     let weak_workers: Vec<_> = workers.iter().map(|tx| tx.downgrade()).collect();
     let weak_sink = sink.downgrade();

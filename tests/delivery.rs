@@ -394,7 +394,7 @@ async fn malformed_corpus_goes_to_dead_letters_and_every_good_reading_is_process
     let mut publisher = Publisher::start(&broker).await;
     let json_topic = "sensors/plant-1/bad/telemetry";
     let cbor_topic = "sensors/plant-1/bad/cbor";
-    let now = weir::source::wall_clock_ms();
+    let now = weir::model::time::wall_clock_ms();
     // Deep nesting where a metric should be. (Nested values in fields no rule reads are skipped
     // without recursion, so they are valid.)
     let nested = format!(

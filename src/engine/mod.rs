@@ -5,9 +5,11 @@
 //! are processed in order by one worker and the workers use the cores in parallel.
 
 pub mod dedup;
+pub mod snapshot;
 pub mod worker;
 
-pub use worker::{RawMessage, Reload, Worker, WorkerInput};
+pub use crate::model::message::RawMessage;
+pub use worker::{Reload, SinkInput, Worker, WorkerInput};
 
 use crate::config::{Config, RuleConfig, WindowConfig};
 use crate::decode::{FieldPlan, Origin};

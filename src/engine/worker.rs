@@ -3,39 +3,22 @@
 //! drive it directly; [`Worker::run`] is the async loop between the source and the sink.
 
 use super::dedup::Recent;
+use super::snapshot::DeviceSnapshot;
 use super::{OperatorPlan, Plan};
 use crate::config::DeviceLimitPolicy;
 use crate::config::Format;
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
 use crate::event::{EventBody, EventId};
 use crate::metrics::{Metrics, TapEvent, WarnLimit, WorkerStats};
+use crate::model::message::RawMessage;
 use crate::operators::window::LateReason;
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
-use crate::sink::SinkInput;
-use crate::store::DeviceSnapshot;
-use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// A message as it left the broker, stamped on arrival and matched to an input by the source.
-#[derive(Debug, Clone)]
-pub struct RawMessage {
-    pub input: usize,
-    pub topic: String,
-    pub payload: Bytes,
-    pub arrival: Instant,
-    /// Arrival as wall-clock ms since the epoch: the event time when the payload has none.
-    pub arrival_ms: i64,
-    /// Position in receive order (the input log's sequence number).
-    pub lsn: u64,
-    /// The W3C trace context it carried (MQTT 5), shared with the causes of its events; an
-    /// untraced message pays one null pointer.
-    pub trace: Option<Arc<crate::trace::TraceContext>>,
-}
 
 /// What flows from the source to a worker.
 #[derive(Debug)]
@@ -45,6 +28,19 @@ pub enum WorkerInput {
     Barrier(u64),
     /// Switch to new rules between two messages ([`Worker::reload`]).
     Reload(Arc<Reload>),
+}
+
+/// What flows from the workers to the sink: derived events, and each worker's part of a
+/// snapshot.
+#[derive(Debug)]
+pub enum SinkInput {
+    Event(Outgoing),
+    /// One worker's state as of input `lsn`, made by the rules `rules` (name, fingerprint).
+    Barrier {
+        lsn: u64,
+        devices: Vec<DeviceSnapshot>,
+        rules: Vec<(String, u64)>,
+    },
 }
 
 /// New rules for a running pipeline. The source sends it to every worker at the same point of
@@ -713,7 +709,7 @@ impl Worker {
                 rule: None,
                 arrival: Some(message.arrival),
                 ts: message.arrival_ms,
-                properties: crate::mqtt::client::Properties {
+                headers: crate::model::message::Headers {
                     trace: message.trace.as_ref().map(|trace| Box::new(trace.child())),
                     ..Default::default()
                 },
@@ -863,7 +859,7 @@ impl Worker {
                         }
                     }
                 }
-                _ = ticks.tick() => self.tick(crate::source::wall_clock_ms(), &mut out),
+                _ = ticks.tick() => self.tick(crate::model::time::wall_clock_ms(), &mut out),
             }
             if !send_all(&sink, &mut out).await {
                 return;

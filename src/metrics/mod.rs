@@ -591,7 +591,7 @@ impl Metrics {
                 .with_label_values(&[rule])
                 .set(as_i64(state.devices));
         }
-        let now_ms = crate::source::wall_clock_ms();
+        let now_ms = crate::model::time::wall_clock_ms();
         for (index, input) in names.0.iter().enumerate() {
             if let Some(newest) = self.newest_event_ms(index) {
                 let lag = now_ms.saturating_sub(newest).max(0) as f64 / 1e3;
@@ -740,7 +740,10 @@ mod tests {
         b.rule_devices[0].store(4, Ordering::Relaxed);
         metrics.windows_open.with_label_values(&["climate"]).set(5);
         assert!(!metrics.render().contains("weir_watermark_lag_seconds{"));
-        a.newest_event_ms[0].store(crate::source::wall_clock_ms() - 60_000, Ordering::Relaxed);
+        a.newest_event_ms[0].store(
+            crate::model::time::wall_clock_ms() - 60_000,
+            Ordering::Relaxed,
+        );
         assert_eq!(
             metrics.rule_state(0),
             RuleState {

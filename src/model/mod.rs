@@ -1,4 +1,6 @@
 //! What flows through weir, and the ports it flows through: shapes every layer above may use,
 //! importing nothing of the runtime.
 
+pub mod message;
 pub mod port;
+pub mod time;

@@ -1,6 +1,8 @@
 //! The ports between the engine and the world outside. A [`Source`] yields raw messages, each
 //! with an opaque [`AckToken`], and takes acknowledgements back once their effects are durable;
-//! MQTT implements it today, JetStream next. The engine, the store and replay know only these.
+//! MQTT implements it today, JetStream next. The input log is the durability port between them:
+//! intake appends each message with its token ([`LogCommand`]) and the log hands the tokens back
+//! in [`AckBatch`]es once they are on disk. (Sinks have their port in `sink`.)
 
 use bytes::Bytes;
 use std::future::Future;
@@ -72,4 +74,32 @@ pub trait Acker: Send + 'static {
     /// # Errors
     /// The source is gone.
     fn ack(&self, token: AckToken) -> impl Future<Output = Result<bool, Closed>> + Send;
+}
+
+/// Acks released by one sync, in receive order; `done` is answered once they are all sent.
+#[derive(Debug, Default)]
+pub struct AckBatch {
+    pub tokens: Vec<AckToken>,
+    pub done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Commands to the log writer.
+#[derive(Debug)]
+pub enum LogCommand {
+    Append {
+        lsn: u64,
+        arrival_ms: i64,
+        input: u16,
+        topic: String,
+        payload: Bytes,
+        /// The message's W3C trace context, replayed with it after a crash.
+        trace: Option<std::sync::Arc<crate::trace::TraceContext>>,
+        ack: Option<AckToken>,
+    },
+    /// Start a new segment at this LSN (a snapshot barrier).
+    Rotate(u64),
+    /// A snapshot covering everything before this LSN is on disk.
+    SnapshotWritten(u64),
+    /// Sync now and release every pending ack; `done` is answered once the acks are sent.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }

@@ -7,7 +7,7 @@
 //! few cases weir acts on. The hot path (an incoming PUBLISH) stays a move of the topic and the
 //! payload; MQTT 5 adds reading its user properties for a trace context.
 
-use crate::event::EventId;
+use crate::model::message::Headers;
 use crate::trace::{self, TraceContext};
 use bytes::Bytes;
 use rumqttc::v5;
@@ -134,8 +134,8 @@ impl Client {
         }
     }
 
-    /// Queues one PUBLISH without waiting. With MQTT 5 it carries `properties`; with 3.1.1 they
-    /// are dropped, since the protocol has no place for them.
+    /// Queues one PUBLISH without waiting. With MQTT 5 it carries `headers` as properties; with
+    /// 3.1.1 they are dropped, since the protocol has no place for them.
     ///
     /// # Errors
     /// The request queue is full (or closed): the topic and payload come back.
@@ -145,7 +145,7 @@ impl Client {
         qos: QoS,
         retain: bool,
         payload: Vec<u8>,
-        properties: &Properties,
+        headers: &Headers,
     ) -> Result<(), Returned> {
         match self {
             Client::V4(client) => match client.try_publish(topic, qos, retain, payload) {
@@ -168,7 +168,7 @@ impl Client {
                     qos5(qos),
                     retain,
                     payload,
-                    properties.to_v5(),
+                    v5_properties(headers),
                 ) {
                     Ok(()) => Ok(()),
                     Err(
@@ -375,54 +375,24 @@ impl EventLoop {
     }
 }
 
-/// What an MQTT 5 PUBLISH of weir's carries besides its payload. MQTT 3.1.1 has no properties,
-/// so there it is dropped.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Properties {
-    /// The event id, sent as correlation data (its 16 hex digits); `None` for dead letters.
-    pub correlation: Option<EventId>,
-    pub content_type: ContentType,
-    /// The event's own span in the trace of the reading that caused it; sent as `traceparent`
-    /// (and `tracestate`) user properties.
-    pub trace: Option<Box<TraceContext>>,
-}
-
-/// The payload's MIME type, sent as the MQTT 5 content type.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ContentType {
-    #[default]
-    Json,
-    Cbor,
-}
-
-impl ContentType {
-    pub fn mime(self) -> &'static str {
-        match self {
-            ContentType::Json => "application/json",
-            ContentType::Cbor => "application/cbor",
-        }
-    }
-}
-
-impl Properties {
-    fn to_v5(&self) -> packet5::PublishProperties {
-        let mut properties = packet5::PublishProperties {
-            content_type: Some(self.content_type.mime().to_owned()),
-            correlation_data: self.correlation.map(|id| Bytes::copy_from_slice(&id.hex())),
-            ..Default::default()
-        };
-        if let Some(trace) = &self.trace {
+/// An event's headers as MQTT 5 PUBLISH properties.
+fn v5_properties(headers: &Headers) -> packet5::PublishProperties {
+    let mut properties = packet5::PublishProperties {
+        content_type: Some(headers.content_type.mime().to_owned()),
+        correlation_data: headers.id.map(|id| Bytes::copy_from_slice(&id.hex())),
+        ..Default::default()
+    };
+    if let Some(trace) = &headers.trace {
+        properties
+            .user_properties
+            .push((trace::TRACEPARENT.to_owned(), trace.traceparent()));
+        if let Some(state) = &trace.state {
             properties
                 .user_properties
-                .push((trace::TRACEPARENT.to_owned(), trace.traceparent()));
-            if let Some(state) = &trace.state {
-                properties
-                    .user_properties
-                    .push((trace::TRACESTATE.to_owned(), state.to_string()));
-            }
+                .push((trace::TRACESTATE.to_owned(), state.to_string()));
         }
-        properties
     }
+    properties
 }
 
 fn qos5(qos: QoS) -> QoS5 {
@@ -444,6 +414,8 @@ fn qos4(qos: QoS5) -> QoS {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventId;
+    use crate::model::message::ContentType;
 
     #[test]
     fn mqtt_5_properties_carry_content_type_id_and_a_traceparent() {
@@ -452,12 +424,11 @@ mod tests {
             Some("congo=t61"),
         )
         .unwrap();
-        let properties = Properties {
-            correlation: Some(EventId(0xabc)),
+        let properties = v5_properties(&Headers {
+            id: Some(EventId(0xabc)),
             content_type: ContentType::Cbor,
             trace: Some(Box::new(trace.clone())),
-        }
-        .to_v5();
+        });
         assert_eq!(properties.content_type.as_deref(), Some("application/cbor"));
         assert_eq!(
             properties.correlation_data.as_deref(),
@@ -470,7 +441,7 @@ mod tests {
                 ("tracestate".to_owned(), "congo=t61".to_owned())
             ]
         );
-        let dead_letter = Properties::default().to_v5();
+        let dead_letter = v5_properties(&Headers::default());
         assert_eq!(
             dead_letter.content_type.as_deref(),
             Some("application/json")

@@ -85,7 +85,7 @@ pub async fn record(
                 client.try_subscribe_many(filters.clone())?;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let received = crate::source::wall_clock_ms();
+                let received = crate::model::time::wall_clock_ms();
                 writeln!(out, "{}", line(&publish.topic, &publish.payload, received))?;
                 out.flush()?;
                 written += 1;

@@ -1,5 +1,5 @@
 //! Routing: a derived event becomes an MQTT message: its topic from the rule's template, its
-//! payload in schema v1 (JSON or CBOR, same fields), and its MQTT 5 properties (content type,
+//! payload in schema v1 (JSON or CBOR, same fields), and its headers (content type,
 //! event id, and the event's span in the trace of the reading that caused it).
 
 mod encode;
@@ -9,10 +9,9 @@ pub use encode::{encode, EventView};
 
 use crate::config::Format;
 use crate::event::DerivedEvent;
-use crate::mqtt::client::{ContentType, Properties};
+pub use crate::model::message::Outgoing;
+use crate::model::message::{ContentType, Headers};
 use crate::topic::TopicTemplate;
-use std::sync::Arc;
-use std::time::Instant;
 
 /// Where and how a rule's events are published.
 #[derive(Debug, Clone)]
@@ -22,26 +21,6 @@ pub struct Route {
     pub confirm: bool,
     pub retain: bool,
     pub format: Format,
-}
-
-/// A message ready for the sink.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    /// Kept in the outbox until the sink confirms delivery (MQTT: QoS 1), or handed over once
-    /// (QoS 0).
-    pub confirm: bool,
-    pub retain: bool,
-    /// The rule that derived it, for per-rule publish metrics; `None` for dead letters. A name,
-    /// not an index: a hot reload renumbers the rules while their events are still queued.
-    pub rule: Option<Arc<str>>,
-    /// Arrival of the causing reading, for the latency histogram.
-    pub arrival: Option<Instant>,
-    /// Event time of the event, ms since the epoch.
-    pub ts: i64,
-    /// Sent with MQTT 5 only.
-    pub properties: Properties,
 }
 
 impl Route {
@@ -67,8 +46,8 @@ impl Route {
             rule: Some(event.rule.clone()),
             arrival: event.arrival,
             ts: event.ts,
-            properties: Properties {
-                correlation: Some(event.id),
+            headers: Headers {
+                id: Some(event.id),
                 content_type: self.content_type(),
                 trace: event
                     .cause

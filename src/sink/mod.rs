@@ -16,12 +16,11 @@
 pub mod mqtt;
 
 use crate::config::OutboxPolicy;
-use crate::engine::Plan;
+use crate::engine::snapshot::{DeviceSnapshot, Snapshot, SnapshotCommand, StoredMessage};
+use crate::engine::{Plan, SinkInput};
 use crate::metrics::{LatencyRecorder, Metrics, WarnLimit};
-use crate::mqtt::client::{ContentType, Properties};
+use crate::model::message::{ContentType, Headers};
 use crate::route::Outgoing;
-use crate::store::writer::SnapshotCommand;
-use crate::store::{DeviceSnapshot, Snapshot, StoredMessage};
 use crate::trace::TraceContext;
 use prometheus::IntCounter;
 use std::collections::{BTreeMap, VecDeque};
@@ -55,18 +54,6 @@ pub trait Sink: Send + 'static {
 
 /// How long the sink keeps trying to hand over and get acknowledged the last events at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What flows from the workers to the sink.
-#[derive(Debug)]
-pub enum SinkInput {
-    Event(Outgoing),
-    /// One worker's state as of input `lsn`, made by the rules `rules` (name, fingerprint).
-    Barrier {
-        lsn: u64,
-        devices: Vec<DeviceSnapshot>,
-        rules: Vec<(String, u64)>,
-    },
-}
 
 /// How the sink is set up.
 pub struct SinkOptions {
@@ -108,10 +95,10 @@ fn stored(message: &Outgoing) -> StoredMessage {
         qos: u8::from(message.confirm),
         retain: message.retain,
         rule: message.rule.as_deref().unwrap_or_default().to_owned(),
-        id: message.properties.correlation.map(|id| id.0),
-        traceparent: message.properties.trace.as_ref().map(|t| t.traceparent()),
+        id: message.headers.id.map(|id| id.0),
+        traceparent: message.headers.trace.as_ref().map(|t| t.traceparent()),
         tracestate: message
-            .properties
+            .headers
             .trace
             .as_ref()
             .and_then(|t| t.state.as_deref().map(str::to_owned)),
@@ -128,8 +115,8 @@ fn stored_outbox(unconfirmed: &Unconfirmed, queue: &VecDeque<Outgoing>) -> Vec<S
 pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
     let rule_index = plan.rules.iter().position(|r| *r.name == message.rule);
     let rule = (!message.rule.is_empty()).then(|| Arc::from(message.rule.as_str()));
-    let properties = Properties {
-        correlation: message.id.map(crate::event::EventId),
+    let headers = Headers {
+        id: message.id.map(crate::event::EventId),
         // Dead letters (no rule) are JSON.
         content_type: rule_index.map_or(ContentType::Json, |rule| {
             plan.rules[rule].route.content_type()
@@ -148,7 +135,7 @@ pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
         retain: message.retain,
         arrival: None,
         ts: 0,
-        properties,
+        headers,
     }
 }
 
@@ -422,22 +409,22 @@ mod tests {
             rule: rule.clone(),
             arrival: None,
             ts: 0,
-            properties: Properties {
-                correlation: Some(EventId(0xabc)),
+            headers: Headers {
+                id: Some(EventId(0xabc)),
                 content_type: ContentType::Json,
                 trace: Some(Box::new(trace.child())),
             },
         };
         let restored = restore(stored(&event), &plan);
         assert_eq!(restored.rule, rule);
-        assert_eq!(restored.properties, event.properties);
+        assert_eq!(restored.headers, event.headers);
 
         let dead_letter = Outgoing {
             rule: None,
-            properties: Properties::default(),
+            headers: Headers::default(),
             ..event
         };
         let restored = restore(stored(&dead_letter), &plan);
-        assert_eq!(restored.properties, Properties::default());
+        assert_eq!(restored.headers, Headers::default());
     }
 }

@@ -148,7 +148,7 @@ impl Sink for MqttSink {
         };
         match self
             .client
-            .try_publish(topic, qos, event.retain, payload, &event.properties)
+            .try_publish(topic, qos, event.retain, payload, &event.headers)
         {
             Ok(()) => None,
             Err(returned) => {

@@ -13,12 +13,12 @@ pub mod mqtt;
 
 use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
 use crate::metrics::Metrics;
-use crate::model::port::{Acker, Delivery, Source};
-use crate::store::writer::{AckBatch, LogCommand};
+use crate::model::port::{AckBatch, Acker, Delivery, LogCommand, Source};
+use crate::model::time::wall_clock_ms;
 use crate::trace;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// How intake is set up.
@@ -287,11 +287,4 @@ async fn run_acker(mut acks: mpsc::Receiver<AckBatch>, acker: impl Acker, metric
             let _ = done.send(());
         }
     }
-}
-
-/// Wall-clock ms since the epoch, the arrival time of a reading.
-pub fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -5,61 +5,12 @@
 //! File: `WEIRSNP1 | crc32(body): u32 LE | len: u64 LE | body (CBOR)`.
 
 use super::sync_dir;
-use serde::{Deserialize, Serialize};
+pub use crate::engine::snapshot::{DeviceSnapshot, Snapshot, StoredMessage};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"WEIRSNP1";
 const CURRENT: &str = "snapshot.cbor";
 const PREVIOUS: &str = "snapshot.prev.cbor";
-
-/// Everything needed to resume at [`Snapshot::lsn`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
-    /// The first LSN this snapshot does not cover: recovery replays the log from here.
-    pub lsn: u64,
-    pub devices: Vec<DeviceSnapshot>,
-    /// Events derived but not yet acknowledged by the broker, in publish order.
-    pub outbox: Vec<StoredMessage>,
-    /// The definition of each rule the state was made by (its fingerprint). Empty in snapshots
-    /// written before rules had fingerprints; their states are restored by name alone.
-    #[serde(default)]
-    pub rules: Vec<(String, u64)>,
-}
-
-/// One device's state in every rule that has some.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DeviceSnapshot {
-    pub input: u16,
-    pub device: String,
-    /// The device's latest topic (its origin is rebuilt from it).
-    pub topic: String,
-    /// (rule name, CBOR-encoded operator state).
-    pub rules: Vec<(String, Vec<u8>)>,
-    /// What the device's recent readings were (to recognise redeliveries after the restart).
-    pub recent: crate::engine::dedup::Recent,
-}
-
-/// A derived event not yet acknowledged by the broker.
-///
-/// The fields after `rule` are its MQTT 5 properties. They are optional, so a snapshot written
-/// before they existed still loads (and one written with them has no new required field).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredMessage {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: u8,
-    pub retain: bool,
-    pub rule: String,
-    /// The event id (correlation data); absent for dead letters. The content type is not
-    /// stored: the rule's format gives it (JSON for dead letters).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u64>,
-    /// The event's own span, as a W3C `traceparent`, so a republished event keeps its span id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tracestate: Option<String>,
-}
 
 /// Writes `snapshot` atomically into `dir`, keeping the previous one as a fallback.
 ///
@@ -177,7 +128,7 @@ mod tests {
 
     #[test]
     fn an_outbox_entry_written_before_mqtt_5_properties_still_loads() {
-        #[derive(Serialize)]
+        #[derive(serde::Serialize)]
         struct Before {
             topic: String,
             payload: Vec<u8>,

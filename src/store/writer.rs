@@ -3,42 +3,15 @@
 //! snapshot writer (writes completed snapshots, then lets the log drop what they cover).
 
 use super::log::{InputLog, RecordRef};
-use super::{snapshot, Snapshot, StateDir};
+use super::{snapshot, StateDir};
+pub use crate::engine::snapshot::SnapshotCommand;
 use crate::metrics::Metrics;
-use crate::model::port::AckToken;
+use crate::model::port::{AckBatch, AckToken, LogCommand};
 use crate::trace::TraceContext;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-
-/// Acks released by one sync, in receive order; `done` is answered once they are all sent.
-#[derive(Debug, Default)]
-pub struct AckBatch {
-    pub tokens: Vec<AckToken>,
-    pub done: Option<oneshot::Sender<()>>,
-}
-
-/// Commands to the log writer.
-#[derive(Debug)]
-pub enum LogCommand {
-    Append {
-        lsn: u64,
-        arrival_ms: i64,
-        input: u16,
-        topic: String,
-        payload: Bytes,
-        /// The message's W3C trace context, replayed with it after a crash.
-        trace: Option<Arc<TraceContext>>,
-        ack: Option<AckToken>,
-    },
-    /// Start a new segment at this LSN (a snapshot barrier).
-    Rotate(u64),
-    /// A snapshot covering everything before this LSN is on disk.
-    SnapshotWritten(u64),
-    /// Sync now and release every pending ack; `done` is answered once the acks are sent.
-    Flush(oneshot::Sender<()>),
-}
 
 /// When an input counts as durable, and so may be acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,20 +287,6 @@ impl LogWriter<'_> {
     }
 }
 
-/// What the snapshot writer is asked to do.
-#[derive(Debug)]
-pub enum SnapshotCommand {
-    /// Write a completed snapshot.
-    Write(Snapshot),
-    /// At shutdown, once the sink has drained: the events the snapshot at `lsn` held that are
-    /// still unacknowledged. Rewriting its outbox keeps a clean restart from publishing again
-    /// events the broker already has.
-    ReplaceOutbox {
-        lsn: u64,
-        outbox: Vec<super::StoredMessage>,
-    },
-}
-
 /// Starts the snapshot writer: writes each completed snapshot atomically, then tells the log
 /// writer (if any) so it can drop the segments the snapshot before it covered.
 pub fn spawn_snapshot_writer(
@@ -398,7 +357,7 @@ pub fn spawn_snapshot_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredMessage;
+    use crate::store::{Snapshot, StoredMessage};
 
     fn message(topic: &str) -> StoredMessage {
         StoredMessage {

@@ -978,7 +978,7 @@ pub fn expected_ids(
     }
     out.iter()
         .map(|m| {
-            let event: serde_json::Value = match m.properties.content_type.mime() {
+            let event: serde_json::Value = match m.headers.content_type.mime() {
                 "application/cbor" => ciborium::from_reader(m.payload.as_slice()).expect("cbor"),
                 _ => serde_json::from_slice(&m.payload).expect("json"),
             };
