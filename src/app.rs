@@ -70,6 +70,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .iter()
                 .map(move |kind| (&*r.name, *kind))
         }),
+        &crate::engine::REASONS,
     );
     let source_options = crate::mqtt::connection_options(&config.broker, "")?;
     let mut publish_broker = config.broker.clone();
@@ -412,12 +413,15 @@ impl Reloader {
             .await
             .map_err(|_| shutting_down())?;
         done_rx.await.map_err(|_| shutting_down())?;
-        self.metrics.set_rules(plan.rules.iter().flat_map(|r| {
-            r.operator
-                .event_kinds()
-                .iter()
-                .map(move |kind| (&*r.name, *kind))
-        }));
+        self.metrics.set_rules(
+            plan.rules.iter().flat_map(|r| {
+                r.operator
+                    .event_kinds()
+                    .iter()
+                    .map(move |kind| (&*r.name, *kind))
+            }),
+            &crate::engine::REASONS,
+        );
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rule_infos(&plan, &new);
         self.config = new;
         Ok(report)

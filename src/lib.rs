@@ -39,5 +39,4 @@ pub mod sink;
 pub mod source;
 pub mod store;
 pub mod top;
-pub mod topic;
 pub mod trace;

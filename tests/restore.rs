@@ -38,6 +38,7 @@ fn worker(metrics: &Arc<Metrics>) -> Worker {
         plan.rules
             .iter()
             .map(|r| (&*r.name, r.operator.event_kind())),
+        &weir::engine::REASONS,
     );
     Worker::new(plan, metrics.clone())
 }

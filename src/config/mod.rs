@@ -5,6 +5,7 @@
 //! [`Config`] (see `engine::Plan`).
 
 mod error;
+pub mod topic;
 mod validate;
 
 pub use error::{ConfigError, Located};

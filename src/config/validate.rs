@@ -6,8 +6,8 @@ use super::{
     FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig,
     Protocol, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
+use crate::config::topic::{TopicPattern, TopicTemplate};
 use crate::mqtt::BrokerEndpoint;
-use crate::topic::{TopicPattern, TopicTemplate};
 use std::time::Duration;
 
 /// One semantic problem: the dotted path of the key and a sentence saying what to do.

@@ -6,11 +6,20 @@
 
 pub mod dedup;
 pub mod snapshot;
+
+/// Every `reason` label the engine's stages can report, for [`Metrics::register_labels`].
+///
+/// [`Metrics::register_labels`]: crate::metrics::Metrics::register_labels
+pub const REASONS: crate::metrics::Reasons = crate::metrics::Reasons {
+    decode: &crate::decode::DecodeError::REASONS,
+    late: &crate::operators::window::LateReason::LABELS,
+};
 pub mod worker;
 
 pub use crate::model::message::RawMessage;
 pub use worker::{Reload, SinkInput, Worker, WorkerInput};
 
+use crate::config::topic::{TopicPattern, TopicTemplate};
 use crate::config::{Config, RuleConfig, WindowConfig};
 use crate::decode::{FieldPlan, Origin};
 use crate::operators::window::{millis, WindowSpec};
@@ -19,7 +28,6 @@ use crate::operators::{
     SessionWindows, Stuck, Tumbling,
 };
 use crate::route::Route;
-use crate::topic::{TopicPattern, TopicTemplate};
 use anyhow::Context as _;
 use std::sync::Arc;
 

@@ -36,6 +36,16 @@ impl Connection {
     }
 }
 
+/// The bounded `reason` label values the stages define, passed in so this module needs nothing
+/// of theirs (the engine has the full set: `engine::REASONS`).
+#[derive(Debug, Clone, Copy)]
+pub struct Reasons {
+    /// Why an input did not become a reading (`weir_decode_errors_total`, dead letters).
+    pub decode: &'static [&'static str],
+    /// Why a reading was not applied to its windows (`weir_readings_late_total`).
+    pub late: &'static [&'static str],
+}
+
 /// Handles to every metric; cloned handles are cheap (`Arc` inside).
 pub struct Metrics {
     registry: Registry,
@@ -475,6 +485,7 @@ impl Metrics {
         &self,
         inputs: impl IntoIterator<Item = &'a str>,
         rules: impl IntoIterator<Item = (&'a str, &'static str)>,
+        reasons: &Reasons,
     ) {
         let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
         for input in inputs {
@@ -484,20 +495,24 @@ impl Metrics {
             self.duplicates_dropped.with_label_values(&[input]);
             self.devices_evicted.with_label_values(&[input]);
             self.trace_context_invalid.with_label_values(&[input]);
-            for reason in crate::decode::DecodeError::REASONS {
+            for reason in reasons.decode {
                 self.decode_errors.with_label_values(&[input, reason]);
                 self.dead_letters.with_label_values(&[input, reason]);
             }
             names.0.push(input.to_owned());
         }
         drop(names);
-        self.set_rules(rules);
+        self.set_rules(rules, reasons);
     }
 
     /// Registers the label values of the rules (as (name, event kind) pairs, a rule's pairs next
     /// to each other) and makes them the rules the per-worker state gauges are summed by, in
     /// plan order. Called at start and by every reload.
-    pub fn set_rules<'a>(&self, rules: impl IntoIterator<Item = (&'a str, &'static str)>) {
+    pub fn set_rules<'a>(
+        &self,
+        rules: impl IntoIterator<Item = (&'a str, &'static str)>,
+        reasons: &Reasons,
+    ) {
         let mut order: Vec<String> = Vec::new();
         for (rule, kind) in rules {
             self.events_emitted.with_label_values(&[rule, kind]);
@@ -507,9 +522,8 @@ impl Metrics {
             self.publish_attempts.with_label_values(&[rule]);
             self.events_published.with_label_values(&[rule]);
             self.publish_errors.with_label_values(&[rule]);
-            for reason in crate::operators::window::LateReason::ALL {
-                self.readings_late
-                    .with_label_values(&[rule, reason.label()]);
+            for reason in reasons.late {
+                self.readings_late.with_label_values(&[rule, reason]);
             }
             self.readings_out_of_order.with_label_values(&[rule]);
             self.rule_devices.with_label_values(&[rule]);
@@ -701,10 +715,15 @@ fn sum_counters(counters: &IntCounterVec) -> u64 {
 mod tests {
     use super::*;
 
+    const REASONS: Reasons = Reasons {
+        decode: &["malformed", "too_large"],
+        late: &["late"],
+    };
+
     #[test]
     fn every_metric_has_the_prefix_and_renders() {
         let metrics = Metrics::new();
-        metrics.register_labels(["telemetry"], [("overheat", "state_change")]);
+        metrics.register_labels(["telemetry"], [("overheat", "state_change")], &REASONS);
         metrics
             .readings_received
             .with_label_values(&["telemetry"])
@@ -733,7 +752,7 @@ mod tests {
     #[test]
     fn worker_reports_are_summed_per_rule_and_give_the_watermark_lag() {
         let metrics = Metrics::new();
-        metrics.register_labels(["telemetry"], [("climate", "window")]);
+        metrics.register_labels(["telemetry"], [("climate", "window")], &REASONS);
         let a = metrics.worker_stats(1, 1);
         let b = metrics.worker_stats(1, 1);
         a.rule_devices[0].store(3, Ordering::Relaxed);
@@ -775,6 +794,7 @@ mod tests {
                 ("overheat", "flapping"),
                 ("climate", "window"),
             ],
+            &REASONS,
         );
         let stats = metrics.worker_stats(2, 1);
         stats.rule_devices[1].store(9, Ordering::Relaxed);
@@ -789,7 +809,7 @@ mod tests {
         );
 
         // A reload drops overheat and adds fresh; the worker replaces its slot.
-        metrics.set_rules([("climate", "window"), ("fresh", "state_change")]);
+        metrics.set_rules([("climate", "window"), ("fresh", "state_change")], &REASONS);
         metrics.retire_worker_stats(&stats);
         let stats = metrics.worker_stats(2, 1);
         stats.rule_devices[0].store(4, Ordering::Relaxed);

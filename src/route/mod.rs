@@ -7,11 +7,11 @@ mod json;
 
 pub use encode::{encode, EventView};
 
+use crate::config::topic::TopicTemplate;
 use crate::config::Format;
 use crate::event::DerivedEvent;
 pub use crate::model::message::Outgoing;
 use crate::model::message::{ContentType, Headers};
-use crate::topic::TopicTemplate;
 
 /// Where and how a rule's events are published.
 #[derive(Debug, Clone)]

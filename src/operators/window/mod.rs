@@ -55,6 +55,9 @@ impl LateReason {
         LateReason::WindowLimit,
     ];
 
+    /// Every label, in the order of [`ALL`](Self::ALL).
+    pub const LABELS: [&'static str; 3] = ["late", "future", "window_limit"];
+
     pub fn label(self) -> &'static str {
         match self {
             LateReason::Late => "late",
