@@ -4,6 +4,7 @@
 //! Config types are separate from runtime types: the engine builds its operators from a validated
 //! [`Config`] (see `engine::Plan`).
 
+pub mod condition;
 mod error;
 pub mod topic;
 mod validate;
@@ -1576,8 +1577,7 @@ on_shutdown = "keep"
         assert_eq!(hopping.aggregates.len(), 14);
         assert_eq!(hopping.on_shutdown, OnShutdown::Keep);
         assert_eq!(hopping.idle_timeout, Some(Duration::from_secs(120)));
-        let plan = crate::engine::Plan::build(&config).unwrap();
-        assert!(plan.rules.iter().any(|r| r.late_route.is_some()));
+        assert!(hopping.late_topic.is_some());
     }
 
     #[test]
@@ -1603,8 +1603,6 @@ on_shutdown = "keep"
     fn the_detectors_example_is_valid() {
         let config = parse(DETECTORS, Path::new("d.toml"), &Overrides::default()).unwrap();
         assert_eq!(config.rules.len(), 9);
-        let plan = crate::engine::Plan::build(&config).unwrap();
-        assert_eq!(plan.expected.len(), 2);
     }
 
     #[test]

@@ -800,7 +800,7 @@ fn check_window(path: &str, kind: &str, w: &WindowConfig, problems: &mut Problem
         );
     }
     if let Some(when) = &w.when {
-        if let Err(err) = crate::operators::window::Condition::parse(when, &w.metrics) {
+        if let Err(err) = super::condition::Condition::parse(when, &w.metrics) {
             problems.add_at(format!("{path}.when"), err.offset, err.message);
         }
     }

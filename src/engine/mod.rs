@@ -444,3 +444,29 @@ impl Plan {
         (hash % workers.max(1) as u64) as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Overrides, EXAMPLE};
+    use std::path::Path;
+
+    #[test]
+    fn the_detectors_example_plans_its_expected_device_lists() {
+        let text = include_str!("../../config/detectors.toml");
+        let config = parse(text, Path::new("d.toml"), &Overrides::default()).unwrap();
+        let plan = Plan::build(&config).unwrap();
+        assert_eq!(plan.expected.len(), 2);
+    }
+
+    #[test]
+    fn a_window_with_a_late_topic_gets_a_late_route() {
+        let text = EXAMPLE.replace(
+            "[rules.climate.output]",
+            "late_topic = \"late/{site}/{device}/{rule}\"\n\n[rules.climate.output]",
+        );
+        let config = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap();
+        let plan = Plan::build(&config).unwrap();
+        assert!(plan.rules.iter().any(|r| r.late_route.is_some()));
+    }
+}

@@ -24,7 +24,7 @@ pub mod session;
 pub mod sketch;
 pub mod tumbling;
 
-pub use condition::{Condition, ConditionError};
+pub use crate::config::condition::{Condition, ConditionError};
 pub use count::CountWindows;
 pub use hopping::Hopping;
 pub use session::SessionWindows;
