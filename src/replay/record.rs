@@ -3,10 +3,13 @@
 
 use super::base64_encode;
 use crate::config::BrokerConfig;
-use crate::mqtt::Backoff;
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter};
+use crate::metrics::Metrics;
+use crate::model::port::{Delivery, Source};
+use crate::source::mqtt::MqttSource;
+use rumqttc::QoS;
 use std::future::Future;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What to record, and when to stop (the first of `count`, `duration` and the shutdown future).
@@ -52,13 +55,18 @@ pub async fn record(
     if options.filters.is_empty() {
         anyhow::bail!("nothing to record: give --topic, or --config with inputs");
     }
-    let mqtt = crate::mqtt::options(&options.broker, "")?;
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 256);
-    let filters: Vec<SubscribeFilter> = options
+    // A client id of its own and a clean session: recording must neither take over weir's
+    // session nor leave one behind on the broker.
+    let mut mqtt = crate::mqtt::connection_options(&options.broker, "-record")?;
+    mqtt.set_clean_session(true);
+    let filters = options
         .filters
         .iter()
-        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+        .map(|f| (f.clone(), QoS::AtLeastOnce))
         .collect();
+    // Through the same source port as intake: reconnects with backoff, resubscribes, and
+    // speaks the broker.protocol the config names.
+    let mut source = MqttSource::new(mqtt, false, filters, Arc::new(Metrics::new()));
     let deadline = async {
         match options.duration {
             Some(duration) => tokio::time::sleep(duration).await,
@@ -68,44 +76,26 @@ pub async fn record(
     tokio::pin!(shutdown);
     tokio::pin!(deadline);
     let mut written = 0u64;
-    let mut backoff = Backoff::default();
     if options.count == Some(0) {
         return Ok(0);
     }
     loop {
-        let event = tokio::select! {
+        let delivery = tokio::select! {
             () = &mut shutdown => break,
             () = &mut deadline => break,
-            event = eventloop.poll() => event,
+            delivery = source.next() => delivery,
         };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                tracing::info!(filters = ?options.filters, "connected; recording");
-                client.try_subscribe_many(filters.clone())?;
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let received = crate::model::time::wall_clock_ms();
-                writeln!(out, "{}", line(&publish.topic, &publish.payload, received))?;
-                out.flush()?;
-                written += 1;
-                if options.count.is_some_and(|count| written >= count) {
-                    break;
-                }
-            }
-            Ok(_) => {}
-            Err(err) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(%err, ?delay, "broker connection lost; retrying");
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    () = &mut deadline => break,
-                    () = tokio::time::sleep(delay) => {}
-                }
+        if let Delivery::Message(message) = delivery {
+            let received = crate::model::time::wall_clock_ms();
+            writeln!(out, "{}", line(&message.topic, &message.payload, received))?;
+            out.flush()?;
+            written += 1;
+            if options.count.is_some_and(|count| written >= count) {
+                break;
             }
         }
     }
-    let _ = client.try_disconnect();
+    source.close(None).await;
     Ok(written)
 }
 
