@@ -2,12 +2,15 @@
 //! every problem into a message naming the file, line and column.
 //!
 //! Config types are separate from runtime types: the engine builds its operators from a validated
-//! [`Config`] (see `engine::Plan`).
+//! [`Config`] (see `engine::Plan`). [`Secret`] and [`redact_url`] keep passwords and tokens out of
+//! everything weir prints.
 
 mod error;
+mod secret;
 mod validate;
 
 pub use error::{ConfigError, Located};
+pub use secret::{redact_url, Secret, REDACTED};
 pub use validate::Problem;
 
 use serde::{Deserialize, Deserializer};
@@ -375,29 +378,6 @@ impl Protocol {
             Protocol::V311 => "3.1.1",
             Protocol::V5 => "5",
         }
-    }
-}
-
-/// A value that must never reach a log: its `Debug` prints `***`. Read it with
-/// [`Secret::expose`], only where it is handed to the broker connection.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself; for the connection options only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
     }
 }
 
@@ -1415,6 +1395,28 @@ mod tests {
         let debug = format!("{config:?} {:#?}", config.broker);
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("password: Some(***)"), "{debug}");
+    }
+
+    #[test]
+    fn an_error_on_the_password_line_names_it_without_the_value() {
+        for (line, found) in [
+            ("password = 73194628501", "found a number"),
+            ("password = 7319462.8501", "found a number"),
+            ("password = true", "found a boolean"),
+        ] {
+            let text = EXAMPLE.replace(
+                "# username = \"weir\"\n# password = \"secret\"",
+                &format!("username = \"weir\"\n{line}"),
+            );
+            let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+            let shown = err.to_string();
+            assert!(!shown.contains("7319462"), "{shown}");
+            assert!(shown.contains(found), "{shown}");
+            assert_eq!(
+                err.problems()[0].line_col.map(|lc| lc.0),
+                Some(line_of(&text, "password = "))
+            );
+        }
     }
 
     #[test]
