@@ -1420,6 +1420,29 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_url_with_credentials_is_refused_with_the_password_hidden() {
+        for (key, from) in [
+            ("url", "url = \"mqtt://127.0.0.1:1883\""),
+            ("publish_url", "# username = \"weir\""),
+        ] {
+            let text = EXAMPLE.replace(
+                from,
+                &format!("{key} = \"mqtt://weir:hunter2@127.0.0.1:1883\""),
+            );
+            let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+            let shown = err.to_string();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("mqtt://weir:***@127.0.0.1:1883"), "{shown}");
+        }
+        let overrides = Overrides {
+            broker_url: Some("mqtt://weir:hunter2@127.0.0.1:1883".into()),
+            ..Overrides::default()
+        };
+        let err = parse(EXAMPLE, Path::new("x.toml"), &overrides).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn password_and_password_file_exclude_each_other() {
         let text = EXAMPLE.replace(
             "# username = \"weir\"\n# password = \"secret\"",
