@@ -47,7 +47,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// Broker URL (mqtt://host:port or mqtts://host:port); overrides broker.url.
-        #[arg(long, env = "WEIR_BROKER")]
+        // --help would print WEIR_BROKER's value, and a URL may carry a password.
+        #[arg(long, env = "WEIR_BROKER", hide_env_values = true)]
         broker: Option<String>,
         /// Address for /metrics and /healthz; overrides http.listen.
         #[arg(long, env = "WEIR_METRICS_ADDR")]
@@ -117,7 +118,7 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Broker URL; overrides the config's.
-        #[arg(long, env = "WEIR_BROKER")]
+        #[arg(long, env = "WEIR_BROKER", hide_env_values = true)]
         broker: Option<String>,
         /// Topic filter to record (repeatable); the config's inputs when absent.
         #[arg(long = "topic", short)]
@@ -164,7 +165,12 @@ enum Command {
     },
     /// Publish simulated telemetry (the demo's devices) to any broker.
     Simulate {
-        #[arg(long, env = "WEIR_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+        #[arg(
+            long,
+            env = "WEIR_BROKER",
+            hide_env_values = true,
+            default_value = "mqtt://127.0.0.1:1883"
+        )]
         broker: String,
         #[arg(long, default_value_t = 100)]
         devices: usize,

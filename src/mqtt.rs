@@ -5,7 +5,7 @@
 
 pub mod client;
 
-use crate::config::{BrokerConfig, Protocol, Secret};
+use crate::config::{redact_url, BrokerConfig, Protocol, Secret};
 use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
@@ -25,21 +25,23 @@ pub struct BrokerEndpoint {
 
 impl BrokerEndpoint {
     /// # Errors
-    /// A sentence saying what is wrong with the URL and what a valid one looks like.
+    /// A sentence saying what is wrong with the URL and what a valid one looks like. The URL is
+    /// quoted through [`redact_url`]: a URL refused for carrying credentials must not print them.
     pub fn parse(url: &str) -> Result<Self, String> {
+        let shown = redact_url(url);
         let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix("mqtts://") {
             (true, rest)
         } else {
             return Err(format!(
-                "`{url}` is not a broker URL; write mqtt://host:port, or mqtts://host:port for TLS"
+                "`{shown}` is not a broker URL; write mqtt://host:port, or mqtts://host:port for TLS"
             ));
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('@') {
             return Err(format!(
-                "`{url}` has a path or credentials; give only host and port, and put credentials in broker.username / broker.password"
+                "`{shown}` has a path or credentials; give only host and port, and put credentials in broker.username / broker.password"
             ));
         }
         let default_port = if tls { 8883 } else { 1883 };
@@ -47,33 +49,37 @@ impl BrokerEndpoint {
             // [::1]:1883
             let (host, after) = bracketed
                 .split_once(']')
-                .ok_or_else(|| format!("`{url}`: an IPv6 host needs a closing `]`"))?;
+                .ok_or_else(|| format!("`{shown}`: an IPv6 host needs a closing `]`"))?;
             let port = match after.strip_prefix(':') {
-                Some(port) => parse_port(url, port)?,
+                Some(port) => parse_port(&shown, port)?,
                 None if after.is_empty() => default_port,
-                None => return Err(format!("`{url}`: expected `:port` after `]`")),
+                None => return Err(format!("`{shown}`: expected `:port` after `]`")),
             };
             (host.to_owned(), port)
         } else {
             match rest.rsplit_once(':') {
-                Some((host, port)) => (host.to_owned(), parse_port(url, port)?),
+                Some((host, port)) => (host.to_owned(), parse_port(&shown, port)?),
                 None => (rest.to_owned(), default_port),
             }
         };
         if host.is_empty() {
             return Err(format!(
-                "`{url}` has no host; write e.g. mqtt://127.0.0.1:1883"
+                "`{shown}` has no host; write e.g. mqtt://127.0.0.1:1883"
             ));
         }
         Ok(Self { host, port, tls })
     }
 }
 
-fn parse_port(url: &str, port: &str) -> Result<u16, String> {
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("`{url}`: `{port}` is not a port number (1-65535)"))
+/// `shown` is the URL as it may be printed; the port is redacted too, since whatever follows
+/// the last colon (`1883?token=...`) lands in it.
+fn parse_port(shown: &str, port: &str) -> Result<u16, String> {
+    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+        format!(
+            "`{shown}`: `{}` is not a port number (1-65535)",
+            redact_url(port)
+        )
+    })
 }
 
 /// Builds rumqttc options for one of weir's connections.
@@ -321,7 +327,7 @@ pub async fn try_connect(broker: &BrokerConfig, timeout: Duration) -> anyhow::Re
         Ok(Err(err)) => Err(anyhow::Error::msg(err.describe())),
         Err(_) => anyhow::bail!(
             "the broker at {} did not answer within {timeout:?}; check broker.url and the network",
-            broker.url
+            redact_url(&broker.url)
         ),
     }
 }
@@ -542,6 +548,23 @@ mod tests {
         assert!(BrokerEndpoint::parse("tcp://x:1").is_err());
         assert!(BrokerEndpoint::parse("mqtt://x:99999").is_err());
         assert!(BrokerEndpoint::parse("mqtt://:1883").is_err());
+    }
+
+    #[test]
+    fn a_refused_url_does_not_print_its_password() {
+        for url in [
+            "mqtt://weir:s3cret@127.0.0.1:1883",
+            "mqtts://weir:s3cret@broker/path",
+            "weir:s3cret@127.0.0.1:1883",
+            "mqtt://127.0.0.1:1883?password=s3cret",
+            "mqtt://[::1]:1883?token=s3cret",
+        ] {
+            let err = BrokerEndpoint::parse(url).unwrap_err();
+            assert!(!err.contains("s3cret"), "{url}: {err}");
+            assert!(err.contains("***"), "{url}: {err}");
+        }
+        let err = BrokerEndpoint::parse("mqtt://weir:s3cret@127.0.0.1:1883").unwrap_err();
+        assert!(err.contains("`mqtt://weir:***@127.0.0.1:1883` has a path or credentials"));
     }
 
     fn temp_file(name: &str, content: &[u8]) -> std::path::PathBuf {

@@ -77,7 +77,8 @@ impl ConfigError {
 
     pub(super) fn from_toml(file: &Path, text: &str, err: &toml::de::Error) -> Self {
         // toml's message may span lines (it embeds its own snippet in Display, but `message()`
-        // is the bare sentence); keep it on one line.
+        // is the bare sentence); keep it on one line. Never use the Display: its snippet quotes
+        // the offending line, which may be `password = ...`.
         let message = err.message().trim().replace('\n', " ");
         let message = hint_for_toml_message(&message);
         ConfigError::Invalid {

@@ -2,14 +2,17 @@
 //! every problem into a message naming the file, line and column.
 //!
 //! Config types are separate from runtime types: the engine builds its operators from a validated
-//! [`Config`] (see `engine::Plan`).
+//! [`Config`] (see `engine::Plan`). [`Secret`] and [`redact_url`] keep passwords and tokens out of
+//! everything weir prints.
 
 pub mod condition;
 mod error;
+mod secret;
 pub mod topic;
 mod validate;
 
 pub use error::{ConfigError, Located};
+pub use secret::{redact_url, Secret, REDACTED};
 pub use validate::Problem;
 
 use serde::{Deserialize, Deserializer};
@@ -377,29 +380,6 @@ impl Protocol {
             Protocol::V311 => "3.1.1",
             Protocol::V5 => "5",
         }
-    }
-}
-
-/// A value that must never reach a log: its `Debug` prints `***`. Read it with
-/// [`Secret::expose`], only where it is handed to the broker connection.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself; for the connection options only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
     }
 }
 
@@ -1417,6 +1397,51 @@ mod tests {
         let debug = format!("{config:?} {:#?}", config.broker);
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("password: Some(***)"), "{debug}");
+    }
+
+    #[test]
+    fn an_error_on_the_password_line_names_it_without_the_value() {
+        for (line, found) in [
+            ("password = 73194628501", "found a number"),
+            ("password = 7319462.8501", "found a number"),
+            ("password = true", "found a boolean"),
+        ] {
+            let text = EXAMPLE.replace(
+                "# username = \"weir\"\n# password = \"secret\"",
+                &format!("username = \"weir\"\n{line}"),
+            );
+            let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+            let shown = err.to_string();
+            assert!(!shown.contains("7319462"), "{shown}");
+            assert!(shown.contains(found), "{shown}");
+            assert_eq!(
+                err.problems()[0].line_col.map(|lc| lc.0),
+                Some(line_of(&text, "password = "))
+            );
+        }
+    }
+
+    #[test]
+    fn a_broker_url_with_credentials_is_refused_with_the_password_hidden() {
+        for (key, from) in [
+            ("url", "url = \"mqtt://127.0.0.1:1883\""),
+            ("publish_url", "# username = \"weir\""),
+        ] {
+            let text = EXAMPLE.replace(
+                from,
+                &format!("{key} = \"mqtt://weir:hunter2@127.0.0.1:1883\""),
+            );
+            let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+            let shown = err.to_string();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("mqtt://weir:***@127.0.0.1:1883"), "{shown}");
+        }
+        let overrides = Overrides {
+            broker_url: Some("mqtt://weir:hunter2@127.0.0.1:1883".into()),
+            ..Overrides::default()
+        };
+        let err = parse(EXAMPLE, Path::new("x.toml"), &overrides).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

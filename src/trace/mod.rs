@@ -5,6 +5,7 @@
 #[cfg(feature = "otlp")]
 pub mod otlp;
 
+use crate::config::redact_url;
 use crate::event::DerivedEvent;
 use crate::route::Outgoing;
 use std::cell::Cell;
@@ -215,36 +216,46 @@ pub struct OtlpEndpoint {
 
 impl OtlpEndpoint {
     /// # Errors
-    /// A sentence saying what is wrong and what a valid endpoint looks like.
+    /// A sentence saying what is wrong and what a valid endpoint looks like; the URL is quoted
+    /// through [`redact_url`], so a refused endpoint with credentials does not print them.
     pub fn parse(url: &str) -> Result<Self, String> {
+        let shown = redact_url(url);
         if url.starts_with("https://") {
             return Err(format!(
-                "`{url}`: weir sends OTLP over plain HTTP; run a collector on this gateway (e.g. http://127.0.0.1:4318) and let it forward over TLS"
+                "`{shown}`: weir sends OTLP over plain HTTP; run a collector on this gateway (e.g. http://127.0.0.1:4318) and let it forward over TLS"
             ));
         }
         let Some(rest) = url.strip_prefix("http://") else {
             return Err(format!(
-                "`{url}` is not an OTLP/HTTP endpoint; write http://host:port, e.g. http://127.0.0.1:4318"
+                "`{shown}` is not an OTLP/HTTP endpoint; write http://host:port, e.g. http://127.0.0.1:4318"
             ));
         };
         let (authority, base) = match rest.find('/') {
             Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
             None => (rest, ""),
         };
+        // Before the port is parsed: with credentials, the text after the last colon is not one.
+        if authority.contains('@') {
+            return Err(format!(
+                "`{shown}` needs a host and no credentials; write e.g. http://127.0.0.1:4318"
+            ));
+        }
         let port_of = |port: &str| {
-            port.parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("`{url}`: `{port}` is not a port number (1-65535)"))
+            port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!(
+                    "`{shown}`: `{}` is not a port number (1-65535)",
+                    redact_url(port)
+                )
+            })
         };
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             let (host, after) = bracketed
                 .split_once(']')
-                .ok_or_else(|| format!("`{url}`: an IPv6 host needs a closing `]`"))?;
+                .ok_or_else(|| format!("`{shown}`: an IPv6 host needs a closing `]`"))?;
             match after.strip_prefix(':') {
                 Some(port) => (host, port_of(port)?),
                 None if after.is_empty() => (host, 80),
-                None => return Err(format!("`{url}`: expected `:port` after `]`")),
+                None => return Err(format!("`{shown}`: expected `:port` after `]`")),
             }
         } else {
             match authority.rsplit_once(':') {
@@ -252,9 +263,9 @@ impl OtlpEndpoint {
                 None => (authority, 80),
             }
         };
-        if host.is_empty() || authority.contains('@') {
+        if host.is_empty() {
             return Err(format!(
-                "`{url}` needs a host and no credentials; write e.g. http://127.0.0.1:4318"
+                "`{shown}` needs a host and no credentials; write e.g. http://127.0.0.1:4318"
             ));
         }
         Ok(Self {
@@ -450,5 +461,20 @@ mod tests {
         assert!(OtlpEndpoint::parse("grpc://x:4317").is_err());
         assert!(OtlpEndpoint::parse("http://:4318").is_err());
         assert!(OtlpEndpoint::parse("http://x:0").is_err());
+    }
+
+    #[test]
+    fn a_refused_otlp_endpoint_does_not_print_its_credentials() {
+        for url in [
+            "http://weir:s3cret@127.0.0.1:4318",
+            "http://weir:s3cret@collector",
+            "https://weir:s3cret@collector:4318",
+            "http://collector:4318?token=s3cret",
+            "otlp://weir:s3cret@collector",
+        ] {
+            let err = OtlpEndpoint::parse(url).unwrap_err();
+            assert!(!err.contains("s3cret"), "{url}: {err}");
+            assert!(err.contains("***"), "{url}: {err}");
+        }
     }
 }

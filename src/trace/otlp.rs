@@ -162,7 +162,12 @@ pub fn start(endpoint: OtlpEndpoint, instance: &str, metrics: &Arc<Metrics>) -> 
             .with_label_values(&["export_failed"]),
         warnings: WarnLimit::new(Duration::from_secs(60)),
     };
-    tracing::info!(endpoint = %format!("http://{}:{}{}", batches.endpoint.host, batches.endpoint.port, batches.endpoint.path), "exporting a span per derived event over OTLP");
+    // The base path may carry a query with a token (`/otlp?api_key=...`).
+    let shown = format!(
+        "http://{}:{}{}",
+        batches.endpoint.host, batches.endpoint.port, batches.endpoint.path
+    );
+    tracing::info!(endpoint = %crate::config::redact_url(&shown), "exporting a span per derived event over OTLP");
     let task = tokio::spawn(batches.run(rx, stopped));
     Some(Exporter { stop, task })
 }
