@@ -590,7 +590,7 @@ async fn weir_run_with_a_password_never_prints_it() {
     let args = ["record", "--config", checked, "--duration", "1s"];
     let (status, output) = Weir::run(label, &args, &[("WEIR_LOG", "debug")]);
     assert!(status.success(), "{label}: {output}");
-    assert!(output.contains("connected; recording"), "{label}: {output}");
+    assert!(output.contains("subscribed"), "{label}: {output}");
     transcript.add(label, output);
 
     let runs = [

@@ -86,7 +86,7 @@ impl Queue {
         let cause = event.cause.as_ref();
         let parent = cause.and_then(|c| c.trace.as_ref()).map(|t| t.span_id);
         let context = outgoing
-            .properties
+            .headers
             .trace
             .get_or_insert_with(|| Box::new(TraceContext::root()));
         let end_ns = unix_ns_now();
