@@ -5,6 +5,7 @@
 
 pub mod client;
 
+use crate::config::endpoint::BrokerEndpoint;
 use crate::config::{redact_url, BrokerConfig, Protocol, Secret};
 use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -14,73 +15,6 @@ use std::time::{Duration, Instant};
 
 /// At most one "lost the broker connection" warning per connection in this interval.
 pub const RECONNECT_WARN_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Host, port and transport parsed from `mqtt://host:port` or `mqtts://host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerEndpoint {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl BrokerEndpoint {
-    /// # Errors
-    /// A sentence saying what is wrong with the URL and what a valid one looks like. The URL is
-    /// quoted through [`redact_url`]: a URL refused for carrying credentials must not print them.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let shown = redact_url(url);
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
-            (false, rest)
-        } else if let Some(rest) = url.strip_prefix("mqtts://") {
-            (true, rest)
-        } else {
-            return Err(format!(
-                "`{shown}` is not a broker URL; write mqtt://host:port, or mqtts://host:port for TLS"
-            ));
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') || rest.contains('@') {
-            return Err(format!(
-                "`{shown}` has a path or credentials; give only host and port, and put credentials in broker.username / broker.password"
-            ));
-        }
-        let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
-            // [::1]:1883
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| format!("`{shown}`: an IPv6 host needs a closing `]`"))?;
-            let port = match after.strip_prefix(':') {
-                Some(port) => parse_port(&shown, port)?,
-                None if after.is_empty() => default_port,
-                None => return Err(format!("`{shown}`: expected `:port` after `]`")),
-            };
-            (host.to_owned(), port)
-        } else {
-            match rest.rsplit_once(':') {
-                Some((host, port)) => (host.to_owned(), parse_port(&shown, port)?),
-                None => (rest.to_owned(), default_port),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!(
-                "`{shown}` has no host; write e.g. mqtt://127.0.0.1:1883"
-            ));
-        }
-        Ok(Self { host, port, tls })
-    }
-}
-
-/// `shown` is the URL as it may be printed; the port is redacted too, since whatever follows
-/// the last colon (`1883?token=...`) lands in it.
-fn parse_port(shown: &str, port: &str) -> Result<u16, String> {
-    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-        format!(
-            "`{shown}`: `{}` is not a port number (1-65535)",
-            redact_url(port)
-        )
-    })
-}
 
 /// Builds rumqttc options for one of weir's connections.
 ///
@@ -529,43 +463,6 @@ impl Default for Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_hosts_ports_and_schemes() {
-        assert_eq!(
-            BrokerEndpoint::parse("mqtt://127.0.0.1:1884").unwrap(),
-            BrokerEndpoint {
-                host: "127.0.0.1".into(),
-                port: 1884,
-                tls: false
-            }
-        );
-        assert_eq!(BrokerEndpoint::parse("mqtts://broker").unwrap().port, 8883);
-        assert_eq!(
-            BrokerEndpoint::parse("mqtt://[::1]:1883").unwrap().host,
-            "::1"
-        );
-        assert!(BrokerEndpoint::parse("tcp://x:1").is_err());
-        assert!(BrokerEndpoint::parse("mqtt://x:99999").is_err());
-        assert!(BrokerEndpoint::parse("mqtt://:1883").is_err());
-    }
-
-    #[test]
-    fn a_refused_url_does_not_print_its_password() {
-        for url in [
-            "mqtt://weir:s3cret@127.0.0.1:1883",
-            "mqtts://weir:s3cret@broker/path",
-            "weir:s3cret@127.0.0.1:1883",
-            "mqtt://127.0.0.1:1883?password=s3cret",
-            "mqtt://[::1]:1883?token=s3cret",
-        ] {
-            let err = BrokerEndpoint::parse(url).unwrap_err();
-            assert!(!err.contains("s3cret"), "{url}: {err}");
-            assert!(err.contains("***"), "{url}: {err}");
-        }
-        let err = BrokerEndpoint::parse("mqtt://weir:s3cret@127.0.0.1:1883").unwrap_err();
-        assert!(err.contains("`mqtt://weir:***@127.0.0.1:1883` has a path or credentials"));
-    }
 
     fn temp_file(name: &str, content: &[u8]) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("weir-mqtt-{}-{name}", std::process::id()));

@@ -6,6 +6,7 @@
 //! everything weir prints.
 
 pub mod condition;
+pub mod endpoint;
 mod error;
 mod secret;
 pub mod topic;

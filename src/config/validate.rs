@@ -1,13 +1,13 @@
 //! Semantic checks on a parsed config: every problem is collected with its path, so one run of
 //! `weir check` reports them all.
 
+use super::endpoint::BrokerEndpoint;
 use super::{
     AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode,
     FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig,
     Protocol, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use crate::config::topic::{TopicPattern, TopicTemplate};
-use crate::mqtt::BrokerEndpoint;
 use std::time::Duration;
 
 /// One semantic problem: the dotted path of the key and a sentence saying what to do.
@@ -99,7 +99,7 @@ fn check_observability(observability: &ObservabilityConfig, problems: &mut Probl
             "this weir was built without OTLP export; rebuild it with `cargo build --release --features otlp`, or remove the key",
         );
     }
-    if let Err(message) = crate::trace::OtlpEndpoint::parse(endpoint) {
+    if let Err(message) = super::endpoint::OtlpEndpoint::parse(endpoint) {
         problems.add("observability.otlp_endpoint", message);
     }
 }

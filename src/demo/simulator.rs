@@ -5,8 +5,9 @@
 //! `overheat` thresholds (above 30, back below 28) every few tens of seconds per device, so
 //! alerts flow continuously; humidity wanders slowly around 45 %; batteries drain.
 
+use crate::config::endpoint::BrokerEndpoint;
 use crate::config::BrokerConfig;
-use crate::mqtt::{Backoff, BrokerEndpoint};
+use crate::mqtt::Backoff;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

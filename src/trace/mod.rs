@@ -5,7 +5,6 @@
 #[cfg(feature = "otlp")]
 pub mod otlp;
 
-use crate::config::redact_url;
 use crate::event::DerivedEvent;
 use crate::route::Outgoing;
 use std::cell::Cell;
@@ -204,78 +203,6 @@ fn random_u64() -> u64 {
     })
 }
 
-/// An OTLP/HTTP collector address: `http://host:port` with an optional base path, to which
-/// `/v1/traces` is appended (as the OTLP spec's `OTEL_EXPORTER_OTLP_ENDPOINT` does).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OtlpEndpoint {
-    pub host: String,
-    pub port: u16,
-    /// The path spans are POSTed to, e.g. `/v1/traces`.
-    pub path: String,
-}
-
-impl OtlpEndpoint {
-    /// # Errors
-    /// A sentence saying what is wrong and what a valid endpoint looks like; the URL is quoted
-    /// through [`redact_url`], so a refused endpoint with credentials does not print them.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let shown = redact_url(url);
-        if url.starts_with("https://") {
-            return Err(format!(
-                "`{shown}`: weir sends OTLP over plain HTTP; run a collector on this gateway (e.g. http://127.0.0.1:4318) and let it forward over TLS"
-            ));
-        }
-        let Some(rest) = url.strip_prefix("http://") else {
-            return Err(format!(
-                "`{shown}` is not an OTLP/HTTP endpoint; write http://host:port, e.g. http://127.0.0.1:4318"
-            ));
-        };
-        let (authority, base) = match rest.find('/') {
-            Some(at) => (&rest[..at], rest[at..].trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        // Before the port is parsed: with credentials, the text after the last colon is not one.
-        if authority.contains('@') {
-            return Err(format!(
-                "`{shown}` needs a host and no credentials; write e.g. http://127.0.0.1:4318"
-            ));
-        }
-        let port_of = |port: &str| {
-            port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                format!(
-                    "`{shown}`: `{}` is not a port number (1-65535)",
-                    redact_url(port)
-                )
-            })
-        };
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| format!("`{shown}`: an IPv6 host needs a closing `]`"))?;
-            match after.strip_prefix(':') {
-                Some(port) => (host, port_of(port)?),
-                None if after.is_empty() => (host, 80),
-                None => return Err(format!("`{shown}`: expected `:port` after `]`")),
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, port_of(port)?),
-                None => (authority, 80),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!(
-                "`{shown}` needs a host and no credentials; write e.g. http://127.0.0.1:4318"
-            ));
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            path: format!("{base}/v1/traces"),
-        })
-    }
-}
-
 /// Where the spans of derived events go: nowhere, unless weir was built with the `otlp` feature
 /// and `observability.otlp_endpoint` is set. Lives in `Metrics`, the handle every stage holds.
 #[derive(Default)]
@@ -329,7 +256,8 @@ impl Export {
         {
             let exporter = match &config.observability.otlp_endpoint {
                 Some(url) => {
-                    let endpoint = OtlpEndpoint::parse(url).map_err(anyhow::Error::msg)?;
+                    let endpoint = crate::config::endpoint::OtlpEndpoint::parse(url)
+                        .map_err(anyhow::Error::msg)?;
                     otlp::start(endpoint, &config.broker.client_id, metrics)
                 }
                 None => None,
@@ -431,50 +359,5 @@ mod tests {
         let root = TraceContext::root();
         assert_ne!(root.trace_id, [0; 16]);
         assert_ne!(root.trace_id, TraceContext::root().trace_id);
-    }
-
-    #[test]
-    fn otlp_endpoints_are_http_with_an_optional_base_path() {
-        let endpoint = OtlpEndpoint::parse("http://127.0.0.1:4318").unwrap();
-        assert_eq!(
-            (
-                endpoint.host.as_str(),
-                endpoint.port,
-                endpoint.path.as_str()
-            ),
-            ("127.0.0.1", 4318, "/v1/traces")
-        );
-        let endpoint = OtlpEndpoint::parse("http://collector/otlp/").unwrap();
-        assert_eq!(
-            (
-                endpoint.host.as_str(),
-                endpoint.port,
-                endpoint.path.as_str()
-            ),
-            ("collector", 80, "/otlp/v1/traces")
-        );
-        assert_eq!(
-            OtlpEndpoint::parse("http://[::1]:4318").unwrap().host,
-            "::1"
-        );
-        assert!(OtlpEndpoint::parse("https://x:4318").is_err());
-        assert!(OtlpEndpoint::parse("grpc://x:4317").is_err());
-        assert!(OtlpEndpoint::parse("http://:4318").is_err());
-        assert!(OtlpEndpoint::parse("http://x:0").is_err());
-    }
-
-    #[test]
-    fn a_refused_otlp_endpoint_does_not_print_its_credentials() {
-        for url in [
-            "http://weir:s3cret@127.0.0.1:4318",
-            "http://weir:s3cret@collector",
-            "https://weir:s3cret@collector:4318",
-            "http://collector:4318?token=s3cret",
-            "otlp://weir:s3cret@collector",
-        ] {
-            let err = OtlpEndpoint::parse(url).unwrap_err();
-            assert!(!err.contains("s3cret"), "{url}: {err}");
-            assert!(err.contains("***"), "{url}: {err}");
-        }
     }
 }

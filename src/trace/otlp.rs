@@ -19,7 +19,8 @@
 //! A batch the collector refuses or cannot take is dropped and counted (`export_failed`), not
 //! retried: the next second brings the next batch.
 
-use super::{hex_encode, OtlpEndpoint, TraceContext};
+use super::{hex_encode, TraceContext};
+use crate::config::endpoint::OtlpEndpoint;
 use crate::event::{DerivedEvent, EventId};
 use crate::metrics::{Metrics, WarnLimit};
 use crate::route::Outgoing;
