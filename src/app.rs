@@ -10,8 +10,7 @@
 
 use crate::config::{AckAfterConfig, Config, DeliveryMode};
 use crate::engine::{Plan, RawMessage, Reload, Worker};
-use crate::metrics::http::{ReloadReport, RuleInfo, SharedRules};
-use crate::metrics::{http, Metrics};
+use crate::metrics::Metrics;
 use crate::route::Outgoing;
 use crate::sink::mqtt::MqttSink;
 use crate::sink::SinkOptions;
@@ -19,6 +18,7 @@ use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
 use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer, AckAfter};
 use crate::store::{snapshot, StateDir};
+use crate::telemetry::http::{self, ReloadReport, RuleInfo, SharedRules};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -154,7 +154,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     // After recovery: events replayed from the input log were exported (or lost) by the run
     // that derived them first.
-    let spans = crate::trace::Export::start(&config, &metrics)?;
+    let spans = crate::telemetry::Export::start(&config, &metrics)?;
     let (sink_tx, sink_rx) = mpsc::channel(capacity);
     let mut worker_txs = Vec::new();
     let mut worker_tasks = Vec::new();

@@ -440,7 +440,8 @@ impl Plan {
     /// The worker that owns a device: a stable hash of input and device id, so a device's
     /// readings always go to the same worker and stay in order.
     pub fn shard(input: usize, device: &str, workers: usize) -> usize {
-        let hash = crate::event::EventId::derive(&[&input.to_le_bytes(), device.as_bytes()]).0;
+        let hash =
+            crate::model::event::EventId::derive(&[&input.to_le_bytes(), device.as_bytes()]).0;
         (hash % workers.max(1) as u64) as usize
     }
 }

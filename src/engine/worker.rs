@@ -8,8 +8,8 @@ use super::{OperatorPlan, Plan};
 use crate::config::DeviceLimitPolicy;
 use crate::config::Format;
 use crate::decode::{DecodeError, Decoded, Origin, Reading};
-use crate::event::{EventBody, EventId};
 use crate::metrics::{Metrics, TapEvent, WarnLimit, WorkerStats};
+use crate::model::event::{EventBody, EventId};
 use crate::model::message::RawMessage;
 use crate::operators::window::LateReason;
 use crate::operators::{Operator, Output};
@@ -961,7 +961,7 @@ fn dead_letter_payload(
     const KEEP: usize = 4096;
     let payload = &message.payload[..message.payload.len().min(KEEP)];
     let mut body = serde_json::json!({
-        "v": crate::event::SCHEMA_VERSION,
+        "v": crate::model::event::SCHEMA_VERSION,
         "kind": "dead_letter",
         "input": input,
         "reason": reason,

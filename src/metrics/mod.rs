@@ -1,12 +1,12 @@
 //! Every metric weir exports, defined once: names carry the `weir_` prefix and their unit, labels
 //! are bounded (input, rule, kind, reason, connection, stage; never the device).
 //!
-//! [`http`] serves them at `/metrics` next to `/healthz`, `/readyz`, `/api/rules` and the live
+//! `telemetry::http` serves them at `/metrics` next to `/healthz`, `/readyz`, `/api/rules` and the live
 //! tap `/api/events` ([`tap`]). [`latency`] holds the hdrhistogram-backed latency metrics;
 //! [`warn`] the rate limit for repeated warnings.
 
-pub mod http;
 pub mod latency;
+pub mod spans;
 pub mod tap;
 pub mod warn;
 
@@ -100,7 +100,7 @@ pub struct Metrics {
     pub trace_context_invalid: IntCounterVec,
     /// Spans of derived events, exported over OTLP (with the `otlp` feature); here for the same
     /// reason as the tap.
-    pub spans: crate::trace::Spans,
+    pub spans: crate::metrics::spans::Spans,
     pub otlp_spans_exported: IntCounter,
     pub otlp_spans_dropped: IntCounterVec,
     build_info: IntGaugeVec,
@@ -421,7 +421,7 @@ impl Metrics {
                 "Inputs whose traceparent user property was not valid W3C trace context (ignored; the reading is processed), by input.",
                 &["input"],
             ),
-            spans: crate::trace::Spans::default(),
+            spans: crate::metrics::spans::Spans::default(),
             otlp_spans_exported: counter(
                 r,
                 "weir_otlp_spans_exported_total",

@@ -1,7 +1,7 @@
 //! The messages that flow: a raw message on its way in, an encoded event on its way out.
 
-use crate::event::EventId;
-use crate::trace::TraceContext;
+use crate::model::event::EventId;
+use crate::model::trace::TraceContext;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;

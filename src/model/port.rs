@@ -18,7 +18,7 @@ pub struct Incoming {
     pub topic: String,
     pub payload: Bytes,
     /// The W3C trace context its headers carried.
-    pub trace: crate::trace::Incoming,
+    pub trace: crate::model::trace::Incoming,
     /// `None` for a message that needs no acknowledgement (MQTT QoS 0).
     pub ack: Option<AckToken>,
 }
@@ -93,7 +93,7 @@ pub enum LogCommand {
         topic: String,
         payload: Bytes,
         /// The message's W3C trace context, replayed with it after a crash.
-        trace: Option<std::sync::Arc<crate::trace::TraceContext>>,
+        trace: Option<std::sync::Arc<crate::model::trace::TraceContext>>,
         ack: Option<AckToken>,
     },
     /// Start a new segment at this LSN (a snapshot barrier).

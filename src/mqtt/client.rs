@@ -8,7 +8,7 @@
 //! payload; MQTT 5 adds reading its user properties for a trace context.
 
 use crate::model::message::Headers;
-use crate::trace::{self, TraceContext};
+use crate::model::trace::{self, TraceContext};
 use bytes::Bytes;
 use rumqttc::v5;
 use rumqttc::v5::mqttbytes::v5 as packet5;
@@ -414,7 +414,7 @@ fn qos4(qos: QoS5) -> QoS {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventId;
+    use crate::model::event::EventId;
     use crate::model::message::ContentType;
 
     #[test]

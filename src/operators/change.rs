@@ -6,7 +6,7 @@ use super::flapping::{FlapState, Flapping, Verdict};
 use super::{in_order, Operator, Output, RuleMeta};
 use crate::config::ChangeConfig;
 use crate::decode::{DiscreteValue, Reading};
-use crate::event::EventBody;
+use crate::model::event::EventBody;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

@@ -8,7 +8,7 @@ use super::flapping::{FlapState, Flapping, Verdict};
 use super::{in_order, millis, Operator, Output, RuleMeta};
 use crate::config::{HysteresisConfig, ThresholdsConfig};
 use crate::decode::Reading;
-use crate::event::EventBody;
+use crate::model::event::EventBody;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

@@ -10,7 +10,7 @@
 use super::{millis, Operator, Output, RuleMeta};
 use crate::config::LivenessConfig;
 use crate::decode::{Discrete, Origin, Reading};
-use crate::event::EventBody;
+use crate::model::event::EventBody;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

@@ -25,7 +25,7 @@ pub use stuck::Stuck;
 pub use window::{CountWindows, Hopping, SessionWindows, Tumbling};
 
 use crate::decode::{Origin, Reading};
-use crate::event::{Cause, DerivedEvent, EventBody, EventId};
+use crate::model::event::{Cause, DerivedEvent, EventBody, EventId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
@@ -214,7 +214,7 @@ pub(crate) mod test_support {
     pub fn feed<O: super::Operator, const N: usize>(
         operator: &O,
         readings: &[(i64, [Option<f64>; N])],
-        describe: impl Fn(&crate::event::DerivedEvent) -> String,
+        describe: impl Fn(&crate::model::event::DerivedEvent) -> String,
     ) -> (Vec<String>, super::Output) {
         let origin = origin("d1");
         let mut state = O::State::default();

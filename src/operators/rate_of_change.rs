@@ -5,7 +5,7 @@
 use super::{admit, millis, Operator, Output, RuleMeta};
 use crate::config::RateOfChangeConfig;
 use crate::decode::Reading;
-use crate::event::EventBody;
+use crate::model::event::EventBody;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 use super::{admit, millis, Operator, Output, RuleMeta};
 use crate::config::StuckConfig;
 use crate::decode::Reading;
-use crate::event::EventBody;
+use crate::model::event::EventBody;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

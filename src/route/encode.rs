@@ -2,7 +2,7 @@
 //! `json.rs` writes directly for speed (a test holds the two to the same bytes).
 
 use crate::config::Format;
-use crate::event::{DerivedEvent, EventBody, SCHEMA_VERSION};
+use crate::model::event::{DerivedEvent, EventBody, SCHEMA_VERSION};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 /// Encodes an event in `format`.
@@ -42,7 +42,7 @@ impl Serialize for Labels<'_> {
     }
 }
 
-struct CauseView<'a>(&'a crate::event::Cause);
+struct CauseView<'a>(&'a crate::model::event::Cause);
 
 impl Serialize for CauseView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -61,7 +61,7 @@ impl Serialize for CauseView<'_> {
 }
 
 struct WindowMetrics<'a>(
-    &'a [crate::event::WindowMetric],
+    &'a [crate::model::event::WindowMetric],
     &'a [crate::config::Aggregate],
 );
 
@@ -88,7 +88,7 @@ impl Serialize for LateValues<'_> {
 }
 
 struct Aggregates<'a>(
-    &'a crate::event::WindowMetric,
+    &'a crate::model::event::WindowMetric,
     &'a [crate::config::Aggregate],
 );
 
@@ -261,7 +261,7 @@ impl Serialize for EventView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Cause, EventId};
+    use crate::model::event::{Cause, EventId};
     use crate::operators::test_support::origin;
 
     fn state_change() -> DerivedEvent {
@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn the_cause_names_the_readings_trace_id_only_when_it_had_one() {
         let mut event = state_change();
-        let trace = crate::trace::TraceContext::parse(
+        let trace = crate::model::trace::TraceContext::parse(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             None,
         )

@@ -10,7 +10,7 @@
 
 use crate::config::Aggregate;
 use crate::decode::DiscreteValue;
-use crate::event::{DerivedEvent, EventBody, WindowMetric, SCHEMA_VERSION};
+use crate::model::event::{DerivedEvent, EventBody, WindowMetric, SCHEMA_VERSION};
 use serde_json::ser::{CompactFormatter, Formatter};
 
 /// Appends `event` as JSON to `out`.
@@ -355,7 +355,7 @@ impl Writer<'_> {
 mod tests {
     use super::*;
     use crate::decode::Origin;
-    use crate::event::{Cause, EventId, WindowClose};
+    use crate::model::event::{Cause, EventId, WindowClose};
     use crate::route::EventView;
     use proptest::prelude::*;
     use std::sync::Arc;
@@ -413,7 +413,7 @@ mod tests {
                 ts: 17,
                 seq,
                 trace: seq.and_then(|_| {
-                    crate::trace::TraceContext::parse(
+                    crate::model::trace::TraceContext::parse(
                         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                         None,
                     )

@@ -9,7 +9,7 @@ pub use encode::{encode, EventView};
 
 use crate::config::topic::TopicTemplate;
 use crate::config::Format;
-use crate::event::DerivedEvent;
+use crate::model::event::DerivedEvent;
 pub use crate::model::message::Outgoing;
 use crate::model::message::{ContentType, Headers};
 

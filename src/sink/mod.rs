@@ -20,8 +20,8 @@ use crate::engine::snapshot::{DeviceSnapshot, Snapshot, SnapshotCommand, StoredM
 use crate::engine::{Plan, SinkInput};
 use crate::metrics::{LatencyRecorder, Metrics, WarnLimit};
 use crate::model::message::{ContentType, Headers};
+use crate::model::trace::TraceContext;
 use crate::route::Outgoing;
-use crate::trace::TraceContext;
 use prometheus::IntCounter;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -116,7 +116,7 @@ pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
     let rule_index = plan.rules.iter().position(|r| *r.name == message.rule);
     let rule = (!message.rule.is_empty()).then(|| Arc::from(message.rule.as_str()));
     let headers = Headers {
-        id: message.id.map(crate::event::EventId),
+        id: message.id.map(crate::model::event::EventId),
         // Dead letters (no rule) are JSON.
         content_type: rule_index.map_or(ContentType::Json, |rule| {
             plan.rules[rule].route.content_type()
@@ -384,7 +384,7 @@ pub async fn run<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventId;
+    use crate::model::event::EventId;
 
     #[test]
     fn an_outbox_entry_keeps_its_id_content_type_and_span_through_a_snapshot() {

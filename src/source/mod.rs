@@ -15,7 +15,7 @@ use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
 use crate::metrics::Metrics;
 use crate::model::port::{AckBatch, Acker, Delivery, LogCommand, Source};
 use crate::model::time::wall_clock_ms;
-use crate::trace;
+use crate::model::trace;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@
 //! it existed never have that bit set (inputs are numbered from 0), so they read as before.
 
 use super::sync_dir;
-use crate::trace::TraceContext;
+use crate::model::trace::TraceContext;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use super::{snapshot, StateDir};
 pub use crate::engine::snapshot::SnapshotCommand;
 use crate::metrics::Metrics;
 use crate::model::port::{AckBatch, AckToken, LogCommand};
-use crate::trace::TraceContext;
+use crate::model::trace::TraceContext;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 
 use super::sketch::Sketch;
 use crate::config::Aggregate;
-use crate::event::WindowMetric;
+use crate::model::event::WindowMetric;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Cow;
 use std::sync::Arc;

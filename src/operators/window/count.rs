@@ -6,7 +6,7 @@
 
 use super::{aggregates::Accumulators, Pane, WindowSpec};
 use crate::decode::{Origin, Reading};
-use crate::event::WindowClose;
+use crate::model::event::WindowClose;
 use crate::operators::{Operator, Output};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

@@ -33,7 +33,7 @@ pub use tumbling::Tumbling;
 use super::{Operator, Output, RuleMeta};
 use crate::config::{Aggregate, OnShutdown, WindowConfig};
 use crate::decode::{Origin, Reading};
-use crate::event::{Cause, DerivedEvent, EventBody, EventId, WindowClose};
+use crate::model::event::{Cause, DerivedEvent, EventBody, EventId, WindowClose};
 use aggregates::{Accumulators, Basic};
 use condition::WindowView;
 use serde::{Deserialize, Serialize};
@@ -481,7 +481,7 @@ impl<A: Assigner> Operator for TimeWindows<A> {
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
-    use crate::event::WindowMetric;
+    use crate::model::event::WindowMetric;
 
     /// A config with one metric `temperature` and the given shape keys filled in by `shape`.
     pub fn config(shape: impl FnOnce(&mut WindowConfig)) -> WindowConfig {

@@ -9,7 +9,7 @@
 
 use super::{LateReason, Pane, WindowSpec};
 use crate::decode::{Origin, Reading};
-use crate::event::WindowClose;
+use crate::model::event::WindowClose;
 use crate::operators::{Operator, Output};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

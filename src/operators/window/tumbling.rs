@@ -36,7 +36,7 @@ mod tests {
     use super::super::TimeWindowsState;
     use super::*;
     use crate::config::WindowConfig;
-    use crate::event::WindowClose;
+    use crate::model::event::WindowClose;
     use crate::operators::test_support::{origin, reading};
     use crate::operators::{Operator, Output};
     use std::time::Duration;

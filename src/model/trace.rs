@@ -1,12 +1,6 @@
 //! W3C trace context: a reading's `traceparent` / `tracestate` (MQTT 5 user properties), carried
-//! to the events it causes with a new span id each, and the spans weir reports about those events
-//! ([`Spans`]; exported over OTLP by [`otlp`] with the `otlp` cargo feature).
+//! to the events it causes with a new span id each.
 
-#[cfg(feature = "otlp")]
-pub mod otlp;
-
-use crate::event::DerivedEvent;
-use crate::route::Outgoing;
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -201,83 +195,6 @@ fn random_u64() -> u64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     })
-}
-
-/// Where the spans of derived events go: nowhere, unless weir was built with the `otlp` feature
-/// and `observability.otlp_endpoint` is set. Lives in `Metrics`, the handle every stage holds.
-#[derive(Default)]
-pub struct Spans {
-    #[cfg(feature = "otlp")]
-    queue: otlp::Queue,
-}
-
-impl Spans {
-    /// Whether spans are exported; one atomic load, checked per event.
-    #[inline]
-    pub fn is_on(&self) -> bool {
-        #[cfg(feature = "otlp")]
-        {
-            self.queue.is_on()
-        }
-        #[cfg(not(feature = "otlp"))]
-        {
-            false
-        }
-    }
-
-    /// Reports the span of one routed event. An event whose reading carried no trace starts a
-    /// new one, and its publish carries that trace's `traceparent`, so what happens downstream
-    /// joins the exported span.
-    pub fn record(&self, event: &DerivedEvent, outgoing: &mut Outgoing) {
-        #[cfg(feature = "otlp")]
-        self.queue.record(event, outgoing);
-        #[cfg(not(feature = "otlp"))]
-        let _ = (event, outgoing);
-    }
-}
-
-/// The span exporter of a running weir: an OTLP exporter when built with the `otlp` feature and
-/// `observability.otlp_endpoint` is set, else nothing.
-pub struct Export {
-    #[cfg(feature = "otlp")]
-    exporter: Option<otlp::Exporter>,
-}
-
-impl Export {
-    /// Starts exporting the spans recorded in `metrics.spans`, if configured.
-    ///
-    /// # Errors
-    /// The endpoint is invalid (validation catches that first).
-    pub fn start(
-        config: &crate::config::Config,
-        metrics: &Arc<crate::metrics::Metrics>,
-    ) -> anyhow::Result<Self> {
-        #[cfg(feature = "otlp")]
-        {
-            let exporter = match &config.observability.otlp_endpoint {
-                Some(url) => {
-                    let endpoint = crate::config::endpoint::OtlpEndpoint::parse(url)
-                        .map_err(anyhow::Error::msg)?;
-                    otlp::start(endpoint, &config.broker.client_id, metrics)
-                }
-                None => None,
-            };
-            Ok(Self { exporter })
-        }
-        #[cfg(not(feature = "otlp"))]
-        {
-            let _ = (config, metrics);
-            Ok(Self {})
-        }
-    }
-
-    /// Sends the spans still queued and stops; call it once the workers have ended.
-    pub async fn stop(self) {
-        #[cfg(feature = "otlp")]
-        if let Some(exporter) = self.exporter {
-            exporter.stop().await;
-        }
-    }
 }
 
 #[cfg(test)]

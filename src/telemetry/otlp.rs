@@ -19,14 +19,13 @@
 //! A batch the collector refuses or cannot take is dropped and counted (`export_failed`), not
 //! retried: the next second brings the next batch.
 
-use super::{hex_encode, TraceContext};
 use crate::config::endpoint::OtlpEndpoint;
-use crate::event::{DerivedEvent, EventId};
+use crate::metrics::spans::otlp::{Channel, Span};
 use crate::metrics::{Metrics, WarnLimit};
-use crate::route::Outgoing;
+use crate::model::trace::hex_encode;
 use prometheus::IntCounter;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -43,81 +42,6 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 /// OTLP `SPAN_KIND_PRODUCER`: the span ends with a message published.
 const SPAN_KIND_PRODUCER: u8 = 4;
-
-/// The workers' end of the span queue; empty (and every event skipped at one atomic load)
-/// until [`start`] runs.
-#[derive(Default)]
-pub struct Queue {
-    channel: OnceLock<Channel>,
-}
-
-struct Channel {
-    tx: mpsc::Sender<Span>,
-    queue_full: IntCounter,
-}
-
-/// One derived event's span, as queued for export.
-#[derive(Debug)]
-struct Span {
-    trace_id: [u8; 16],
-    span_id: [u8; 8],
-    parent: Option<[u8; 8]>,
-    start_ns: u64,
-    end_ns: u64,
-    rule: Arc<str>,
-    device: Arc<str>,
-    kind: &'static str,
-    event_id: EventId,
-    topic: String,
-    cause_topic: Option<Arc<str>>,
-}
-
-impl Queue {
-    #[inline]
-    pub fn is_on(&self) -> bool {
-        self.channel.get().is_some()
-    }
-
-    /// Queues the span of `event`, routed as `outgoing`; gives `outgoing` a new trace when the
-    /// reading carried none.
-    pub fn record(&self, event: &DerivedEvent, outgoing: &mut Outgoing) {
-        let Some(channel) = self.channel.get() else {
-            return;
-        };
-        let cause = event.cause.as_ref();
-        let parent = cause.and_then(|c| c.trace.as_ref()).map(|t| t.span_id);
-        let context = outgoing
-            .headers
-            .trace
-            .get_or_insert_with(|| Box::new(TraceContext::root()));
-        let end_ns = unix_ns_now();
-        let start_ns = event.arrival.map_or(end_ns, |arrival| {
-            end_ns.saturating_sub(u64::try_from(arrival.elapsed().as_nanos()).unwrap_or(0))
-        });
-        let span = Span {
-            trace_id: context.trace_id,
-            span_id: context.span_id,
-            parent,
-            start_ns,
-            end_ns,
-            rule: event.rule.clone(),
-            device: event.origin.device.clone(),
-            kind: event.body.kind(),
-            event_id: event.id,
-            topic: outgoing.topic.clone(),
-            cause_topic: cause.map(|c| c.topic.clone()),
-        };
-        if channel.tx.try_send(span).is_err() {
-            channel.queue_full.inc();
-        }
-    }
-}
-
-fn unix_ns_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
 
 /// The running exporter.
 pub struct Exporter {
@@ -365,6 +289,7 @@ async fn post(endpoint: &OtlpEndpoint, body: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::event::EventId;
 
     #[test]
     fn a_span_is_otlp_json_with_hex_ids_and_string_times() {

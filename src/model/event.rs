@@ -1,8 +1,8 @@
 //! Derived events: what operators emit and what weir publishes (schema v1, see the README).
 
+use super::reading::{DiscreteValue, Origin};
 use crate::config::Aggregate;
-use crate::decode::{DiscreteValue, Origin};
-use crate::trace::TraceContext;
+use crate::model::trace::TraceContext;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -221,7 +221,7 @@ pub struct Cause {
 
 impl Cause {
     /// The cause naming `reading`.
-    pub fn of(reading: &crate::decode::Reading<'_>) -> Self {
+    pub fn of(reading: &super::reading::Reading<'_>) -> Self {
         Self {
             topic: reading.origin.topic.clone(),
             ts: reading.ts,

@@ -3,8 +3,8 @@
 //! and state sizes, JSON), `/api/events` (the live tap of derived events, Server-Sent Events) and
 //! `/api/reload` (POST: load the config file again; GET: what the last reload did).
 
-use super::tap::{TapItem, TapSubscription};
-use super::Metrics;
+use crate::metrics::tap::{TapItem, TapSubscription};
+use crate::metrics::Metrics;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
