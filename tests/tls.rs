@@ -108,7 +108,7 @@ fn pki() -> Pki {
 }
 
 /// A Mosquitto with a TLS listener on a port of its own; returns it with that port.
-fn tls_broker(pki: &Pki, require_certificate: bool) -> Option<(Mosquitto, u16)> {
+fn tls_broker(pki: &Pki, require_certificate: bool) -> (Mosquitto, u16) {
     let tls_port = free_port();
     let mut extra = format!(
         "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
@@ -119,7 +119,7 @@ fn tls_broker(pki: &Pki, require_certificate: bool) -> Option<(Mosquitto, u16)> 
     if require_certificate {
         extra.push_str("require_certificate true\nuse_identity_as_username true\n");
     }
-    Mosquitto::start_with(&extra).map(|broker| (broker, tls_port))
+    (Mosquitto::start_with(&extra), tls_port)
 }
 
 /// The example config pointed at the TLS listener, trusting `ca_file`.
@@ -151,9 +151,7 @@ async fn alert_flows_through(broker: &Mosquitto) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_connects_over_tls_with_the_ca_file_and_publishes_alerts() {
     let pki = pki();
-    let Some((broker, tls_port)) = tls_broker(&pki, false) else {
-        return;
-    };
+    let (broker, tls_port) = tls_broker(&pki, false);
     let config = tls_config(&broker, tls_port, &pki.ca, "tls");
     weir::mqtt::try_connect(&config.broker, PROBE_TIMEOUT)
         .await
@@ -166,9 +164,7 @@ async fn weir_connects_over_tls_with_the_ca_file_and_publishes_alerts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_never_connects_and_says_to_set_ca_file() {
     let pki = pki();
-    let Some((broker, tls_port)) = tls_broker(&pki, false) else {
-        return;
-    };
+    let (broker, tls_port) = tls_broker(&pki, false);
     let config = tls_config(&broker, tls_port, &pki.other_ca, "wrong-ca");
 
     let err = weir::mqtt::try_connect(&config.broker, PROBE_TIMEOUT)
@@ -200,9 +196,7 @@ async fn a_wrong_ca_never_connects_and_says_to_set_ca_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_requiring_client_certificates_accepts_only_weir_with_one() {
     let pki = pki();
-    let Some((broker, tls_port)) = tls_broker(&pki, true) else {
-        return;
-    };
+    let (broker, tls_port) = tls_broker(&pki, true);
 
     let without = tls_config(&broker, tls_port, &pki.ca, "no-cert");
     let err = weir::mqtt::try_connect(&without.broker, PROBE_TIMEOUT)
@@ -244,8 +238,7 @@ async fn a_broker_requiring_client_certificates_accepts_only_weir_with_one() {
 async fn username_and_password_come_from_a_file_or_the_environment() {
     const PASSWD: &str = "/usr/bin/mosquitto_passwd";
     if !Path::new(PASSWD).exists() {
-        println!("no {PASSWD} (Debian package mosquitto): skipped the password test");
-        return;
+        common::not_installed(PASSWD, "mosquitto");
     }
     let dir = temp_dir("passwd");
     let passwords = dir.join("passwords");
@@ -258,10 +251,7 @@ async fn username_and_password_come_from_a_file_or_the_environment() {
         .expect("run mosquitto_passwd");
     assert!(status.success(), "mosquitto_passwd failed: {status}");
     // Anonymous clients (the test's own) stay allowed; a client that names a user must match.
-    let Some(broker) = Mosquitto::start_with(&format!("password_file {}\n", passwords.display()))
-    else {
-        return;
-    };
+    let broker = Mosquitto::start_with(&format!("password_file {}\n", passwords.display()));
 
     let password_file = dir.join("weir-password");
     std::fs::write(&password_file, "s3cret pass\n").expect("write password file");

@@ -257,22 +257,9 @@ impl Drop for Publisher5 {
     }
 }
 
-/// Mosquitto, or `None` (and a printed line) when only the rumqttd fallback exists: it speaks
-/// MQTT 3.1.1 only.
-fn mosquitto() -> Option<Mosquitto> {
-    let broker = Mosquitto::start();
-    if !broker.can_restart() {
-        println!("no mosquitto binary: skipped an MQTT 5 test (the rumqttd fallback speaks 3.1.1)");
-        return None;
-    }
-    Some(broker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traceparent_reaches_the_events_a_reading_causes_with_a_new_span_each() {
-    let Some(broker) = mosquitto() else {
-        return;
-    };
+    let broker = Mosquitto::start();
     let weir = start_weir_with(config_from_text(&broker, CONFIG, "trace")).await;
     let mut events = Subscriber5::start(broker.port(), &["alerts/#", "cbor-alerts/#"], false).await;
     let mut publisher = Publisher5::start(broker.port()).await;
@@ -350,9 +337,7 @@ async fn a_traceparent_reaches_the_events_a_reading_causes_with_a_new_span_each(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
-    let Some(mut broker) = Mosquitto::start_persistent_on(free_port()) else {
-        return;
-    };
+    let mut broker = Mosquitto::start_persistent_on(free_port());
     let state_dir = temp_dir("trace-state");
     let text = CONFIG.replace(
         "protocol = \"5\"",
@@ -565,9 +550,7 @@ fn attribute(span: &Value, key: &str) -> Option<String> {
 #[cfg(feature = "otlp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_otlp_each_event_exports_the_span_its_traceparent_names() {
-    let Some(broker) = mosquitto() else {
-        return;
-    };
+    let broker = Mosquitto::start();
     let (port, mut requests) = otlp_collector().await;
     let text = format!("{CONFIG}\n[observability]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n");
     let weir = start_weir_with(config_from_text(&broker, &text, "otlp")).await;
