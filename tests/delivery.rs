@@ -334,8 +334,6 @@ async fn weir_killed_with_sigkill_and_restarted_loses_no_event() {
         log_text.matches("weir started").count(),
         kill_points.len() + 1
     );
-    drop(weir);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The example config with a CBOR input beside the JSON one, both with an overheat rule.
@@ -367,7 +365,7 @@ topic = "alerts/{site}/{device}/{rule}"
     let overrides = weir::config::Overrides {
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        state_dir: Some(temp_dir("corpus-state")),
+        state_dir: Some(broker.scratch("corpus-state")),
         ..weir::config::Overrides::default()
     };
     let mut config = weir::config::parse(&text, Path::new("corpus.toml"), &overrides)

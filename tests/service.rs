@@ -2,6 +2,8 @@
 //! `systemd-analyze verify`, scores "OK" on its security check, keeps the state where the
 //! example config puts it, and checks the config before starting.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -63,8 +65,7 @@ fn systemd_accepts_the_unit_and_rates_it_ok() {
         );
     }
     // verify wants the binaries to exist: point the unit at the one just built.
-    let dir = std::env::temp_dir().join(format!("weir-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::temp_dir("unit");
     let path = dir.join("weir.service");
     std::fs::write(&path, unit_text().replace("/usr/local/bin/weir", WEIR)).expect("write unit");
     let verify = Command::new("systemd-analyze")
@@ -77,7 +78,6 @@ fn systemd_accepts_the_unit_and_rates_it_ok() {
         .arg(&path)
         .output()
         .expect("run systemd-analyze security");
-    std::fs::remove_dir_all(&dir).ok();
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success(), "{stderr}");
     assert!(

@@ -9,7 +9,7 @@ mod common;
 
 use common::{
     example_config, free_port, start_weir_with, temp_dir, wait_until, Mosquitto, Publisher,
-    Subscriber, DEADLINE, T0,
+    Subscriber, TempDir, DEADLINE, T0,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -24,21 +24,15 @@ use weir::config::{Config, Secret};
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Certificates written by the test: a CA with a server and a client certificate, and a second
-/// CA that signed neither.
+/// CA that signed neither. Removed with its directory when dropped.
 struct Pki {
-    dir: PathBuf,
+    _dir: TempDir,
     ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
     other_ca: PathBuf,
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -103,7 +97,7 @@ fn pki() -> Pki {
         client_cert: write("client.pem", &client_pem),
         client_key: write("client.key", &client_key),
         other_ca: write("other-ca.pem", &other_pem),
-        dir,
+        _dir: dir,
     }
 }
 
@@ -289,7 +283,7 @@ async fn username_and_password_come_from_a_file_or_the_environment() {
         );
     let overrides = weir::config::Overrides {
         broker_url: Some(broker.url()),
-        state_dir: Some(temp_dir("state-env-password")),
+        state_dir: Some(broker.scratch("state-env-password")),
         broker_password: Some(Secret::new("s3cret pass")),
         ..weir::config::Overrides::default()
     };
@@ -302,5 +296,4 @@ async fn username_and_password_come_from_a_file_or_the_environment() {
     let weir = start_weir_with(config).await;
     alert_flows_through(&broker).await;
     weir.stop().await.expect("weir stops");
-    let _ = std::fs::remove_dir_all(&dir);
 }

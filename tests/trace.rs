@@ -15,7 +15,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -456,7 +455,6 @@ async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
     );
     collecting.abort();
     weir.stop().await.expect("weir stops cleanly");
-    let _ = std::fs::remove_dir_all(Path::new(&state_dir));
 }
 
 /// An OTLP/HTTP collector on loopback: answers every POST with 200 and hands on each request's

@@ -57,12 +57,59 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
-/// A fresh, empty directory under the system temp dir; the caller removes it.
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir, removed with its contents when dropped.
+///
+/// Dropping is what cleans up on every path: a failed assertion unwinds through the test and
+/// drops it too, where a `remove_dir_all` at the end of the test would never run. Keep it in a
+/// variable for as long as the directory is used: `temp_dir("x").join("f")` would drop it (and
+/// remove the directory) at the end of that statement.
+#[must_use = "the directory is removed when this is dropped"]
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh, empty directory under the system temp dir (`weir-test-TAG-PID-N`); see [`TempDir`].
+pub fn temp_dir(tag: &str) -> TempDir {
     let dir = std::env::temp_dir().join(unique(&format!("weir-test-{tag}")));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
-    dir
+    TempDir(dir)
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves no
+/// process behind; `std::process::Child` alone lets it run on.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A loopback port that was free a moment ago (bound to port 0, then released).
@@ -92,7 +139,9 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
 /// MQTT 5, TLS, password files), which an in-process stand-in could not show.
 pub struct Mosquitto {
     port: u16,
-    dir: PathBuf,
+    /// Config, log and persistence; also the scratch space of configs made for this broker
+    /// ([`example_config`]'s state dir), so it all goes when the broker does.
+    dir: TempDir,
     child: Option<Child>,
     /// Keeps sessions and queued QoS 1 messages across a graceful restart (persistence file).
     persistent: bool,
@@ -114,7 +163,7 @@ impl Mosquitto {
         Self::spawn_with(temp_dir("mosquitto"), extra.to_owned())
     }
 
-    fn spawn_with(dir: PathBuf, extra: String) -> Self {
+    fn spawn_with(dir: TempDir, extra: String) -> Self {
         // The port may be taken between probing and binding; try a few.
         for _ in 0..5 {
             let port = free_port();
@@ -166,6 +215,12 @@ impl Mosquitto {
         let child = spawn_mosquitto(&self.dir, self.port, self.persistent, &self.extra)
             .unwrap_or_else(|| panic!("mosquitto did not restart on port {}", self.port));
         self.child = Some(child);
+    }
+
+    /// A path (not yet created) inside this broker's temp dir, removed with it: for what a
+    /// config needs as long as the broker serves it, such as weir's state dir.
+    pub fn scratch(&self, tag: &str) -> PathBuf {
+        self.dir.join(unique(tag))
     }
 
     /// What Mosquitto logged so far, for failure messages.
@@ -255,7 +310,7 @@ impl Drop for Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` is removed after this, when the fields drop: the broker is gone by then.
     }
 }
 
@@ -519,11 +574,14 @@ pub fn telemetry_topic(site: &str, device: &str) -> String {
 
 /// `config/example.toml` pointed at `broker`, /metrics on a free port, a fresh state dir, and a
 /// client id of its own so concurrent tests never share a session.
+///
+/// The state dir is [`Mosquitto::scratch`]: a config has no owner to remove it, and the broker
+/// outlives the weir it serves.
 pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
     let overrides = weir::config::Overrides {
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        state_dir: Some(temp_dir(&format!("state-{tag}"))),
+        state_dir: Some(broker.scratch(&format!("state-{tag}"))),
         ..weir::config::Overrides::default()
     };
     let mut config = weir::config::load(Path::new(EXAMPLE_CONFIG), &overrides)
@@ -807,7 +865,7 @@ pub fn percent_encode(value: &str) -> String {
 /// every second, with its own temp dir for config and TSDB. Killed and removed on drop.
 pub struct Prometheus {
     pub addr: SocketAddr,
-    dir: PathBuf,
+    dir: TempDir,
     child: Child,
 }
 
@@ -893,7 +951,7 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` (config and TSDB) is removed when the fields drop, after the process is gone.
     }
 }
 
