@@ -5,7 +5,7 @@ mod common;
 
 use common::{
     free_port, http_get, promtool_check, temp_dir, try_http_get, Mosquitto, Publisher, Subscriber,
-    DEADLINE, EXAMPLE_CONFIG, T0,
+    TempDir, DEADLINE, EXAMPLE_CONFIG, T0,
 };
 use serde_json::json;
 use std::net::SocketAddr;
@@ -47,18 +47,19 @@ fn line_of(text: &str, prefix: &str) -> usize {
         + 1
 }
 
-/// A copy of the example config with `edit` applied to line `line` (1-based), in a temp dir.
-/// Returns the copy's path; the caller removes its directory.
-fn edited_copy(line: usize, edit: impl Fn(&str) -> String) -> PathBuf {
+/// A copy of the example config with `edit` applied to line `line` (1-based), in a temp dir:
+/// the directory (removed when dropped) and the copy's path.
+fn edited_copy(line: usize, edit: impl Fn(&str) -> String) -> (TempDir, PathBuf) {
     let text = example_text();
     let edited: Vec<String> = text
         .lines()
         .enumerate()
         .map(|(i, l)| if i + 1 == line { edit(l) } else { l.to_owned() })
         .collect();
-    let path = temp_dir("cli").join("weir.toml");
+    let dir = temp_dir("cli");
+    let path = dir.join("weir.toml");
     std::fs::write(&path, edited.join("\n") + "\n").expect("write config copy");
-    path
+    (dir, path)
 }
 
 /// Runs `weir check` on a broken copy and asserts it fails, naming file and line and `mentions`.
@@ -78,9 +79,6 @@ fn assert_check_fails(config: &Path, line: usize, mentions: &str) {
         stderr.contains(mentions),
         "stderr does not mention {mentions}:\n{stderr}"
     );
-    if let Some(dir) = config.parent() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 #[test]
@@ -96,7 +94,7 @@ fn check_accepts_the_example_config() {
 #[test]
 fn check_rejects_exit_below_not_below_enter_above_and_names_the_line() {
     let line = line_of(&example_text(), "exit_below");
-    let copy = edited_copy(line, |l| {
+    let (_dir, copy) = edited_copy(line, |l| {
         assert!(l.contains("28.0"), "unexpected exit_below line: {l}");
         l.replace("28.0", "31.0")
     });
@@ -106,7 +104,7 @@ fn check_rejects_exit_below_not_below_enter_above_and_names_the_line() {
 #[test]
 fn check_reads_the_password_file_and_names_it_when_missing() {
     let line = line_of(&example_text(), "# password_file");
-    let copy = edited_copy(line, |_| {
+    let (_dir, copy) = edited_copy(line, |_| {
         "username = \"weir\"\npassword_file = \"/nonexistent/weir/broker-password\"".into()
     });
     let output = check(&copy);
@@ -119,16 +117,13 @@ fn check_reads_the_password_file_and_names_it_when_missing() {
         stderr.contains("cannot read broker.password_file /nonexistent/weir/broker-password"),
         "{stderr}"
     );
-    if let Some(dir) = copy.parent() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 #[test]
 fn check_rejects_an_unknown_key_and_names_the_line() {
     // The misspelled key goes on its own line right after `exit_below`.
     let line = line_of(&example_text(), "exit_below");
-    let copy = edited_copy(line, |l| format!("{l}\nexit_belo = 28.0"));
+    let (_dir, copy) = edited_copy(line, |l| format!("{l}\nexit_belo = 28.0"));
     assert_check_fails(&copy, line + 1, "unknown field");
 }
 
@@ -142,7 +137,7 @@ fn check_rejects_a_template_segment_the_pattern_lacks_and_names_the_line() {
         })
         .expect("config/example.toml has the overheat output topic")
         + 1;
-    let copy = edited_copy(line, |l| {
+    let (_dir, copy) = edited_copy(line, |l| {
         l.replace(
             "alerts/{site}/{device}/overheat",
             "alerts/{zone}/{device}/overheat",
@@ -155,7 +150,7 @@ fn check_rejects_a_template_segment_the_pattern_lacks_and_names_the_line() {
 /// goes to files (read on failure), so a full pipe can never block it.
 struct WeirProcess {
     child: Child,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl WeirProcess {
@@ -198,7 +193,7 @@ impl Drop for WeirProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` goes when the fields drop, after the process that wrote to it.
     }
 }
 

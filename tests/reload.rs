@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    free_port, http_get, http_post, temp_dir, unique, wait_until, Mosquitto, Publisher, Subscriber,
-    DEADLINE,
+    free_port, http_get, http_post, temp_dir, unique, wait_until, KillOnDrop, Mosquitto, Publisher,
+    Subscriber, DEADLINE,
 };
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -460,16 +460,6 @@ async fn weir_run_reloads_its_rules_on_sighup() {
         .status();
     let status = child.0.wait().expect("weir exits");
     assert!(status.success(), "weir run exited with {status}");
-}
-
-/// A child process that is killed if the test fails before it exits.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

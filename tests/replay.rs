@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    config_from_text, start_weir_with, temp_dir, wait_until, Mosquitto, Publisher, Subscriber,
-    DEADLINE, T0,
+    config_from_text, start_weir_with, temp_dir, wait_until, KillOnDrop, Mosquitto, Publisher,
+    Subscriber, DEADLINE, T0,
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -347,7 +347,6 @@ async fn replay_gives_the_same_events_as_a_live_run_through_mosquitto() {
     ]);
     let replayed = stdout_lines(&output);
     let summary = String::from_utf8_lossy(&output.stderr).into_owned();
-    std::fs::remove_dir_all(&dir).ok();
 
     let (live_events, live_dead) = tally(live);
     let (replay_events, replay_dead) = tally(replayed);
@@ -415,24 +414,26 @@ async fn record_captures_live_traffic_that_replay_reads_back() {
     let broker = Mosquitto::start();
     let dir = temp_dir("record");
     let recording = dir.join("recorded.jsonl");
-    let mut recorder = Command::new(WEIR)
-        .args([
-            "record",
-            "--broker",
-            &broker.url(),
-            "--topic",
-            "sensors/#",
-            "--count",
-            "3",
-        ])
-        .arg("--output")
-        .arg(&recording)
-        .env("WEIR_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start weir record");
+    let mut recorder = KillOnDrop(
+        Command::new(WEIR)
+            .args([
+                "record",
+                "--broker",
+                &broker.url(),
+                "--topic",
+                "sensors/#",
+                "--count",
+                "3",
+            ])
+            .arg("--output")
+            .arg(&recording)
+            .env("WEIR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start weir record"),
+    );
     // Publish until the recorder is subscribed and has all three: it may miss the first ones
     // while it connects, so keep a device publishing.
     let mut device = Publisher::start(&broker).await;
@@ -443,7 +444,7 @@ async fn record_captures_live_traffic_that_replay_reads_back() {
     };
     let mut sent = 0;
     let done = loop {
-        if let Some(status) = recorder.try_wait().expect("poll the recorder") {
+        if let Some(status) = recorder.0.try_wait().expect("poll the recorder") {
             break status;
         }
         assert!(sent < 2000, "the recorder never finished");
@@ -487,7 +488,6 @@ async fn record_captures_live_traffic_that_replay_reads_back() {
         };
         assert_eq!(&record.payload[..], exact, "{text}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

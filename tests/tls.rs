@@ -9,7 +9,7 @@ mod common;
 
 use common::{
     example_config, free_port, start_weir_with, temp_dir, wait_until, Mosquitto, Publisher,
-    Subscriber, DEADLINE, T0,
+    Subscriber, TempDir, DEADLINE, T0,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -24,21 +24,15 @@ use weir::config::{Config, Secret};
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Certificates written by the test: a CA with a server and a client certificate, and a second
-/// CA that signed neither.
+/// CA that signed neither. Removed with its directory when dropped.
 struct Pki {
-    dir: PathBuf,
+    _dir: TempDir,
     ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
     other_ca: PathBuf,
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -103,12 +97,12 @@ fn pki() -> Pki {
         client_cert: write("client.pem", &client_pem),
         client_key: write("client.key", &client_key),
         other_ca: write("other-ca.pem", &other_pem),
-        dir,
+        _dir: dir,
     }
 }
 
 /// A Mosquitto with a TLS listener on a port of its own; returns it with that port.
-fn tls_broker(pki: &Pki, require_certificate: bool) -> Option<(Mosquitto, u16)> {
+fn tls_broker(pki: &Pki, require_certificate: bool) -> (Mosquitto, u16) {
     let tls_port = free_port();
     let mut extra = format!(
         "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
@@ -119,7 +113,7 @@ fn tls_broker(pki: &Pki, require_certificate: bool) -> Option<(Mosquitto, u16)> 
     if require_certificate {
         extra.push_str("require_certificate true\nuse_identity_as_username true\n");
     }
-    Mosquitto::start_with(&extra).map(|broker| (broker, tls_port))
+    (Mosquitto::start_with(&extra), tls_port)
 }
 
 /// The example config pointed at the TLS listener, trusting `ca_file`.
@@ -151,9 +145,7 @@ async fn alert_flows_through(broker: &Mosquitto) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_connects_over_tls_with_the_ca_file_and_publishes_alerts() {
     let pki = pki();
-    let Some((broker, tls_port)) = tls_broker(&pki, false) else {
-        return;
-    };
+    let (broker, tls_port) = tls_broker(&pki, false);
     let config = tls_config(&broker, tls_port, &pki.ca, "tls");
     weir::mqtt::try_connect(&config.broker, PROBE_TIMEOUT)
         .await
@@ -166,9 +158,7 @@ async fn weir_connects_over_tls_with_the_ca_file_and_publishes_alerts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_never_connects_and_says_to_set_ca_file() {
     let pki = pki();
-    let Some((broker, tls_port)) = tls_broker(&pki, false) else {
-        return;
-    };
+    let (broker, tls_port) = tls_broker(&pki, false);
     let config = tls_config(&broker, tls_port, &pki.other_ca, "wrong-ca");
 
     let err = weir::mqtt::try_connect(&config.broker, PROBE_TIMEOUT)
@@ -200,9 +190,7 @@ async fn a_wrong_ca_never_connects_and_says_to_set_ca_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_requiring_client_certificates_accepts_only_weir_with_one() {
     let pki = pki();
-    let Some((broker, tls_port)) = tls_broker(&pki, true) else {
-        return;
-    };
+    let (broker, tls_port) = tls_broker(&pki, true);
 
     let without = tls_config(&broker, tls_port, &pki.ca, "no-cert");
     let err = weir::mqtt::try_connect(&without.broker, PROBE_TIMEOUT)
@@ -244,8 +232,7 @@ async fn a_broker_requiring_client_certificates_accepts_only_weir_with_one() {
 async fn username_and_password_come_from_a_file_or_the_environment() {
     const PASSWD: &str = "/usr/bin/mosquitto_passwd";
     if !Path::new(PASSWD).exists() {
-        println!("no {PASSWD} (Debian package mosquitto): skipped the password test");
-        return;
+        common::not_installed(PASSWD, "mosquitto");
     }
     let dir = temp_dir("passwd");
     let passwords = dir.join("passwords");
@@ -258,10 +245,7 @@ async fn username_and_password_come_from_a_file_or_the_environment() {
         .expect("run mosquitto_passwd");
     assert!(status.success(), "mosquitto_passwd failed: {status}");
     // Anonymous clients (the test's own) stay allowed; a client that names a user must match.
-    let Some(broker) = Mosquitto::start_with(&format!("password_file {}\n", passwords.display()))
-    else {
-        return;
-    };
+    let broker = Mosquitto::start_with(&format!("password_file {}\n", passwords.display()));
 
     let password_file = dir.join("weir-password");
     std::fs::write(&password_file, "s3cret pass\n").expect("write password file");
@@ -299,7 +283,7 @@ async fn username_and_password_come_from_a_file_or_the_environment() {
         );
     let overrides = weir::config::Overrides {
         broker_url: Some(broker.url()),
-        state_dir: Some(temp_dir("state-env-password")),
+        state_dir: Some(broker.scratch("state-env-password")),
         broker_password: Some(Secret::new("s3cret pass")),
         ..weir::config::Overrides::default()
     };
@@ -312,5 +296,4 @@ async fn username_and_password_come_from_a_file_or_the_environment() {
     let weir = start_weir_with(config).await;
     alert_flows_through(&broker).await;
     weir.stop().await.expect("weir stops");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,7 +15,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -257,22 +256,9 @@ impl Drop for Publisher5 {
     }
 }
 
-/// Mosquitto, or `None` (and a printed line) when only the rumqttd fallback exists: it speaks
-/// MQTT 3.1.1 only.
-fn mosquitto() -> Option<Mosquitto> {
-    let broker = Mosquitto::start();
-    if !broker.can_restart() {
-        println!("no mosquitto binary: skipped an MQTT 5 test (the rumqttd fallback speaks 3.1.1)");
-        return None;
-    }
-    Some(broker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traceparent_reaches_the_events_a_reading_causes_with_a_new_span_each() {
-    let Some(broker) = mosquitto() else {
-        return;
-    };
+    let broker = Mosquitto::start();
     let weir = start_weir_with(config_from_text(&broker, CONFIG, "trace")).await;
     let mut events = Subscriber5::start(broker.port(), &["alerts/#", "cbor-alerts/#"], false).await;
     let mut publisher = Publisher5::start(broker.port()).await;
@@ -350,9 +336,7 @@ async fn a_traceparent_reaches_the_events_a_reading_causes_with_a_new_span_each(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
-    let Some(mut broker) = Mosquitto::start_persistent_on(free_port()) else {
-        return;
-    };
+    let mut broker = Mosquitto::start_persistent_on(free_port());
     let state_dir = temp_dir("trace-state");
     let text = CONFIG.replace(
         "protocol = \"5\"",
@@ -471,7 +455,6 @@ async fn at_least_once_over_mqtt_5_loses_no_event_across_broker_restarts() {
     );
     collecting.abort();
     weir.stop().await.expect("weir stops cleanly");
-    let _ = std::fs::remove_dir_all(Path::new(&state_dir));
 }
 
 /// An OTLP/HTTP collector on loopback: answers every POST with 200 and hands on each request's
@@ -565,9 +548,7 @@ fn attribute(span: &Value, key: &str) -> Option<String> {
 #[cfg(feature = "otlp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_otlp_each_event_exports_the_span_its_traceparent_names() {
-    let Some(broker) = mosquitto() else {
-        return;
-    };
+    let broker = Mosquitto::start();
     let (port, mut requests) = otlp_collector().await;
     let text = format!("{CONFIG}\n[observability]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n");
     let weir = start_weir_with(config_from_text(&broker, &text, "otlp")).await;

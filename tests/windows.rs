@@ -164,14 +164,16 @@ fn epoch_ms(timestamp: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_nab_series_gives_the_hourly_rollups_computed_from_the_csv() {
+    // In the repository (tests/fixtures/nab, MIT), so a missing file is a failure, not a skip.
     let csv_path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/nab/machine_temperature_system_failure.csv"
+        "/tests/fixtures/nab/machine_temperature_system_failure.csv"
     );
-    let Ok(csv) = std::fs::read_to_string(csv_path) else {
-        println!("{csv_path} is missing: skipped the NAB replay");
-        return;
-    };
+    let csv = std::fs::read_to_string(csv_path).unwrap_or_else(|err| {
+        panic!(
+            "cannot read {csv_path} ({err}); restore it with `git checkout -- tests/fixtures/nab`"
+        )
+    });
     let readings: Vec<(&str, i64, f64)> = csv
         .lines()
         .skip(1)

@@ -47,6 +47,20 @@ pub async fn run(
     options: DemoOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Polled once before anything is created: a signal future installs its handler when first
+    // polled, and until then ctrl-c or SIGTERM would kill the process outright and leave the
+    // state dir behind. Now a signal during start-up ends the demo at the loop below.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let signalled =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready()))
+            .await;
+    // A finished future must not be polled again.
+    let shutdown = async move {
+        if !signalled {
+            shutdown.await;
+        }
+    };
+
     let mut simulator_options = SimulatorOptions {
         broker_url: String::new(),
         devices: options.devices,
@@ -60,12 +74,14 @@ pub async fn run(
     let broker = tokio::task::spawn_blocking(EmbeddedBroker::start).await??;
     simulator_options.broker_url = broker.url();
     simulator_options.validate()?;
-    // The demo's state lives in a fresh temp dir, so a demo never resumes an earlier one.
-    let state_dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
+    // The demo's state lives in a fresh temp dir, so a demo never resumes an earlier one. Declared
+    // before the pipeline, so it is removed after the pipeline is dropped, on every way out.
+    let state_dir =
+        DemoStateDir(std::env::temp_dir().join(format!("weir-demo-{}", std::process::id())));
     let overrides = Overrides {
         broker_url: Some(broker.url()),
         metrics_addr: options.metrics_addr,
-        state_dir: Some(state_dir),
+        state_dir: Some(state_dir.0.clone()),
         ..Overrides::default()
     };
     let config = match &options.config {
@@ -122,6 +138,17 @@ pub async fn run(
         simulator_outcome.map_err(|err| anyhow::anyhow!("the simulator task failed: {err}"))??;
     println!("{}", summary(stats, totals, simulated_for));
     Ok(())
+}
+
+/// The demo's state dir, removed with its contents when dropped: when `run` returns at the
+/// deadline or after ctrl-c/SIGTERM (both resolve `shutdown`), on an error, and when a panic
+/// unwinds through it. A demo leaves nothing behind in the temp dir.
+struct DemoStateDir(PathBuf);
+
+impl Drop for DemoStateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn print_banner(options: &DemoOptions, broker: EmbeddedBroker, http_addr: SocketAddr) {

@@ -9,6 +9,21 @@ use std::time::Instant;
 /// Version of the published event schema; bumped only on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Every `kind` a derived event can have ([`EventBody::kind`]), in the enum's order: what the
+/// README's schema table must list (tests/schema.rs), and what consumers can match on.
+pub const KINDS: &[&str] = &[
+    "state_change",
+    "window",
+    "late",
+    "report",
+    "change",
+    "liveness",
+    "rate_of_change",
+    "stuck",
+    "anomaly",
+    "flapping",
+];
+
 /// One derived event, before routing and encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DerivedEvent {
@@ -273,7 +288,103 @@ impl std::fmt::Display for EventId {
 
 #[cfg(test)]
 mod tests {
-    use super::EventId;
+    use super::{EventBody, EventId, WindowClose, KINDS};
+    use crate::decode::DiscreteValue;
+
+    /// The place of `body`'s variant in the enum. No wildcard arm: a new variant does not
+    /// compile until it has a place here, and then the test below wants a sample of it and its
+    /// kind in `KINDS`.
+    fn ordinal(body: &EventBody) -> usize {
+        match body {
+            EventBody::StateChange { .. } => 0,
+            EventBody::Window { .. } => 1,
+            EventBody::Late { .. } => 2,
+            EventBody::Report { .. } => 3,
+            EventBody::Change { .. } => 4,
+            EventBody::Liveness { .. } => 5,
+            EventBody::RateOfChange { .. } => 6,
+            EventBody::Stuck { .. } => 7,
+            EventBody::Anomaly { .. } => 8,
+            EventBody::Flapping { .. } => 9,
+        }
+    }
+
+    #[test]
+    fn kinds_lists_the_kind_of_every_event_body_in_order() {
+        let name = |s: &str| -> std::sync::Arc<str> { s.into() };
+        let bodies = [
+            EventBody::StateChange {
+                metric: name("temperature"),
+                from: name("normal"),
+                to: name("hot"),
+                value: 31.0,
+            },
+            EventBody::Window {
+                start: 0,
+                end: 10_000,
+                metrics: Vec::new(),
+                aggregates: Vec::new().into(),
+                closed_by: WindowClose::Watermark,
+                update: 0,
+            },
+            EventBody::Late {
+                reason: "late",
+                watermark: None,
+                values: Vec::new(),
+            },
+            EventBody::Report {
+                metric: name("temperature"),
+                value: 21.0,
+                previous: None,
+                reason: "first",
+            },
+            EventBody::Change {
+                field: name("door"),
+                from: None,
+                to: DiscreteValue::Bool(true),
+            },
+            EventBody::Liveness {
+                from: "online",
+                to: "offline",
+                reason: "timeout",
+                last_seen: None,
+            },
+            EventBody::RateOfChange {
+                metric: name("pressure"),
+                from: "normal",
+                to: "exceeded",
+                value: 112.0,
+                rate_per_s: 1.2,
+                over_ms: 10_000,
+            },
+            EventBody::Stuck {
+                metric: name("temperature"),
+                from: "moving",
+                to: "stuck",
+                value: 21.0,
+                since: 0,
+            },
+            EventBody::Anomaly {
+                metric: name("temperature"),
+                value: 14.5,
+                mean: 11.0,
+                stddev: 1.0,
+                z: 3.5,
+            },
+            EventBody::Flapping {
+                metric: name("temperature"),
+                from: "settled",
+                to: "flapping",
+                state: name("hot"),
+                changes: 6,
+            },
+        ];
+        assert_eq!(bodies.len(), KINDS.len());
+        for (i, body) in bodies.iter().enumerate() {
+            assert_eq!(ordinal(body), i, "sample {i} is not the enum's variant {i}");
+            assert_eq!(body.kind(), KINDS[i]);
+        }
+    }
 
     #[test]
     fn id_is_written_as_sixteen_lowercase_hex_digits() {

@@ -1,6 +1,6 @@
-//! Shared harness for the integration tests: a real Mosquitto per test (rumqttd in-process only
-//! when no mosquitto binary exists), rumqttc test clients, weir started in-process, a raw HTTP GET,
-//! and a deadline-bound poll helper. Nothing here mocks MQTT.
+//! Shared harness for the integration tests: a real Mosquitto per test, rumqttc test clients,
+//! weir started in-process, a raw HTTP GET, and a deadline-bound poll helper. Nothing here mocks
+//! MQTT, and nothing skips: a missing tool fails the test with the package that provides it.
 
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -31,6 +31,22 @@ pub const T0: i64 = 1_732_600_000_000;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
+/// Fails the test because `program` is not installed, naming the Debian package that provides
+/// it. A test that passed without its prerequisite would prove nothing, so none does.
+pub fn not_installed(program: &str, package: &str) -> ! {
+    panic!(
+        "{program} is not installed: install the Debian package `{package}` \
+         (`apt-get install {package}`; .ci/run installs everything the tests need)"
+    )
+}
+
+/// The mosquitto binary, or a failed test saying how to install it.
+fn require_mosquitto() {
+    if !Path::new(MOSQUITTO).exists() {
+        not_installed(MOSQUITTO, "mosquitto");
+    }
+}
+
 /// A name unique within this test run: `tag-pid-n`.
 pub fn unique(tag: &str) -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -41,12 +57,59 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
-/// A fresh, empty directory under the system temp dir; the caller removes it.
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir, removed with its contents when dropped.
+///
+/// Dropping is what cleans up on every path: a failed assertion unwinds through the test and
+/// drops it too, where a `remove_dir_all` at the end of the test would never run. Keep it in a
+/// variable for as long as the directory is used: `temp_dir("x").join("f")` would drop it (and
+/// remove the directory) at the end of that statement.
+#[must_use = "the directory is removed when this is dropped"]
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh, empty directory under the system temp dir (`weir-test-TAG-PID-N`); see [`TempDir`].
+pub fn temp_dir(tag: &str) -> TempDir {
     let dir = std::env::temp_dir().join(unique(&format!("weir-test-{tag}")));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
-    dir
+    TempDir(dir)
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves no
+/// process behind; `std::process::Child` alone lets it run on.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A loopback port that was free a moment ago (bound to port 0, then released).
@@ -71,14 +134,17 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
 }
 
 /// One MQTT broker on 127.0.0.1, owned by one test. Killed (and its temp dir removed) on drop.
+///
+/// Always Mosquitto: the tests claim behaviour against a real broker (restarts, persistence,
+/// MQTT 5, TLS, password files), which an in-process stand-in could not show.
 pub struct Mosquitto {
     port: u16,
-    dir: PathBuf,
+    /// Config, log and persistence; also the scratch space of configs made for this broker
+    /// ([`example_config`]'s state dir), so it all goes when the broker does.
+    dir: TempDir,
     child: Option<Child>,
     /// Keeps sessions and queued QoS 1 messages across a graceful restart (persistence file).
     persistent: bool,
-    /// True when running the in-process rumqttd fallback, which cannot be stopped.
-    embedded: bool,
     /// Lines appended to the generated mosquitto.conf (see [`Mosquitto::start_with`]).
     extra: String,
 }
@@ -86,37 +152,18 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts a broker on a free loopback port and returns once the port accepts TCP.
     pub fn start() -> Self {
-        let dir = temp_dir("mosquitto");
-        if !Path::new(MOSQUITTO).exists() {
-            println!("no {MOSQUITTO} binary: falling back to an in-process rumqttd broker");
-            let port = free_port();
-            start_rumqttd(port);
-            wait_for_port(port, None);
-            return Self {
-                port,
-                dir,
-                child: None,
-                persistent: false,
-                embedded: true,
-                extra: String::new(),
-            };
-        }
-        Self::spawn_with(dir, String::new())
+        Self::start_with("")
     }
 
     /// Starts Mosquitto with `extra` appended to the generated config, after the anonymous
     /// plain listener on [`port`](Self::port) that the test clients use: e.g. a second
-    /// `listener PORT 127.0.0.1` with TLS settings, or a global `password_file`. `None` (and a
-    /// printed line) when no mosquitto binary exists, since rumqttd cannot take that config.
-    pub fn start_with(extra: &str) -> Option<Self> {
-        if !Path::new(MOSQUITTO).exists() {
-            println!("no {MOSQUITTO} binary: skipped a test that needs Mosquitto's own config");
-            return None;
-        }
-        Some(Self::spawn_with(temp_dir("mosquitto"), extra.to_owned()))
+    /// `listener PORT 127.0.0.1` with TLS settings, or a global `password_file`.
+    pub fn start_with(extra: &str) -> Self {
+        require_mosquitto();
+        Self::spawn_with(temp_dir("mosquitto"), extra.to_owned())
     }
 
-    fn spawn_with(dir: PathBuf, extra: String) -> Self {
+    fn spawn_with(dir: TempDir, extra: String) -> Self {
         // The port may be taken between probing and binding; try a few.
         for _ in 0..5 {
             let port = free_port();
@@ -126,7 +173,6 @@ impl Mosquitto {
                     dir,
                     child: Some(child),
                     persistent: false,
-                    embedded: false,
                     extra,
                 };
             }
@@ -138,24 +184,19 @@ impl Mosquitto {
     }
 
     /// A mosquitto with persistence on `port`, so persistent sessions and their queued QoS 1
-    /// messages survive a graceful restart ([`terminate`](Self::terminate)). `None` without a
-    /// mosquitto binary (rumqttd cannot restart).
-    pub fn start_persistent_on(port: u16) -> Option<Self> {
-        if !Path::new(MOSQUITTO).exists() {
-            println!("no {MOSQUITTO} binary: skipping a test that restarts the broker");
-            return None;
-        }
+    /// messages survive a graceful restart ([`terminate`](Self::terminate)).
+    pub fn start_persistent_on(port: u16) -> Self {
+        require_mosquitto();
         let dir = temp_dir("mosquitto");
         let child = spawn_mosquitto(&dir, port, true, "")
             .unwrap_or_else(|| panic!("mosquitto did not start on port {port}"));
-        Some(Self {
+        Self {
             port,
             dir,
             child: Some(child),
             persistent: true,
-            embedded: false,
             extra: String::new(),
-        })
+        }
     }
 
     /// Stops the broker gracefully (SIGTERM: a persistent broker saves its sessions) and waits.
@@ -176,7 +217,13 @@ impl Mosquitto {
         self.child = Some(child);
     }
 
-    /// What Mosquitto logged so far (empty for rumqttd), for failure messages.
+    /// A path (not yet created) inside this broker's temp dir, removed with it: for what a
+    /// config needs as long as the broker serves it, such as weir's state dir.
+    pub fn scratch(&self, tag: &str) -> PathBuf {
+        self.dir.join(unique(tag))
+    }
+
+    /// What Mosquitto logged so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
@@ -190,14 +237,8 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
-    /// Whether [`stop`](Self::stop) and [`restart`](Self::restart) work (not with rumqttd).
-    pub fn can_restart(&self) -> bool {
-        !self.embedded
-    }
-
     /// Kills the broker (SIGKILL, like a crash) and waits for it to exit.
     pub fn stop(&mut self) {
-        assert!(!self.embedded, "the rumqttd fallback cannot be stopped");
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -269,7 +310,7 @@ impl Drop for Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` is removed after this, when the fields drop: the broker is gone by then.
     }
 }
 
@@ -290,43 +331,6 @@ fn wait_for_port(port: u16, mut child: Option<&mut Child>) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("the broker did not accept connections on {addr} within {DEADLINE:?}");
-}
-
-/// The fallback broker: rumqttd in-process. It has no shutdown API, so it lives until the test
-/// binary exits; tests that need to kill the broker skip themselves (see `can_restart`).
-fn start_rumqttd(port: u16) {
-    use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 256 * 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = Config {
-        router: RouterConfig {
-            max_connections: 64,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 4,
-            ..RouterConfig::default()
-        },
-        v4: Some([("1".to_owned(), server)].into_iter().collect()),
-        ..Config::default()
-    };
-    let mut broker = Broker::new(config);
-    std::thread::spawn(move || {
-        if let Err(err) = broker.start() {
-            eprintln!("rumqttd stopped: {err}");
-        }
-    });
 }
 
 fn client_options(port: u16, tag: &str) -> MqttOptions {
@@ -570,11 +574,14 @@ pub fn telemetry_topic(site: &str, device: &str) -> String {
 
 /// `config/example.toml` pointed at `broker`, /metrics on a free port, a fresh state dir, and a
 /// client id of its own so concurrent tests never share a session.
+///
+/// The state dir is [`Mosquitto::scratch`]: a config has no owner to remove it, and the broker
+/// outlives the weir it serves.
 pub fn example_config(broker: &Mosquitto, tag: &str) -> weir::config::Config {
     let overrides = weir::config::Overrides {
         broker_url: Some(broker.url()),
         metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        state_dir: Some(temp_dir(&format!("state-{tag}"))),
+        state_dir: Some(broker.scratch(&format!("state-{tag}"))),
         ..weir::config::Overrides::default()
     };
     let mut config = weir::config::load(Path::new(EXAMPLE_CONFIG), &overrides)
@@ -693,8 +700,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|err| panic!("GET http://{addr}{path} failed: {err}"))
 }
 
-/// Checks an exposition with `promtool check metrics` when promtool is installed (Debian package
-/// `prometheus`); prints that the check was skipped otherwise.
+/// Checks an exposition with `promtool check metrics`; fails when promtool (Debian package
+/// `prometheus`) is not installed.
 pub fn promtool_check(body: &str) {
     use std::io::Write;
     let child = Command::new("promtool")
@@ -706,8 +713,7 @@ pub fn promtool_check(body: &str) {
     let mut child = match child {
         Ok(child) => child,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            println!("promtool not on PATH: skipped `promtool check metrics`");
-            return;
+            not_installed("promtool", "prometheus")
         }
         Err(err) => panic!("cannot run promtool: {err}"),
     };
@@ -859,14 +865,14 @@ pub fn percent_encode(value: &str) -> String {
 /// every second, with its own temp dir for config and TSDB. Killed and removed on drop.
 pub struct Prometheus {
     pub addr: SocketAddr,
-    dir: PathBuf,
+    dir: TempDir,
     child: Child,
 }
 
 impl Prometheus {
     /// Starts Prometheus scraping `target` (job `weir`) with `rule_files` loaded, and returns
-    /// once it is ready; `None` (printed) when no `prometheus` binary is installed.
-    pub async fn start(target: SocketAddr, rule_files: &[&Path]) -> Option<Self> {
+    /// once it is ready; fails the test when no `prometheus` binary is installed.
+    pub async fn start(target: SocketAddr, rule_files: &[&Path]) -> Self {
         let installed = Command::new("prometheus")
             .arg("--version")
             .stdout(Stdio::null())
@@ -874,10 +880,7 @@ impl Prometheus {
             .status()
             .is_ok_and(|status| status.success());
         if !installed {
-            println!(
-                "skipped: no prometheus binary (Debian package `prometheus`; .ci/run installs it)"
-            );
-            return None;
+            not_installed("prometheus", "prometheus");
         }
         let dir = temp_dir("prometheus");
         let rules: Vec<String> = rule_files
@@ -911,7 +914,7 @@ impl Prometheus {
             let deadline = Instant::now() + DEADLINE;
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 if matches!(try_http_get(addr, "/-/ready").await, Ok((200, _))) {
-                    return Some(Self { addr, dir, child });
+                    return Self { addr, dir, child };
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -948,7 +951,7 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` (config and TSDB) is removed when the fields drop, after the process is gone.
     }
 }
 
