@@ -464,12 +464,25 @@ impl Default for Backoff {
 mod tests {
     use super::*;
 
-    fn temp_file(name: &str, content: &[u8]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("weir-mqtt-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, content).unwrap();
-        path
+    /// A file in a directory of its own, both removed when the guard drops.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, content: &[u8]) -> Self {
+            let dir = std::env::temp_dir().join(format!("weir-mqtt-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 
     #[test]
@@ -481,11 +494,13 @@ mod tests {
             (b"s3cret", "s3cret"),
             (b" pass word \n", " pass word "),
         ] {
-            broker.password_file = Some(temp_file("pw", content));
+            let file = TempFile::new("pw", content);
+            broker.password_file = Some(file.0.clone());
             let password = password(&broker).unwrap().unwrap();
             assert_eq!(password.expose(), expected);
         }
-        broker.password_file = Some(temp_file("empty", b"\n"));
+        let empty = TempFile::new("empty", b"\n");
+        broker.password_file = Some(empty.0.clone());
         let err = password(&broker).unwrap_err().to_string();
         assert!(err.contains("is empty"), "{err}");
         broker.password_file = Some("/nonexistent/weir/pw".into());
@@ -496,7 +511,8 @@ mod tests {
     #[test]
     fn unusable_pem_files_are_named_with_what_to_do() {
         let mut broker = BrokerConfig::new("mqtts://127.0.0.1:8883");
-        let garbage = temp_file("garbage.pem", b"not a certificate\n");
+        let garbage_file = TempFile::new("garbage.pem", b"not a certificate\n");
+        let garbage = garbage_file.0.clone();
         broker.ca_file = Some(garbage.clone());
         let err = options(&broker, "").unwrap_err().to_string();
         assert!(err.contains("broker.ca_file"), "{err}");

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -110,7 +110,8 @@ async fn a_message_over_the_packet_limit_is_dead_lettered_once_and_intake_goes_o
 
 /// A tmpfs mounted for one test; unmounted and removed on drop, also when the test fails.
 struct SmallDisk {
-    mount: PathBuf,
+    /// Removed (by its guard) after the drop below has unmounted it.
+    mount: TempDir,
 }
 
 impl SmallDisk {
@@ -118,7 +119,7 @@ impl SmallDisk {
         let mount = temp_dir("small-disk");
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mount)
+            .arg(mount.path())
             .status()
             .expect("run mount");
         assert!(
@@ -136,7 +137,7 @@ impl SmallDisk {
     fn resize(&self, size: &str) {
         let status = Command::new("mount")
             .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.mount)
+            .arg(self.mount.path())
             .status()
             .expect("run mount");
         assert!(status.success(), "cannot resize {}", self.mount.display());
@@ -154,8 +155,7 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = std::fs::remove_dir_all(&self.mount);
+        let _ = Command::new("umount").arg(self.mount.path()).status();
     }
 }
 

@@ -1,5 +1,5 @@
 //! The README's derived event schema against the code: its table names each field once, its
-//! `kind` row lists exactly the kinds weir emits (`weir::event::KINDS`), and real rules publish
+//! `kind` row lists exactly the kinds weir emits (`weir::model::event::KINDS`), and real rules publish
 //! every one of those kinds through a real Mosquitto with the fields the table promises.
 
 mod common;
@@ -79,7 +79,7 @@ fn the_schema_table_names_each_field_once() {
 #[test]
 fn the_kind_row_lists_exactly_the_kinds_weir_emits() {
     let listed = readme_kinds();
-    let emitted: BTreeSet<&str> = weir::event::KINDS.iter().copied().collect();
+    let emitted: BTreeSet<&str> = weir::model::event::KINDS.iter().copied().collect();
     let unknown: Vec<_> = listed.difference(&emitted).collect();
     let missing: Vec<_> = emitted.difference(&listed).collect();
     assert!(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir::config::{Aggregate, OnShutdown, WindowConfig};
 use weir::decode::{Origin, Reading};
-use weir::event::EventBody;
+use weir::model::event::EventBody;
 use weir::operators::window::{TimeWindowsState, WindowSpec};
 use weir::operators::{Operator, Output, RuleMeta, Tumbling};
 
