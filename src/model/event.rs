@@ -289,7 +289,7 @@ impl std::fmt::Display for EventId {
 #[cfg(test)]
 mod tests {
     use super::{EventBody, EventId, WindowClose, KINDS};
-    use crate::decode::DiscreteValue;
+    use crate::model::reading::DiscreteValue;
 
     /// The place of `body`'s variant in the enum. No wildcard arm: a new variant does not
     /// compile until it has a place here, and then the test below wants a sample of it and its
