@@ -356,12 +356,18 @@ fn weir_config(dir: &Path, qos: u8) -> PathBuf {
     path
 }
 
+/// The weir under test: this build's, or `WEIR_E2E_BIN` (another build, e.g. the commit before
+/// a change, so two builds are compared on the same machine within minutes).
+fn weir_binary() -> String {
+    std::env::var("WEIR_E2E_BIN").unwrap_or_else(|_| WEIR.to_owned())
+}
+
 fn start_weir(dir: &Path, broker: &str, qos: u8) -> Weir {
     let config = weir_config(dir, qos);
     let metrics = format!("127.0.0.1:{}", free_port());
     let state = dir.join(format!("state-qos{qos}"));
     let spawned = Instant::now();
-    let child = Command::new(WEIR)
+    let child = Command::new(weir_binary())
         .args(["run", "--config"])
         .arg(&config)
         .args(["--broker", &format!("mqtt://{broker}")])
@@ -895,8 +901,12 @@ fn main() {
         }
     };
     println!(
-        "e2e: broker {broker}, weir {WEIR}, {} devices, {} s at {}/s, {} flat out",
-        o.devices, o.secs, o.rate, o.flat
+        "e2e: broker {broker}, weir {}, {} devices, {} s at {}/s, {} flat out",
+        weir_binary(),
+        o.devices,
+        o.secs,
+        o.rate,
+        o.flat
     );
     let mut rows = Vec::new();
     let exact0 = run_mode(&o, &broker, &dir, 0, &mut rows);
