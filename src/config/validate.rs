@@ -3,11 +3,13 @@
 
 use super::endpoint::BrokerEndpoint;
 use super::{
-    AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode,
-    FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig,
-    Protocol, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
+    AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadLetterConfig, DeadbandConfig,
+    DeliveryConfig, DeliveryMode, FlappingConfig, Format, HysteresisConfig, InputConfig,
+    LivenessConfig, ObservabilityConfig, PipelineConfig, Protocol, RateOfChangeConfig, RuleConfig,
+    StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use crate::config::topic::{TopicPattern, TopicTemplate};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// One semantic problem: the dotted path of the key and a sentence saying what to do.
@@ -42,51 +44,42 @@ impl Problems {
 }
 
 /// Checks what serde cannot: ranges, cross-references, and values a dependency would panic on.
+///
+/// Problems come out in the order of these calls; `weir check` output and tests rely on it.
 pub fn validate(config: &Config) -> Vec<Problem> {
     let mut problems = Problems::default();
     check_broker(&config.broker, &mut problems);
-    if config.pipeline.queue_capacity == 0 {
+    check_pipeline(&config.pipeline, &mut problems);
+    check_at_least_once(config, &mut problems);
+    check_delivery(&config.delivery, &mut problems);
+    check_dead_letter(&config.dead_letter, &mut problems);
+    check_inputs(
+        &config.inputs,
+        config.broker.max_packet_bytes,
+        &mut problems,
+    );
+    check_rules(&config.rules, &config.inputs, &mut problems);
+    check_field_types(config, &mut problems);
+    check_observability(&config.observability, &mut problems);
+    problems.0
+}
+
+fn check_pipeline(pipeline: &PipelineConfig, problems: &mut Problems) {
+    if pipeline.queue_capacity == 0 {
         problems.add(
             "pipeline.queue_capacity",
             "must be at least 1; 4096 suits most gateways",
         );
     }
-    if config.pipeline.workers > 256 {
+    if pipeline.workers > 256 {
         problems.add(
             "pipeline.workers",
             "must be at most 256; use 0 for one worker per core",
         );
     }
-    if config.pipeline.max_devices_per_worker == 0 {
+    if pipeline.max_devices_per_worker == 0 {
         problems.add("pipeline.max_devices_per_worker", "must be at least 1");
     }
-    check_delivery(config, &mut problems);
-    if config.inputs.is_empty() {
-        problems.add(
-            "inputs",
-            "define at least one input, e.g. [inputs.telemetry] with topic = \"sensors/{site}/{device}/telemetry\"",
-        );
-    }
-    for (name, input) in &config.inputs {
-        check_input(
-            &format!("inputs.{name}"),
-            input,
-            config.broker.max_packet_bytes,
-            &mut problems,
-        );
-    }
-    if config.rules.is_empty() {
-        problems.add(
-            "rules",
-            "define at least one rule, e.g. [rules.overheat] with a [rules.overheat.hysteresis] table",
-        );
-    }
-    for (name, rule) in &config.rules {
-        check_rule(config, name, rule, &mut problems);
-    }
-    check_field_types(config, &mut problems);
-    check_observability(&config.observability, &mut problems);
-    problems.0
 }
 
 fn check_observability(observability: &ObservabilityConfig, problems: &mut Problems) {
@@ -104,38 +97,43 @@ fn check_observability(observability: &ObservabilityConfig, problems: &mut Probl
     }
 }
 
-fn check_delivery(config: &Config, problems: &mut Problems) {
-    let delivery = &config.delivery;
-    if delivery.mode == DeliveryMode::AtLeastOnce {
-        if delivery.state_dir.is_none() {
+/// What `at_least_once` asks of the other sections: a state dir to log inputs to, a broker
+/// session that outlives a reconnect, and QoS 1 on every subscription and publication.
+fn check_at_least_once(config: &Config, problems: &mut Problems) {
+    if config.delivery.mode != DeliveryMode::AtLeastOnce {
+        return;
+    }
+    if config.delivery.state_dir.is_none() {
+        problems.add(
+            "delivery.mode",
+            "at_least_once acknowledges inputs only once they are on disk; set delivery.state_dir (or pass --state-dir)",
+        );
+    }
+    if config.broker.clean_session {
+        problems.add(
+            "broker.clean_session",
+            "must be false under at_least_once, so the broker keeps unacknowledged messages across reconnects",
+        );
+    }
+    for (name, input) in &config.inputs {
+        if input.qos == Some(0) {
             problems.add(
-                "delivery.mode",
-                "at_least_once acknowledges inputs only once they are on disk; set delivery.state_dir (or pass --state-dir)",
+                format!("inputs.{name}.qos"),
+                "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
             );
-        }
-        if config.broker.clean_session {
-            problems.add(
-                "broker.clean_session",
-                "must be false under at_least_once, so the broker keeps unacknowledged messages across reconnects",
-            );
-        }
-        for (name, input) in &config.inputs {
-            if input.qos == Some(0) {
-                problems.add(
-                    format!("inputs.{name}.qos"),
-                    "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
-                );
-            }
-        }
-        for (name, rule) in &config.rules {
-            if rule.output.qos == Some(0) {
-                problems.add(
-                    format!("rules.{name}.output.qos"),
-                    "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
-                );
-            }
         }
     }
+    for (name, rule) in &config.rules {
+        if rule.output.qos == Some(0) {
+            problems.add(
+                format!("rules.{name}.output.qos"),
+                "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
+            );
+        }
+    }
+}
+
+fn check_delivery(delivery: &DeliveryConfig, problems: &mut Problems) {
     if delivery.fsync_interval > Duration::from_secs(10) {
         problems.add(
             "delivery.fsync_interval",
@@ -148,7 +146,10 @@ fn check_delivery(config: &Config, problems: &mut Problems) {
     if delivery.outbox_max_messages == 0 {
         problems.add("delivery.outbox_max_messages", "must be at least 1");
     }
-    if let Some(topic) = &config.dead_letter.topic {
+}
+
+fn check_dead_letter(dead_letter: &DeadLetterConfig, problems: &mut Problems) {
+    if let Some(topic) = &dead_letter.topic {
         if topic.is_empty() || topic.contains(['+', '#']) {
             problems.add(
                 "dead_letter.topic",
@@ -243,6 +244,22 @@ fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
     }
 }
 
+fn check_inputs(
+    inputs: &BTreeMap<String, InputConfig>,
+    max_packet_bytes: usize,
+    problems: &mut Problems,
+) {
+    if inputs.is_empty() {
+        problems.add(
+            "inputs",
+            "define at least one input, e.g. [inputs.telemetry] with topic = \"sensors/{site}/{device}/telemetry\"",
+        );
+    }
+    for (name, input) in inputs {
+        check_input(&format!("inputs.{name}"), input, max_packet_bytes, problems);
+    }
+}
+
 fn check_input(path: &str, input: &InputConfig, max_packet_bytes: usize, problems: &mut Problems) {
     match TopicPattern::parse(&input.topic) {
         Ok(pattern) => {
@@ -318,7 +335,28 @@ fn check_field_types(config: &Config, problems: &mut Problems) {
     }
 }
 
-fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Problems) {
+fn check_rules(
+    rules: &BTreeMap<String, RuleConfig>,
+    inputs: &BTreeMap<String, InputConfig>,
+    problems: &mut Problems,
+) {
+    if rules.is_empty() {
+        problems.add(
+            "rules",
+            "define at least one rule, e.g. [rules.overheat] with a [rules.overheat.hysteresis] table",
+        );
+    }
+    for (name, rule) in rules {
+        check_rule(name, rule, inputs, problems);
+    }
+}
+
+fn check_rule(
+    name: &str,
+    rule: &RuleConfig,
+    inputs: &BTreeMap<String, InputConfig>,
+    problems: &mut Problems,
+) {
     let path = format!("rules.{name}");
     if name.is_empty() || name.contains(['/', '+', '#']) {
         problems.add(
@@ -326,11 +364,11 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
             "a rule name must be non-empty and free of `/`, `+` and `#` (it can appear in topics)",
         );
     }
-    let input = match (&rule.input, config.inputs.len()) {
-        (Some(input_name), _) => match config.inputs.get(input_name) {
+    let input = match (&rule.input, inputs.len()) {
+        (Some(input_name), _) => match inputs.get(input_name) {
             Some(input) => Some(input),
             None => {
-                let known: Vec<&str> = config.inputs.keys().map(String::as_str).collect();
+                let known: Vec<&str> = inputs.keys().map(String::as_str).collect();
                 problems.add(
                     format!("{path}.input"),
                     format!(
@@ -341,7 +379,7 @@ fn check_rule(config: &Config, name: &str, rule: &RuleConfig, problems: &mut Pro
                 None
             }
         },
-        (None, 1) => config.inputs.values().next(),
+        (None, 1) => inputs.values().next(),
         (None, _) => {
             problems.add(
                 format!("{path}.input"),
