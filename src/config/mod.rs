@@ -9,6 +9,8 @@ pub mod condition;
 pub mod endpoint;
 mod error;
 mod secret;
+#[cfg(test)]
+mod test_support;
 pub mod topic;
 mod validate;
 
@@ -1146,26 +1148,8 @@ fn default_aggregates() -> Vec<Aggregate> {
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::{detectors_problem_after, line_of, problem_after, DETECTORS};
     use super::*;
-
-    /// Parses the example with `from` replaced by `to`, expecting exactly one problem.
-    fn problem_after(from: &str, to: &str) -> (Located, String) {
-        assert!(EXAMPLE.contains(from), "the example has no `{from}`");
-        let text = EXAMPLE.replacen(from, to, 1);
-        let err = parse(&text, Path::new("example.toml"), &Overrides::default())
-            .expect_err("the edited config should be rejected");
-        let problems = err.problems();
-        assert_eq!(problems.len(), 1, "{err}");
-        (problems[0].clone(), text)
-    }
-
-    /// The 1-based line of the first occurrence of `needle` in `text`.
-    fn line_of(text: &str, needle: &str) -> usize {
-        text.lines()
-            .position(|line| line.contains(needle))
-            .map(|i| i + 1)
-            .unwrap_or_else(|| panic!("no `{needle}`"))
-    }
 
     #[test]
     fn the_example_is_valid() {
@@ -1610,19 +1594,6 @@ on_shutdown = "keep"
     fn qos_2_is_refused() {
         let (problem, _) = problem_after("seq_field = \"seq\"", "qos = 2\nseq_field = \"seq\"");
         assert_eq!(problem.path, "inputs.telemetry.qos");
-    }
-
-    const DETECTORS: &str = include_str!("../../config/detectors.toml");
-
-    /// Parses the detectors example with `from` replaced by `to`, expecting exactly one problem.
-    fn detectors_problem_after(from: &str, to: &str) -> (Located, String) {
-        assert!(DETECTORS.contains(from), "the example has no `{from}`");
-        let text = DETECTORS.replacen(from, to, 1);
-        let err = parse(&text, Path::new("detectors.toml"), &Overrides::default())
-            .expect_err("the edited config should be rejected");
-        let problems = err.problems();
-        assert_eq!(problems.len(), 1, "{err}");
-        (problems[0].clone(), text)
     }
 
     #[test]
