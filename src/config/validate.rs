@@ -1,14 +1,14 @@
 //! Semantic checks on a parsed config: every problem is collected with its path, so one run of
 //! `weir check` reports them all.
 
-use super::endpoint::BrokerEndpoint;
+use super::broker::check_broker;
+use super::topic::{TopicPattern, TopicTemplate};
 use super::{
-    AnomalyConfig, BrokerConfig, ChangeConfig, Config, DeadLetterConfig, DeadbandConfig,
-    DeliveryConfig, DeliveryMode, FlappingConfig, Format, HysteresisConfig, InputConfig,
-    LivenessConfig, ObservabilityConfig, PipelineConfig, Protocol, RateOfChangeConfig, RuleConfig,
-    StuckConfig, ThresholdsConfig, WindowConfig,
+    AnomalyConfig, ChangeConfig, Config, DeadLetterConfig, DeadbandConfig, DeliveryConfig,
+    DeliveryMode, FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig,
+    ObservabilityConfig, PipelineConfig, RateOfChangeConfig, RuleConfig, StuckConfig,
+    ThresholdsConfig, WindowConfig,
 };
-use crate::config::topic::{TopicPattern, TopicTemplate};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -21,11 +21,12 @@ pub struct Problem {
     pub offset: Option<usize>,
 }
 
+/// Where the checks of every section put what they find, in the order found.
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(super) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(Problem {
             path: path.into(),
             message: message.into(),
@@ -34,7 +35,12 @@ impl Problems {
     }
 
     /// A problem at byte `offset` inside the key's string value.
-    fn add_at(&mut self, path: impl Into<String>, offset: usize, message: impl Into<String>) {
+    pub(super) fn add_at(
+        &mut self,
+        path: impl Into<String>,
+        offset: usize,
+        message: impl Into<String>,
+    ) {
         self.0.push(Problem {
             path: path.into(),
             message: message.into(),
@@ -156,91 +162,6 @@ fn check_dead_letter(dead_letter: &DeadLetterConfig, problems: &mut Problems) {
                 "must be a topic without wildcards, e.g. \"weir/dead-letter/{input}/{reason}\"",
             );
         }
-    }
-}
-
-fn check_broker(broker: &BrokerConfig, problems: &mut Problems) {
-    if let Err(message) = BrokerEndpoint::parse(&broker.url) {
-        problems.add("broker.url", message);
-    }
-    if let Some(url) = &broker.publish_url {
-        if let Err(message) = BrokerEndpoint::parse(url) {
-            problems.add("broker.publish_url", message);
-        }
-    }
-    // rumqttc asserts that keep-alive is at least one second.
-    if broker.keep_alive < Duration::from_secs(1) {
-        problems.add(
-            "broker.keep_alive",
-            "must be at least 1s (MQTT counts keep-alive in whole seconds); 30s is a good default",
-        );
-    }
-    // rumqttc's MQTT 5 client asserts a keep-alive of at least five seconds.
-    if broker.protocol == Protocol::V5 && broker.keep_alive < Duration::from_secs(5) {
-        problems.add(
-            "broker.keep_alive",
-            "must be at least 5s with protocol = \"5\" (rumqttc's MQTT 5 client refuses less); 30s is a good default",
-        );
-    }
-    if broker.keep_alive > Duration::from_secs(u16::MAX as u64) {
-        problems.add("broker.keep_alive", "must be at most 65535s");
-    }
-    if broker.client_id.trim().is_empty() {
-        problems.add(
-            "broker.client_id",
-            "must not be empty: a persistent session is found by its client id",
-        );
-    }
-    if broker.client_id.len() > 200 {
-        problems.add("broker.client_id", "must be at most 200 bytes");
-    }
-    if broker.max_packet_bytes < 1024 {
-        problems.add(
-            "broker.max_packet_bytes",
-            "must be at least 1024 bytes; 262144 suits most telemetry",
-        );
-    }
-    if broker.password.is_some() && broker.password_file.is_some() {
-        problems.add(
-            "broker.password_file",
-            "is set together with password; keep one of them (password_file keeps the secret out of the config)",
-        );
-    }
-    if broker.password.is_some() && broker.username.is_none() {
-        problems.add(
-            "broker.password",
-            "is set without a username; MQTT sends a password only with a username",
-        );
-    }
-    if broker.password_file.is_some() && broker.username.is_none() {
-        problems.add(
-            "broker.password_file",
-            "is set without a username; MQTT sends a password only with a username",
-        );
-    }
-    let tls = broker.url.starts_with("mqtts://");
-    for (key, value) in [
-        ("ca_file", &broker.ca_file),
-        ("cert_file", &broker.cert_file),
-        ("key_file", &broker.key_file),
-    ] {
-        if value.is_some() && !tls {
-            problems.add(
-                format!("broker.{key}"),
-                format!("is only used with TLS; use an mqtts:// url or remove {key}"),
-            );
-        }
-    }
-    match (&broker.cert_file, &broker.key_file) {
-        (Some(_), None) => problems.add(
-            "broker.cert_file",
-            "needs key_file too: a client certificate is presented with its private key",
-        ),
-        (None, Some(_)) => problems.add(
-            "broker.key_file",
-            "needs cert_file too: a private key is presented with its client certificate",
-        ),
-        _ => {}
     }
 }
 
