@@ -9,6 +9,7 @@ mod broker;
 pub mod condition;
 pub mod endpoint;
 mod error;
+mod http;
 mod secret;
 #[cfg(test)]
 mod test_support;
@@ -17,6 +18,7 @@ mod validate;
 
 pub use broker::{BrokerConfig, Protocol};
 pub use error::{ConfigError, Located};
+pub use http::HttpConfig;
 pub use secret::{redact_url, Secret, REDACTED};
 pub use validate::Problem;
 
@@ -270,31 +272,6 @@ pub struct DeadLetterConfig {
     /// Topic for dead letters; `{input}` and `{reason}` are replaced. Dead letters are only
     /// counted and logged when absent.
     pub topic: Option<String>,
-}
-
-/// The HTTP endpoint for `/metrics` and `/healthz`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// File holding a bearer token that `/api/*` requests must present
-    /// (`Authorization: Bearer TOKEN`); `/metrics`, `/healthz` and `/readyz` stay open. The env
-    /// var `WEIR_API_TOKEN` replaces it.
-    pub api_token_file: Option<PathBuf>,
-    /// From `WEIR_API_TOKEN` (set through [`Overrides`], never from the file).
-    #[serde(skip)]
-    pub api_token_env: Option<Secret>,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-            api_token_file: None,
-            api_token_env: None,
-        }
-    }
 }
 
 /// Sizes of the stages between source and sink.
@@ -825,35 +802,6 @@ pub struct Overrides {
     pub api_token: Option<Secret>,
 }
 
-impl HttpConfig {
-    /// The token `/api/*` requires, if any: `WEIR_API_TOKEN`, else the file's content (trimmed).
-    ///
-    /// # Errors
-    /// The file cannot be read or is empty; the message names it.
-    pub fn api_token(&self) -> anyhow::Result<Option<Secret>> {
-        if let Some(token) = &self.api_token_env {
-            return Ok(Some(token.clone()));
-        }
-        let Some(path) = &self.api_token_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(path).map_err(|err| {
-            anyhow::anyhow!(
-                "cannot read http.api_token_file {}: {err}; give weir read access or remove the key",
-                path.display()
-            )
-        })?;
-        let token = text.trim();
-        if token.is_empty() {
-            anyhow::bail!(
-                "http.api_token_file {} is empty; write the token into it",
-                path.display()
-            );
-        }
-        Ok(Some(Secret::new(token)))
-    }
-}
-
 impl Config {
     /// The input a rule reads: its `input`, or the only input there is.
     pub fn input_of<'a>(&'a self, rule: &'a RuleConfig) -> Option<(&'a str, &'a InputConfig)> {
@@ -983,9 +931,6 @@ fn default_offline_values() -> Vec<String> {
 }
 fn default_z_threshold() -> f64 {
     4.0
-}
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 fn default_queue_capacity() -> usize {
     4096
