@@ -10,6 +10,7 @@ pub mod condition;
 pub mod endpoint;
 mod error;
 mod http;
+mod pipeline;
 mod secret;
 #[cfg(test)]
 mod test_support;
@@ -19,6 +20,7 @@ mod validate;
 pub use broker::{BrokerConfig, Protocol};
 pub use error::{ConfigError, Located};
 pub use http::HttpConfig;
+pub use pipeline::{DeviceLimitPolicy, PipelineConfig};
 pub use secret::{redact_url, Secret, REDACTED};
 pub use validate::Problem;
 
@@ -272,49 +274,6 @@ pub struct DeadLetterConfig {
     /// Topic for dead letters; `{input}` and `{reason}` are replaced. Dead letters are only
     /// counted and logged when absent.
     pub topic: Option<String>,
-}
-
-/// Sizes of the stages between source and sink.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PipelineConfig {
-    /// Worker tasks that run operators; devices are sharded across them by key hash.
-    /// 0 means one per CPU core.
-    #[serde(default)]
-    pub workers: usize,
-    /// Capacity of each bounded channel between stages (messages). When full, the stage before
-    /// waits: backpressure reaches the broker connection rather than growing memory.
-    #[serde(default = "default_queue_capacity")]
-    pub queue_capacity: usize,
-    /// Devices with state per worker; `when_device_limit` says what happens beyond it.
-    #[serde(default = "default_max_devices")]
-    pub max_devices_per_worker: usize,
-    #[serde(default)]
-    pub when_device_limit: DeviceLimitPolicy,
-}
-
-/// What a worker does with a new device when it already tracks `max_devices_per_worker`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceLimitPolicy {
-    /// Forget the device least recently heard from (approximately: a clock sweep) and give its
-    /// place to the new one; counted in `weir_devices_evicted_total`. A flood of new ids cannot
-    /// grow memory, and real devices keep being served.
-    #[default]
-    EvictIdle,
-    /// Refuse readings of new devices (counted, `reason="device_limit"`) until weir restarts.
-    Refuse,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        Self {
-            workers: 0,
-            queue_capacity: default_queue_capacity(),
-            max_devices_per_worker: default_max_devices(),
-            when_device_limit: DeviceLimitPolicy::default(),
-        }
-    }
 }
 
 /// Payload encodings weir reads and writes.
@@ -931,12 +890,6 @@ fn default_offline_values() -> Vec<String> {
 }
 fn default_z_threshold() -> f64 {
     4.0
-}
-fn default_queue_capacity() -> usize {
-    4096
-}
-fn default_max_devices() -> usize {
-    100_000
 }
 fn default_device_segment() -> String {
     "device".into()

@@ -2,12 +2,13 @@
 //! `weir check` reports them all.
 
 use super::broker::check_broker;
+use super::pipeline::check_pipeline;
 use super::topic::{TopicPattern, TopicTemplate};
 use super::{
     AnomalyConfig, ChangeConfig, Config, DeadLetterConfig, DeadbandConfig, DeliveryConfig,
     DeliveryMode, FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig,
-    ObservabilityConfig, PipelineConfig, RateOfChangeConfig, RuleConfig, StuckConfig,
-    ThresholdsConfig, WindowConfig,
+    ObservabilityConfig, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig,
+    WindowConfig,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -68,24 +69,6 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_field_types(config, &mut problems);
     check_observability(&config.observability, &mut problems);
     problems.0
-}
-
-fn check_pipeline(pipeline: &PipelineConfig, problems: &mut Problems) {
-    if pipeline.queue_capacity == 0 {
-        problems.add(
-            "pipeline.queue_capacity",
-            "must be at least 1; 4096 suits most gateways",
-        );
-    }
-    if pipeline.workers > 256 {
-        problems.add(
-            "pipeline.workers",
-            "must be at most 256; use 0 for one worker per core",
-        );
-    }
-    if pipeline.max_devices_per_worker == 0 {
-        problems.add("pipeline.max_devices_per_worker", "must be at least 1");
-    }
 }
 
 fn check_observability(observability: &ObservabilityConfig, problems: &mut Problems) {
