@@ -10,6 +10,7 @@ pub mod condition;
 pub mod endpoint;
 mod error;
 mod http;
+mod inputs;
 mod pipeline;
 mod secret;
 #[cfg(test)]
@@ -20,10 +21,12 @@ mod validate;
 pub use broker::{BrokerConfig, Protocol};
 pub use error::{ConfigError, Located};
 pub use http::HttpConfig;
+pub use inputs::{Format, InputConfig, TimeConfig, TimeUnit};
 pub use pipeline::{DeviceLimitPolicy, PipelineConfig};
 pub use secret::{redact_url, Secret, REDACTED};
 pub use validate::Problem;
 
+use inputs::default_format;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -274,70 +277,6 @@ pub struct DeadLetterConfig {
     /// Topic for dead letters; `{input}` and `{reason}` are replaced. Dead letters are only
     /// counted and logged when absent.
     pub topic: Option<String>,
-}
-
-/// Payload encodings weir reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Json,
-    Cbor,
-    /// Inputs only: the whole payload is one UTF-8 string, read as the field `payload` (e.g. a
-    /// retained status or last-will message such as `offline`).
-    Text,
-    /// Inputs only: a SenML pack (RFC 8428) in JSON; records at one time form one reading.
-    Senml,
-    /// Inputs only: a SenML pack in CBOR, with the RFC's integer labels.
-    #[serde(rename = "senml_cbor")]
-    SenmlCbor,
-}
-
-/// One subscribed topic pattern and how to read its payloads.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputConfig {
-    /// Topic pattern with named segments, e.g. `sensors/{site}/{device}/telemetry`.
-    pub topic: String,
-    /// The named segment that identifies the device (the key of all per-device state).
-    #[serde(default = "default_device_segment")]
-    pub device: String,
-    #[serde(default = "default_format")]
-    pub format: Format,
-    /// QoS of the subscription (0 or 1); 1 under `at_least_once`, 0 otherwise, when absent.
-    pub qos: Option<u8>,
-    /// Where the event time is in the payload; arrival time is used when absent.
-    pub time: Option<TimeConfig>,
-    /// Payload field with a per-device sequence number, copied into each event's `cause` and used
-    /// to recognise redelivered inputs.
-    pub seq_field: Option<String>,
-    /// Larger payloads are dead-lettered (reason `too_large`) without being decoded.
-    #[serde(default = "default_max_payload_bytes")]
-    pub max_payload_bytes: usize,
-    /// A reading whose event time is further ahead of the gateway's clock than this is
-    /// dead-lettered (reason `future_timestamp`): one bad device clock must not push its
-    /// watermark into the future and make every later reading late.
-    #[serde(default = "default_max_clock_skew", deserialize_with = "duration")]
-    pub max_clock_skew: Duration,
-}
-
-/// The payload field carrying the event time, and its unit.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TimeConfig {
-    pub field: String,
-    pub unit: TimeUnit,
-}
-
-/// Unit of a timestamp field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TimeUnit {
-    S,
-    Ms,
-    Us,
-    Ns,
-    /// An RFC 3339 string such as `2024-11-26T05:46:40.5Z`.
-    Rfc3339,
 }
 
 /// A rule: exactly one operator kind (a sub-table named after it) and where its events go.
@@ -876,12 +815,6 @@ fn default_dedup_horizon() -> usize {
 fn default_outbox_max() -> usize {
     100_000
 }
-fn default_max_clock_skew() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_max_payload_bytes() -> usize {
-    64 * 1024
-}
 fn default_normal() -> String {
     "normal".into()
 }
@@ -890,12 +823,6 @@ fn default_offline_values() -> Vec<String> {
 }
 fn default_z_threshold() -> f64 {
     4.0
-}
-fn default_device_segment() -> String {
-    "device".into()
-}
-fn default_format() -> Format {
-    Format::Json
 }
 fn default_future_skew() -> Duration {
     Duration::from_secs(300)
@@ -1080,12 +1007,6 @@ mod tests {
     }
 
     #[test]
-    fn device_segment_must_be_in_the_pattern() {
-        let (problem, _) = problem_after("device = \"device\"", "device = \"sensor\"");
-        assert_eq!(problem.path, "inputs.telemetry.device");
-    }
-
-    #[test]
     fn rule_input_must_exist() {
         let (problem, _) = problem_after("input = \"telemetry\"", "input = \"telemetri\"");
         assert_eq!(problem.path, "rules.overheat.input");
@@ -1166,12 +1087,6 @@ on_shutdown = "keep"
         assert_eq!(hopping.on_shutdown, OnShutdown::Keep);
         assert_eq!(hopping.idle_timeout, Some(Duration::from_secs(120)));
         assert!(hopping.late_topic.is_some());
-    }
-
-    #[test]
-    fn qos_2_is_refused() {
-        let (problem, _) = problem_after("seq_field = \"seq\"", "qos = 2\nseq_field = \"seq\"");
-        assert_eq!(problem.path, "inputs.telemetry.qos");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `weir check` reports them all.
 
 use super::broker::check_broker;
+use super::inputs::check_inputs;
 use super::pipeline::check_pipeline;
 use super::topic::{TopicPattern, TopicTemplate};
 use super::{
@@ -143,73 +144,6 @@ fn check_dead_letter(dead_letter: &DeadLetterConfig, problems: &mut Problems) {
             problems.add(
                 "dead_letter.topic",
                 "must be a topic without wildcards, e.g. \"weir/dead-letter/{input}/{reason}\"",
-            );
-        }
-    }
-}
-
-fn check_inputs(
-    inputs: &BTreeMap<String, InputConfig>,
-    max_packet_bytes: usize,
-    problems: &mut Problems,
-) {
-    if inputs.is_empty() {
-        problems.add(
-            "inputs",
-            "define at least one input, e.g. [inputs.telemetry] with topic = \"sensors/{site}/{device}/telemetry\"",
-        );
-    }
-    for (name, input) in inputs {
-        check_input(&format!("inputs.{name}"), input, max_packet_bytes, problems);
-    }
-}
-
-fn check_input(path: &str, input: &InputConfig, max_packet_bytes: usize, problems: &mut Problems) {
-    match TopicPattern::parse(&input.topic) {
-        Ok(pattern) => {
-            if pattern.name_index(&input.device).is_none() {
-                problems.add(
-                    format!("{path}.device"),
-                    format!(
-                        "`{}` is not a named segment of `{}`; name the level that identifies the device, e.g. `{{device}}`",
-                        input.device, input.topic
-                    ),
-                );
-            }
-        }
-        Err(err) => problems.add(format!("{path}.topic"), err.0),
-    }
-    if input.max_payload_bytes == 0 {
-        problems.add(format!("{path}.max_payload_bytes"), "must be at least 1");
-    }
-    if input.max_payload_bytes >= max_packet_bytes {
-        problems.add(
-            format!("{path}.max_payload_bytes"),
-            format!(
-                "must be below broker.max_packet_bytes ({max_packet_bytes}): a larger packet breaks the connection instead of being dead-lettered"
-            ),
-        );
-    }
-    if input.qos.is_some_and(|qos| qos > 1) {
-        problems.add(
-            format!("{path}.qos"),
-            "must be 0 or 1; weir deduplicates itself, so QoS 2 buys nothing",
-        );
-    }
-    if let Some(time) = &input.time {
-        if time.field.is_empty() {
-            problems.add(format!("{path}.time.field"), "must name a payload field");
-        }
-        if input.format == Format::Text {
-            problems.add(
-                format!("{path}.time"),
-                "a text payload is one string and has no time field; remove [time] (arrival time is used)",
-            );
-        }
-        if matches!(input.format, Format::Senml | Format::SenmlCbor) {
-            problems.add(
-                format!("{path}.time"),
-                "SenML records carry their own time (bt + t); remove [time]",
             );
         }
     }
