@@ -2,14 +2,14 @@
 //! `weir check` reports them all.
 
 use super::broker::check_broker;
+use super::delivery::{check_dead_letter, check_delivery};
 use super::inputs::check_inputs;
 use super::pipeline::check_pipeline;
 use super::topic::{TopicPattern, TopicTemplate};
 use super::{
-    AnomalyConfig, ChangeConfig, Config, DeadLetterConfig, DeadbandConfig, DeliveryConfig,
-    DeliveryMode, FlappingConfig, Format, HysteresisConfig, InputConfig, LivenessConfig,
-    ObservabilityConfig, RateOfChangeConfig, RuleConfig, StuckConfig, ThresholdsConfig,
-    WindowConfig,
+    AnomalyConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode, FlappingConfig, Format,
+    HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig, RateOfChangeConfig,
+    RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -118,32 +118,6 @@ fn check_at_least_once(config: &Config, problems: &mut Problems) {
             problems.add(
                 format!("rules.{name}.output.qos"),
                 "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
-            );
-        }
-    }
-}
-
-fn check_delivery(delivery: &DeliveryConfig, problems: &mut Problems) {
-    if delivery.fsync_interval > Duration::from_secs(10) {
-        problems.add(
-            "delivery.fsync_interval",
-            "must be at most 10s: inputs wait this long for their acknowledgement",
-        );
-    }
-    if delivery.snapshot_interval < Duration::from_secs(1) {
-        problems.add("delivery.snapshot_interval", "must be at least 1s");
-    }
-    if delivery.outbox_max_messages == 0 {
-        problems.add("delivery.outbox_max_messages", "must be at least 1");
-    }
-}
-
-fn check_dead_letter(dead_letter: &DeadLetterConfig, problems: &mut Problems) {
-    if let Some(topic) = &dead_letter.topic {
-        if topic.is_empty() || topic.contains(['+', '#']) {
-            problems.add(
-                "dead_letter.topic",
-                "must be a topic without wildcards, e.g. \"weir/dead-letter/{input}/{reason}\"",
             );
         }
     }
