@@ -4,12 +4,13 @@
 use super::broker::check_broker;
 use super::delivery::{check_dead_letter, check_delivery};
 use super::inputs::check_inputs;
+use super::observability::check_observability;
 use super::pipeline::check_pipeline;
 use super::topic::{TopicPattern, TopicTemplate};
 use super::{
     AnomalyConfig, ChangeConfig, Config, DeadbandConfig, DeliveryMode, FlappingConfig, Format,
-    HysteresisConfig, InputConfig, LivenessConfig, ObservabilityConfig, RateOfChangeConfig,
-    RuleConfig, StuckConfig, ThresholdsConfig, WindowConfig,
+    HysteresisConfig, InputConfig, LivenessConfig, RateOfChangeConfig, RuleConfig, StuckConfig,
+    ThresholdsConfig, WindowConfig,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -70,21 +71,6 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_field_types(config, &mut problems);
     check_observability(&config.observability, &mut problems);
     problems.0
-}
-
-fn check_observability(observability: &ObservabilityConfig, problems: &mut Problems) {
-    let Some(endpoint) = &observability.otlp_endpoint else {
-        return;
-    };
-    if !cfg!(feature = "otlp") {
-        problems.add(
-            "observability.otlp_endpoint",
-            "this weir was built without OTLP export; rebuild it with `cargo build --release --features otlp`, or remove the key",
-        );
-    }
-    if let Err(message) = super::endpoint::OtlpEndpoint::parse(endpoint) {
-        problems.add("observability.otlp_endpoint", message);
-    }
 }
 
 /// What `at_least_once` asks of the other sections: a state dir to log inputs to, a broker
