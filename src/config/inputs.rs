@@ -87,6 +87,8 @@ pub(super) fn default_format() -> Format {
     Format::Json
 }
 
+/// `max_packet_bytes` is the broker's: each input's payload limit stays below it, so an oversized
+/// payload is dead-lettered instead of breaking the connection.
 pub(super) fn check_inputs(
     inputs: &BTreeMap<String, InputConfig>,
     max_packet_bytes: usize,

@@ -4,6 +4,26 @@
 //! Config types are separate from runtime types: the engine builds its operators from a validated
 //! [`Config`] (see `engine::Plan`). [`Secret`] and [`redact_url`] keep passwords and tokens out of
 //! everything weir prints.
+//!
+//! Each section of the file has its own module, holding its serde shapes, their defaults and
+//! the checks that only need that section:
+//!
+//! - `broker.rs`: `[broker]`, how to reach the MQTT broker (URLs, protocol, credentials, TLS).
+//! - `http.rs`: `[http]`, where `/metrics` and the API listen, and the API's token.
+//! - `pipeline.rs`: `[pipeline]`, workers, channel capacity and the device limit.
+//! - `inputs.rs`: `[inputs.NAME]`, topic patterns, payload formats and event time.
+//! - `rules/`: `[rules.NAME]`, scoping, one operator and the output; window kinds in
+//!   `rules/windows.rs`, the other operators in `rules/detectors.rs`.
+//! - `delivery.rs`: `[delivery]` and `[dead_letter]`, the delivery guarantee, state dir and outbox.
+//! - `observability.rs`: `[observability]`, OTLP export.
+//!
+//! Around them: `validate.rs` walks the sections and holds the checks that span several (what
+//! `at_least_once` asks of the others; one type per payload field across rules); `error.rs`
+//! places each problem in the file; `secret.rs` hides passwords and tokens; `endpoint.rs` parses
+//! broker and OTLP URLs; `condition.rs` parses a window's `when`; `topic.rs` parses topic
+//! patterns and templates; `test_support.rs` (tests only) edits the example configs for the
+//! tests of every section. This file holds the root [`Config`], [`Overrides`], [`load`] and
+//! [`parse`], [`Fingerprints`], and the duration parser every section uses.
 
 mod broker;
 pub mod condition;
@@ -311,7 +331,7 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{detectors_problem_after, line_of, problem_after};
+    use super::test_support::{line_of, problem_after};
     use super::*;
 
     #[test]
@@ -415,52 +435,5 @@ mod tests {
         let problem = &err.problems()[0];
         assert_eq!(problem.line_col, None);
         assert!(problem.message.contains("--broker"));
-    }
-
-    #[test]
-    fn a_field_is_either_a_number_or_a_discrete_value() {
-        let (problem, _) =
-            detectors_problem_after("fields = [\"door\", \"mode\"]", "fields = [\"pressure\"]");
-        assert!(
-            problem.message.contains("`pressure`"),
-            "{}",
-            problem.message
-        );
-        assert!(
-            problem.message.contains("pressure_surge"),
-            "{}",
-            problem.message
-        );
-    }
-
-    #[test]
-    fn at_least_once_needs_a_state_dir_and_a_persistent_session() {
-        let text = EXAMPLE
-            .replace("state_dir = \"/var/lib/weir\"", "")
-            .replace("clean_session = false", "clean_session = true");
-        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
-        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
-        assert_eq!(paths, ["delivery.mode", "broker.clean_session"], "{err}");
-    }
-
-    #[test]
-    fn at_least_once_refuses_an_explicit_qos_0() {
-        let (problem, _) = problem_after(
-            "format = \"json\"\nseq_field",
-            "format = \"json\"\nqos = 0\nseq_field",
-        );
-        assert_eq!(problem.path, "inputs.telemetry.qos");
-        assert!(problem.message.contains("at_least_once"));
-    }
-
-    #[test]
-    fn every_problem_is_reported_at_once() {
-        let text = EXAMPLE
-            .replace("exit_below = 28.0", "exit_below = 31.0")
-            .replace("alerts/{site}/", "alerts/{zone}/")
-            .replace("keep_alive = \"30s\"", "keep_alive = \"0s\"");
-        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
-        assert_eq!(err.problems().len(), 3, "{err}");
-        assert!(err.to_string().starts_with("x.toml has 3 problems:"));
     }
 }

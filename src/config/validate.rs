@@ -1,5 +1,6 @@
-//! Semantic checks on a parsed config: every problem is collected with its path, so one run of
-//! `weir check` reports them all.
+//! Semantic checks on a parsed config: [`validate`] walks the sections, each checked in its own
+//! module, and collects every problem with its path, so one run of `weir check` reports them all.
+//! The checks that span sections live here.
 
 use super::broker::check_broker;
 use super::delivery::{check_dead_letter, check_delivery};
@@ -124,5 +125,59 @@ fn check_field_types(config: &Config, problems: &mut Problems) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::test_support::{detectors_problem_after, problem_after};
+    use crate::config::{parse, Overrides, EXAMPLE};
+    use std::path::Path;
+
+    #[test]
+    fn a_field_is_either_a_number_or_a_discrete_value() {
+        let (problem, _) =
+            detectors_problem_after("fields = [\"door\", \"mode\"]", "fields = [\"pressure\"]");
+        assert!(
+            problem.message.contains("`pressure`"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("pressure_surge"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn at_least_once_needs_a_state_dir_and_a_persistent_session() {
+        let text = EXAMPLE
+            .replace("state_dir = \"/var/lib/weir\"", "")
+            .replace("clean_session = false", "clean_session = true");
+        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["delivery.mode", "broker.clean_session"], "{err}");
+    }
+
+    #[test]
+    fn at_least_once_refuses_an_explicit_qos_0() {
+        let (problem, _) = problem_after(
+            "format = \"json\"\nseq_field",
+            "format = \"json\"\nqos = 0\nseq_field",
+        );
+        assert_eq!(problem.path, "inputs.telemetry.qos");
+        assert!(problem.message.contains("at_least_once"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = EXAMPLE
+            .replace("exit_below = 28.0", "exit_below = 31.0")
+            .replace("alerts/{site}/", "alerts/{zone}/")
+            .replace("keep_alive = \"30s\"", "keep_alive = \"0s\"");
+        let err = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap_err();
+        assert_eq!(err.problems().len(), 3, "{err}");
+        assert!(err.to_string().starts_with("x.toml has 3 problems:"));
     }
 }
