@@ -2260,6 +2260,8 @@ fn run_flood(o: &Options, ids: u64) -> bool {
     // Twice the cap: the topic cache has filled with evicted ids once and been cleared; past
     // this, RSS must not grow with more ids.
     let mut at_cycled: Option<(f64, f64)> = None;
+    // RSS between snapshots and during them, once the flood is over.
+    let mut settled = (f64::MAX, 0.0f64);
     let mut finished_at: Option<Instant> = None;
     let mut next_row = Instant::now();
     // After the last reading: `--settle` s more (default 12), so snapshots of the full table
@@ -2288,6 +2290,10 @@ fn run_flood(o: &Options, ids: u64) -> bool {
             && (decoded >= ids as f64 || idle_since.elapsed() > Duration::from_secs(5))
         {
             finished_at = Some(Instant::now());
+        }
+        if finished_at.is_some() {
+            let now = sampler.last_mb();
+            settled = (settled.0.min(now), settled.1.max(now));
         }
         if Instant::now() >= next_row {
             next_row += Duration::from_secs(1);
@@ -2325,11 +2331,17 @@ fn run_flood(o: &Options, ids: u64) -> bool {
             "{mb:.1} MB after {decoded:.0} ids"
         ))
     );
-    if let Some((decoded, mb)) = at_cycled {
+    if let (Some((decoded, mb)), false) = (at_cycled, state_dir) {
         println!(
             "flood: after {decoded:.0} ids (twice the cap) {mb:.1} MB; after {ids}: {end_mb:.1} MB ({:+.1} MB for {:.0} more ids)",
             end_mb - mb,
             ids as f64 - decoded
+        );
+    }
+    if state_dir {
+        println!(
+            "flood: after the flood, {:.1} MB between snapshots and up to {:.1} MB while one is written (sampled every 100 ms)",
+            settled.0, settled.1
         );
     }
     println!(
