@@ -140,6 +140,7 @@ struct Options {
     flood_devices: Option<u64>,
     no_state_dir: bool,
     settle: f64,
+    keep_logs: Option<PathBuf>,
 }
 
 const HELP: &str = "\
@@ -156,6 +157,7 @@ soak (default):
   --flood-size N      one-shot device ids per flood fault (default 3000)
   --device-cap N      pipeline.max_devices_per_worker (default 2000 in a soak, so floods evict)
   --rss-limit-mb MB   the RSS bound to check (default: computed from the cap, printed)
+  --keep-logs DIR     copy weir's and Mosquitto's logs there before the temp dir goes
 
 memory under a flood:
   --flood-devices N   publish N distinct device ids at full speed (QoS 0) and measure RSS
@@ -180,6 +182,7 @@ fn options() -> Options {
         flood_devices: None,
         no_state_dir: false,
         settle: 12.0,
+        keep_logs: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -217,6 +220,7 @@ fn options() -> Options {
             "--rss-limit-mb" => o.rss_limit_mb = Some(number(value)),
             "--flood-devices" => o.flood_devices = Some(number(value) as u64),
             "--settle" => o.settle = number(value),
+            "--keep-logs" => o.keep_logs = Some(PathBuf::from(value)),
             "--faults" => {
                 o.faults = match value.as_str() {
                     "all" => Fault::ALL.to_vec(),
@@ -2115,6 +2119,12 @@ fn run_soak(o: &Options) -> bool {
         for (count, message) in warnings.iter().take(12) {
             println!("  {count:>6}  {message}");
         }
+    }
+    if let Some(dir) = &o.keep_logs {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::copy(&weir.log, dir.join("weir.log"));
+        let _ = std::fs::copy(broker.dir.join("mosquitto.log"), dir.join("mosquitto.log"));
+        println!("logs kept in {}", dir.display());
     }
     if failures.is_empty() {
         println!("\nsoak PASSED");
