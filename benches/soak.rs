@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -502,7 +503,10 @@ struct Proc {
 
 impl Proc {
     fn spawn(command: &mut Command) -> Proc {
+        // A process group of its own: Ctrl-C in the terminal reaches only the harness, which
+        // then stops the children in its own order (publishing first, then weir, the broker).
         let child = command
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
         registry().pids.push(child.id());
@@ -748,6 +752,9 @@ impl Weir {
             }
             if !self.proc.as_mut().is_some_and(Proc::running) {
                 return Err("weir exited during start-up".into());
+            }
+            if stopped() {
+                return Err("interrupted".into());
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -1317,10 +1324,20 @@ impl Mqtt {
         }
     }
 
-    fn publish(&self, topic: String, payload: Vec<u8>) {
-        // Blocks while rumqttc's queue is full (the broker is paused or away): the publisher
-        // slows down instead of dropping, as a device with a bounded buffer would.
-        let _ = self.client.publish(topic, QoS::AtLeastOnce, false, payload);
+    /// Hands a QoS 1 publish to rumqttc. Waits while its queue is full (the broker is paused or
+    /// away): the publisher slows down instead of dropping, as a device with a bounded buffer
+    /// would. False when the run was stopped meanwhile.
+    fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
+        loop {
+            match self
+                .client
+                .try_publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+            {
+                Ok(()) => return true,
+                Err(_) if !stopped() => thread::sleep(Duration::from_millis(1)),
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Waits until `sent` publishes are all acknowledged; false after `limit`.
@@ -1399,7 +1416,9 @@ impl Publisher {
                     }
                     for _ in 0..(due - n).min(500) {
                         let (d, seq) = (n % devices, n / devices);
-                        mqtt.publish(Scenario::topic(d), scenario.payload(d, seq));
+                        if !mqtt.publish(Scenario::topic(d), scenario.payload(d, seq)) {
+                            break;
+                        }
                         n += 1;
                         if n % 1000 == 0 {
                             progress
@@ -1416,8 +1435,9 @@ impl Publisher {
                         let d = rng.below(devices);
                         let newest = scenario.readings_of(n, d) - 1;
                         let seq = newest.saturating_sub(rng.below(60));
-                        mqtt.publish(Scenario::topic(d), scenario.payload(d, seq));
-                        dups.fetch_add(1, Ordering::Relaxed);
+                        if mqtt.publish(Scenario::topic(d), scenario.payload(d, seq)) {
+                            dups.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 published.store(n, Ordering::Relaxed);
@@ -1537,10 +1557,12 @@ fn inject(
                     "300 kB payload (above max_packet_bytes)"
                 },
             });
-            injector
+            if injector
                 .mqtt
-                .publish(Scenario::topic(device), oversized(marker, ts, size));
-            injector.sent += 1;
+                .publish(Scenario::topic(device), oversized(marker, ts, size))
+            {
+                injector.sent += 1;
+            }
             format!("bad-{marker}, {size} bytes on dev-{device:04}")
         }
         Fault::Malformed => {
@@ -1553,9 +1575,10 @@ fn inject(
             );
             for (injected, payload) in batch {
                 let d = rng.below(o.devices);
-                injector.mqtt.publish(Scenario::topic(d), payload);
-                injector.sent += 1;
-                injector.injected.push(injected);
+                if injector.mqtt.publish(Scenario::topic(d), payload) {
+                    injector.sent += 1;
+                    injector.injected.push(injected);
+                }
             }
             markers
         }
@@ -1568,19 +1591,22 @@ fn inject(
             let flood = injector.floods;
             injector.floods += 1;
             let started = Instant::now();
-            for i in 0..o.flood_size {
+            let mut sent = 0;
+            while sent < o.flood_size {
                 let payload =
                     format!(r#"{{"ts": {ts}, "seq": 0, "temperature": 20.0, "humidity": 40.0}}"#);
-                injector.mqtt.publish(
-                    format!("sensors/flood/f{flood}-{i}/telemetry"),
+                if !injector.mqtt.publish(
+                    format!("sensors/flood/f{flood}-{sent}/telemetry"),
                     payload.into_bytes(),
-                );
+                ) {
+                    break;
+                }
+                sent += 1;
             }
-            injector.sent += o.flood_size;
-            injector.flood_ids += o.flood_size;
+            injector.sent += sent;
+            injector.flood_ids += sent;
             format!(
-                "{} new ids handed over in {:.1} s",
-                o.flood_size,
+                "{sent} new ids handed over in {:.1} s",
                 started.elapsed().as_secs_f64()
             )
         }
@@ -1752,7 +1778,7 @@ fn run_soak(o: &Options) -> bool {
             next_fault =
                 Instant::now() + Duration::from_secs_f64(rng.between(0.5, 1.5) * o.fault_every);
         }
-        if !weir.proc.as_mut().is_some_and(Proc::running) {
+        if !stopped() && !weir.proc.as_mut().is_some_and(Proc::running) {
             // weir ended on its own: a crash. Counted as a failure; restarted so the run goes on.
             let status = weir
                 .proc
