@@ -64,12 +64,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     metrics.register_labels(
         plan.inputs.iter().map(|i| &*i.name),
-        plan.rules.iter().flat_map(|r| {
-            r.operator
-                .event_kinds()
-                .iter()
-                .map(move |kind| (&*r.name, *kind))
-        }),
+        plan.rule_kinds(),
         &crate::engine::REASONS,
     );
     let source_options = crate::mqtt::connection_options(&config.broker, "")?;
@@ -413,15 +408,8 @@ impl Reloader {
             .await
             .map_err(|_| shutting_down())?;
         done_rx.await.map_err(|_| shutting_down())?;
-        self.metrics.set_rules(
-            plan.rules.iter().flat_map(|r| {
-                r.operator
-                    .event_kinds()
-                    .iter()
-                    .map(move |kind| (&*r.name, *kind))
-            }),
-            &crate::engine::REASONS,
-        );
+        self.metrics
+            .set_rules(plan.rule_kinds(), &crate::engine::REASONS);
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rule_infos(&plan, &new);
         self.config = new;
         Ok(report)

@@ -280,6 +280,17 @@ fn build_operator(
 }
 
 impl Plan {
+    /// Each rule's name with each kind of event it emits (a rule's pairs next to each other,
+    /// in plan order): the label values of the per-rule metrics.
+    pub fn rule_kinds(&self) -> impl Iterator<Item = (&str, &'static str)> {
+        self.rules.iter().flat_map(|r| {
+            r.operator
+                .event_kinds()
+                .iter()
+                .map(move |kind| (&*r.name, *kind))
+        })
+    }
+
     /// Each rule's name and definition fingerprint, as a snapshot records them.
     pub fn fingerprints(&self) -> Vec<(String, u64)> {
         self.rules
