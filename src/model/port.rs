@@ -67,13 +67,24 @@ pub trait Source: Send + 'static {
 }
 
 /// Acknowledges a source's messages, in the order they were received, once each is durable.
+///
+/// Never waits: the connection that takes the acks is served by the intake loop, which may
+/// itself be waiting for the input log, which may be waiting to hand over its acks. A waiting
+/// acker would close that circle; so it is told "not now" and tries again.
 pub trait Acker: Send + 'static {
-    /// Whether the acknowledgement went out: `false` when the source delivers the message again
-    /// instead (MQTT, after a reconnect).
-    ///
     /// # Errors
     /// The source is gone.
-    fn ack(&self, token: AckToken) -> impl Future<Output = Result<bool, Closed>> + Send;
+    fn try_ack(&self, token: AckToken) -> Result<Acked, Closed>;
+}
+
+/// What became of one acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    Sent,
+    /// Not needed: the source delivers the message again instead (MQTT, after a reconnect).
+    Stale,
+    /// The source cannot take it now; try again shortly.
+    Later,
 }
 
 /// Acks released by one sync, in receive order; `done` is answered once they are all sent.

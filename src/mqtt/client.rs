@@ -113,6 +113,35 @@ impl Client {
         }
     }
 
+    /// Acknowledges the QoS 1 message with packet id `pkid` (with manual acks) if the request
+    /// queue has room; `Ok(false)` when it has none (try again once the event loop has run).
+    ///
+    /// # Errors
+    /// The event loop is gone.
+    pub fn try_ack(&self, pkid: u16) -> Result<bool, Closed> {
+        match self {
+            Client::V4(client) => {
+                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+                publish.pkid = pkid;
+                match client.try_ack(&publish) {
+                    Ok(()) => Ok(true),
+                    Err(rumqttc::ClientError::TryRequest(_)) => Ok(false),
+                    Err(_) => Err(Closed),
+                }
+            }
+            Client::V5(client) => {
+                let mut publish =
+                    packet5::Publish::new("", QoS5::AtLeastOnce, Vec::<u8>::new(), None);
+                publish.pkid = pkid;
+                match client.try_ack(&publish) {
+                    Ok(()) => Ok(true),
+                    Err(v5::ClientError::TryRequest(_)) => Ok(false),
+                    Err(_) => Err(Closed),
+                }
+            }
+        }
+    }
+
     /// Acknowledges the QoS 1 message with packet id `pkid` (with manual acks), waiting for room
     /// in the request queue.
     ///

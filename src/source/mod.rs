@@ -13,9 +13,10 @@ pub mod mqtt;
 
 use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
 use crate::metrics::Metrics;
-use crate::model::port::{AckBatch, Acker, Delivery, LogCommand, Source};
+use crate::model::port::{AckBatch, Acked, Acker, Delivery, LogCommand, Source};
 use crate::model::time::wall_clock_ms;
 use crate::model::trace;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -273,18 +274,46 @@ async fn pass_reload(
     }
 }
 
-/// Sends released acks in order through the source's acker.
+/// Sends released acks in order through the source's acker. It takes every batch the log
+/// releases at once, so the log writer never waits on it, and sends what the connection takes
+/// without waiting (see [`Acker`]); the rest waits here, a millisecond at a time. What waits is
+/// bounded by the inputs the broker has in flight unacknowledged (Mosquitto:
+/// `max_inflight_messages`).
 async fn run_acker(mut acks: mpsc::Receiver<AckBatch>, acker: impl Acker, metrics: Arc<Metrics>) {
-    while let Some(batch) = acks.recv().await {
-        for token in batch.tokens {
-            match acker.ack(token).await {
-                Ok(true) => metrics.inputs_acked.inc(),
-                Ok(false) => {}
-                Err(_) => return,
-            }
+    // Each batch's tokens reversed, so the next one to send is popped off the end.
+    let mut owed: VecDeque<AckBatch> = VecDeque::new();
+    let owe = |owed: &mut VecDeque<AckBatch>, mut batch: AckBatch| {
+        batch.tokens.reverse();
+        owed.push_back(batch);
+    };
+    let mut open = true;
+    while open || !owed.is_empty() {
+        tokio::select! {
+            batch = acks.recv(), if open => match batch {
+                Some(batch) => owe(&mut owed, batch),
+                None => open = false,
+            },
+            () = tokio::time::sleep(Duration::from_millis(1)), if !owed.is_empty() => {}
         }
-        if let Some(done) = batch.done {
-            let _ = done.send(());
+        while let Ok(batch) = acks.try_recv() {
+            owe(&mut owed, batch);
+        }
+        while let Some(batch) = owed.front_mut() {
+            while let Some(&token) = batch.tokens.last() {
+                match acker.try_ack(token) {
+                    Ok(Acked::Sent) => metrics.inputs_acked.inc(),
+                    Ok(Acked::Stale) => {}
+                    Ok(Acked::Later) => break,
+                    Err(_) => return,
+                }
+                batch.tokens.pop();
+            }
+            if !batch.tokens.is_empty() {
+                break;
+            }
+            if let Some(done) = owed.pop_front().and_then(|batch| batch.done) {
+                let _ = done.send(());
+            }
         }
     }
 }

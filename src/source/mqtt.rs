@@ -3,7 +3,7 @@
 //! acknowledges them only on the connection that delivered them.
 
 use crate::metrics::{Connection, Metrics, WarnLimit};
-use crate::model::port::{AckToken, Acker, Closed, Delivery, Incoming, Source};
+use crate::model::port::{AckToken, Acked, Acker, Closed, Delivery, Incoming, Source};
 use crate::mqtt::client::{self, Client, ConnectionError, Event};
 use crate::mqtt::{Backoff, ConnectFailures, RECONNECT_WARN_INTERVAL};
 use rumqttc::QoS;
@@ -27,6 +27,9 @@ pub struct MqttSource {
     backoff: Backoff,
     failures: ConnectFailures,
     connected: bool,
+    /// The SUBSCRIBE of this connection is still to be queued: the request queue was full
+    /// (acks fill it after a backlog), so it is tried again at every event until it goes.
+    subscribe_pending: bool,
     /// When the next connection attempt may start, after a failure.
     retry_at: Option<tokio::time::Instant>,
     /// A flapping broker logs one line per interval; the reconnect counter counts them all.
@@ -55,13 +58,23 @@ impl MqttSource {
             backoff: Backoff::default(),
             failures: ConnectFailures::default(),
             connected: false,
+            subscribe_pending: false,
             retry_at: None,
             lost_warnings: WarnLimit::new(RECONNECT_WARN_INTERVAL),
             metrics,
         }
     }
 
+    /// Queues the SUBSCRIBE if it is owed and the request queue has room.
+    fn subscribe(&mut self) {
+        // try_subscribe never waits, so it cannot stall the intake loop.
+        self.subscribe_pending = self.client.try_subscribe_many(&self.filters).is_err();
+    }
+
     fn delivery(&mut self, event: Result<Event, ConnectionError>) -> Delivery {
+        if self.subscribe_pending && self.connected {
+            self.subscribe();
+        }
         match event {
             Ok(Event::Message(mut publish)) => {
                 if packet_size(&publish) > self.packet_limit {
@@ -97,9 +110,11 @@ impl MqttSource {
                     session_present,
                     "source connected to the broker; subscribing"
                 );
-                // try_subscribe never waits, so it cannot stall the intake loop.
-                if let Err(err) = self.client.try_subscribe_many(&self.filters) {
-                    tracing::error!(%err, "could not queue the subscription");
+                self.subscribe();
+                if self.subscribe_pending {
+                    tracing::debug!(
+                        "the request queue is full; subscribing as soon as it has room"
+                    );
                 }
                 Delivery::Other
             }
@@ -229,13 +244,15 @@ pub struct MqttAcker {
 }
 
 impl Acker for MqttAcker {
-    async fn ack(&self, token: AckToken) -> Result<bool, Closed> {
+    fn try_ack(&self, token: AckToken) -> Result<Acked, Closed> {
         if token.0 >> 16 != self.generation.load(Ordering::Relaxed) {
             // Delivered on an earlier connection: the broker sends it again instead.
-            return Ok(false);
+            return Ok(Acked::Stale);
         }
         let pkid = (token.0 & 0xFFFF) as u16;
-        self.client.ack(pkid).await.map_err(|_| Closed)?;
-        Ok(true)
+        match self.client.try_ack(pkid).map_err(|_| Closed)? {
+            true => Ok(Acked::Sent),
+            false => Ok(Acked::Later),
+        }
     }
 }
