@@ -198,8 +198,8 @@ fn references(code: &str, top_level_file: bool) -> Vec<(usize, String)> {
 /// name at the top of a `{...}` group (`crate::{a, b::{c, d}}` gives `a` and `b`).
 fn first_segments(rest: &str) -> Vec<(usize, String)> {
     let is_name = |c: char| c.is_alphanumeric() || c == '_';
-    let skipped = rest.len() - rest.trim_start().len();
-    let rest = &rest[skipped..];
+    let leading = rest.len() - rest.trim_start().len();
+    let rest = &rest[leading..];
     let mut names = Vec::new();
     if let Some(group) = rest.strip_prefix('{') {
         let mut depth = 0;
@@ -212,7 +212,7 @@ fn first_segments(rest: &str) -> Vec<(usize, String)> {
                 '}' => depth -= 1,
                 ',' if depth == 0 => expecting_name = true,
                 c if depth == 0 && expecting_name && is_name(c) => {
-                    name.get_or_insert_with(|| (skipped + 1 + at, String::new()))
+                    name.get_or_insert_with(|| (leading + 1 + at, String::new()))
                         .1
                         .push(c);
                     continue;
@@ -228,7 +228,7 @@ fn first_segments(rest: &str) -> Vec<(usize, String)> {
     } else {
         let name: String = rest.chars().take_while(|&c| is_name(c)).collect();
         if !name.is_empty() {
-            names.push((skipped, name));
+            names.push((leading, name));
         }
     }
     names.retain(|(_, n)| n != "self");
