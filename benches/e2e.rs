@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "common/raw_mqtt.rs"]
+mod raw_mqtt;
+use raw_mqtt::{push_len, push_publish, push_str, read_packet};
+
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const TELEMETRY: &str = "sensors/+/+/telemetry";
 /// Period (in readings) of each device's temperature wave: two transitions per period.
@@ -68,57 +72,6 @@ fn expected_transitions(count: u64, devices: u64) -> HashMap<u64, &'static str> 
 
 // ---------------------------------------------------------------------------------------------
 // Minimal MQTT 3.1.1.
-
-fn push_len(buf: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        buf.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn push_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s);
-}
-
-fn push_publish(buf: &mut Vec<u8>, topic: &[u8], payload: &[u8], qos: u8, pkid: u16) {
-    buf.push(0x30 | (qos << 1));
-    push_len(
-        buf,
-        2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len(),
-    );
-    push_str(buf, topic);
-    if qos > 0 {
-        buf.extend_from_slice(&pkid.to_be_bytes());
-    }
-    buf.extend_from_slice(payload);
-}
-
-/// Reads one packet: its first byte and its body.
-fn read_packet(reader: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<u8> {
-    let mut byte = [0u8; 1];
-    reader.read_exact(&mut byte)?;
-    let kind = byte[0];
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        reader.read_exact(&mut byte)?;
-        len |= usize::from(byte[0] & 0x7f) << shift;
-        shift += 7;
-        if byte[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    body.resize(len, 0);
-    reader.read_exact(body)?;
-    Ok(kind)
-}
 
 /// A connected client (clean session, no keep-alive) with its read half buffered.
 struct Client {

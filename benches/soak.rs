@@ -27,6 +27,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "common/raw_mqtt.rs"]
+mod raw_mqtt;
+use raw_mqtt::{push_len, push_publish, push_str};
+
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
@@ -2170,25 +2174,6 @@ fn run_soak(o: &Options) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Memory under a flood of device ids (item 6).
 
-fn push_len(buf: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        buf.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn push_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s);
-}
-
 /// Publishes `count` readings of distinct device ids at QoS 0 as fast as the socket takes them,
 /// over raw MQTT 3.1.1 (a few instructions per message, so the publisher leaves the CPU to weir
 /// and the broker); `published` follows its progress.
@@ -2220,10 +2205,7 @@ fn flood_publisher(
                 let payload = format!(
                     r#"{{"ts": {ts}, "seq": 0, "temperature": 20.0, "humidity": 40.0, "battery": 3.9}}"#
                 );
-                buf.push(0x30);
-                push_len(&mut buf, 2 + topic.len() + payload.len());
-                push_str(&mut buf, topic.as_bytes());
-                buf.extend_from_slice(payload.as_bytes());
+                push_publish(&mut buf, topic.as_bytes(), payload.as_bytes(), 0, 0);
                 i += 1;
             }
             stream.write_all(&buf).expect("publish");
