@@ -13,6 +13,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The remaining length of a QoS 1 PUBLISH of `topic` and `payload_len` bytes (topic length,
+/// topic, packet id, payload; MQTT 5 properties not counted): what a packet limit is compared
+/// with, by the broker and by rumqttc.
+pub fn publish_size(topic: &str, payload_len: usize) -> usize {
+    2 + topic.len() + 2 + payload_len
+}
+
 /// At most one "lost the broker connection" warning per connection in this interval.
 pub const RECONNECT_WARN_INTERVAL: Duration = Duration::from_secs(30);
 

@@ -142,27 +142,6 @@ impl Client {
         }
     }
 
-    /// Acknowledges the QoS 1 message with packet id `pkid` (with manual acks), waiting for room
-    /// in the request queue.
-    ///
-    /// # Errors
-    /// The event loop is gone.
-    pub async fn ack(&self, pkid: u16) -> Result<(), Closed> {
-        match self {
-            Client::V4(client) => {
-                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
-                publish.pkid = pkid;
-                client.ack(&publish).await.map_err(|_| Closed)
-            }
-            Client::V5(client) => {
-                let mut publish =
-                    packet5::Publish::new("", QoS5::AtLeastOnce, Vec::<u8>::new(), None);
-                publish.pkid = pkid;
-                client.ack(&publish).await.map_err(|_| Closed)
-            }
-        }
-    }
-
     /// Queues one PUBLISH without waiting. With MQTT 5 it carries `headers` as properties; with
     /// 3.1.1 they are dropped, since the protocol has no place for them.
     ///

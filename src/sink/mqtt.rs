@@ -127,9 +127,7 @@ impl Sink for MqttSink {
     }
 
     fn refuses(&self, event: &Outgoing) -> Option<&'static str> {
-        // Remaining length of the PUBLISH: topic length, topic, packet id, payload.
-        let size = 2 + event.topic.len() + 2 + event.payload.len();
-        if size > self.max_packet {
+        if crate::mqtt::publish_size(&event.topic, event.payload.len()) > self.max_packet {
             Some("it is larger than broker.max_packet_bytes")
         } else if event.topic.is_empty() || event.topic.contains(['+', '#', '\0']) {
             Some("its topic is empty or holds a wildcard or NUL")

@@ -77,7 +77,9 @@ impl MqttSource {
         }
         match event {
             Ok(Event::Message(mut publish)) => {
-                if packet_size(&publish) > self.packet_limit {
+                if crate::mqtt::publish_size(&publish.topic, publish.payload.len())
+                    > self.packet_limit
+                {
                     // The oversized message the limit was raised for: it goes on as too_large
                     // (every input's max_payload_bytes is below the packet limit) with what
                     // fits the limit, so the log never holds more; later connections read only
@@ -172,12 +174,6 @@ impl MqttSource {
         self.eventloop
             .set_incoming_limit(size.max(self.packet_limit), self.packet_limit);
     }
-}
-
-/// The remaining length of a PUBLISH as the broker framed it (topic, packet id, payload; MQTT 5
-/// properties are not counted): what rumqttc compares with the incoming limit.
-fn packet_size(publish: &client::Message) -> usize {
-    2 + publish.topic.len() + 2 + publish.payload.len()
 }
 
 impl Source for MqttSource {
