@@ -29,9 +29,7 @@ async fn metric(weir: &weir::app::Running, sample: &str) -> Option<f64> {
 async fn a_message_over_the_packet_limit_is_dead_lettered_once_and_intake_goes_on() {
     let broker = Mosquitto::start();
     // The example: at_least_once, a persistent session, max_packet_bytes = 262144.
-    let config = example_config(&broker, "poison");
-    let own_state_dir = config.delivery.state_dir.clone();
-    let weir = start_weir_with(config).await;
+    let weir = start_weir(&broker, "poison").await;
     let mut dead_letters = Subscriber::start(&broker, "weir/dead-letter/#").await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
     let mut publisher = Publisher::start(&broker).await;
@@ -103,9 +101,6 @@ async fn a_message_over_the_packet_limit_is_dead_lettered_once_and_intake_goes_o
         Some(1.0)
     );
     weir.stop().await.expect("clean stop");
-    if let Some(dir) = own_state_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 /// A tmpfs mounted for one test; unmounted and removed on drop, also when the test fails.
@@ -164,7 +159,7 @@ async fn intake_resumes_by_itself_when_the_state_dirs_disk_has_room_again() {
     let disk = SmallDisk::mount("1m");
     let broker = Mosquitto::start();
     let mut config = example_config(&broker, "disk");
-    let own_state_dir = config.delivery.state_dir.replace(disk.path().join("state"));
+    config.delivery.state_dir = Some(disk.path().join("state"));
     let weir = start_weir_with(config.clone()).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
     let mut publisher = Publisher::start(&broker).await;
@@ -237,9 +232,6 @@ async fn intake_resumes_by_itself_when_the_state_dirs_disk_has_room_again() {
     published.sort();
     assert_eq!(logged.len(), published.len(), "{:?}", recovered.damage);
     assert_eq!(logged, published);
-    if let Some(dir) = own_state_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +239,7 @@ async fn a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_snapshots
     let disk = SmallDisk::mount("1m");
     let broker = Mosquitto::start();
     let mut config = example_config(&broker, "snapshot-disk");
-    let own_state_dir = config.delivery.state_dir.replace(disk.path().join("state"));
+    config.delivery.state_dir = Some(disk.path().join("state"));
     // Snapshots every second, so some are due while the disk is full.
     config.delivery.snapshot_interval = Duration::from_secs(1);
     let weir = start_weir_with(config).await;
@@ -290,9 +282,6 @@ async fn a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_snapshots
         "snapshots resume too"
     );
     weir.stop().await.expect("clean stop");
-    if let Some(dir) = own_state_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +289,6 @@ async fn with_mqtt_5_the_broker_knows_the_packet_limit_and_drops_an_oversized_me
     let broker = Mosquitto::start();
     let mut config = example_config(&broker, "poison-v5");
     config.broker.protocol = weir::config::Protocol::V5;
-    let own_state_dir = config.delivery.state_dir.clone();
     let weir = start_weir_with(config).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
     let mut publisher = Publisher::start(&broker).await;
@@ -330,7 +318,4 @@ async fn with_mqtt_5_the_broker_knows_the_packet_limit_and_drops_an_oversized_me
         Some(0.0)
     );
     weir.stop().await.expect("clean stop");
-    if let Some(dir) = own_state_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
