@@ -24,6 +24,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[path = "common/raw_mqtt.rs"]
 mod raw_mqtt;
 use raw_mqtt::{push_len, push_publish, push_str, read_packet};
+#[path = "common/http.rs"]
+mod http;
+use http::http_get;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const TELEMETRY: &str = "sensors/+/+/telemetry";
@@ -348,19 +351,6 @@ fn start_weir(dir: &Path, broker: &str, qos: u8) -> Weir {
         child,
         metrics,
     }
-}
-
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    Some((status, text))
 }
 
 impl Weir {

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[path = "common/raw_mqtt.rs"]
 mod raw_mqtt;
 use raw_mqtt::{push_len, push_publish, push_str};
+#[path = "common/http.rs"]
+mod http;
+use http::http_get;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -802,20 +805,6 @@ fn sum_metric(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    Some((status, text))
 }
 
 /// Resident memory of `pid` in KiB, from /proc.
