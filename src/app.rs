@@ -12,7 +12,7 @@ use crate::config::{AckAfterConfig, Config, DeliveryMode};
 use crate::engine::{Plan, RawMessage, Reload, Worker};
 use crate::metrics::Metrics;
 use crate::route::Outgoing;
-use crate::sink::mqtt::MqttSink;
+use crate::sink::connect::Connected;
 use crate::sink::SinkOptions;
 use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
@@ -68,11 +68,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &crate::engine::REASONS,
     );
     let source_options = crate::mqtt::connection_options(&config.broker, "")?;
-    let mut publish_broker = config.broker.clone();
-    if let Some(url) = &config.broker.publish_url {
-        publish_broker.url.clone_from(url);
-    }
-    let sink_options = crate::mqtt::connection_options(&publish_broker, "-out")?;
+    // Before anything else starts: a sink that cannot be reached stops weir here.
+    let sinks = Connected::all(&config, &plan, &metrics).await?;
     let delivery = &config.delivery;
     let state_dir = delivery
         .state_dir
@@ -117,7 +114,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics.queue_capacity.with_label_values(&[stage]).set(n);
     };
     capacity_gauge("workers", capacity.saturating_mul(config.worker_count()));
-    capacity_gauge("sink", capacity);
+    capacity_gauge("sink", capacity.saturating_mul(plan.sinks.len()));
 
     let (log_tx, ack_rx, log_thread) = if let (true, Some(dir)) = (logged, &state_dir) {
         let (log_tx, log_rx) = mpsc::channel(capacity);
@@ -141,7 +138,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let (snapshot_tx, snapshot_task) = match &state_dir {
         Some(dir) => {
-            let (tx, task) = spawn_snapshot_writer(dir.clone(), metrics.clone(), log_tx.clone());
+            let (tx, task) = spawn_snapshot_writer(
+                dir.clone(),
+                metrics.clone(),
+                log_tx.clone(),
+                plan.sinks.len(),
+            );
             (Some(tx), Some(task))
         }
         None => (None, None),
@@ -150,35 +152,47 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // After recovery: events replayed from the input log were exported (or lost) by the run
     // that derived them first.
     let spans = crate::telemetry::Export::start(&config, &metrics)?;
-    let (sink_tx, sink_rx) = mpsc::channel(capacity);
+    let (sink_txs, sink_rxs): (Vec<_>, Vec<_>) =
+        plan.sinks.iter().map(|_| mpsc::channel(capacity)).unzip();
     let mut worker_txs = Vec::new();
     let mut worker_tasks = Vec::new();
     for worker in workers {
         let (tx, rx) = mpsc::channel(capacity);
         worker_txs.push(tx);
-        worker_tasks.push(tokio::spawn(worker.run(rx, sink_tx.clone())));
+        worker_tasks.push(tokio::spawn(worker.run(rx, sink_txs.clone())));
     }
-    let depth = spawn_queue_gauges(metrics.clone(), worker_txs.clone(), sink_tx.clone());
-    drop(sink_tx);
-    let mqtt_sink = MqttSink::start(
-        sink_options,
-        capacity,
-        publish_broker.max_packet_bytes,
-        metrics.clone(),
-    );
-    let sink = tokio::spawn(crate::sink::run(
-        mqtt_sink,
-        SinkOptions {
-            outbox_max: delivery.outbox_max_messages,
-            policy: delivery.outbox_when_full,
+    let depth = spawn_queue_gauges(metrics.clone(), worker_txs.clone(), sink_txs.clone());
+    let mut restored: Vec<Vec<_>> = plan.sinks.iter().map(|_| Vec::new()).collect();
+    for event in recovery.outbox {
+        restored[event.sink.min(plan.sinks.len() - 1)].push(event);
+    }
+    let mut sink_tasks = Vec::new();
+    for (index, ((sink, rx), restored)) in sinks.into_iter().zip(sink_rxs).zip(restored).enumerate()
+    {
+        let name = plan.sinks[index].name.clone();
+        let settings = config.sinks.get(&*name);
+        // Refusals of the other sinks become dead letters on the broker.
+        let dead_letters = match (&config.dead_letter.topic, index) {
+            (Some(topic), 1..) => Some((sink_txs[Plan::BROKER].clone(), topic.clone())),
+            _ => None,
+        };
+        let options = SinkOptions {
+            name,
+            outbox_max: settings
+                .and_then(|s| s.outbox_max_messages)
+                .unwrap_or(delivery.outbox_max_messages),
+            policy: settings
+                .and_then(|s| s.outbox_when_full)
+                .unwrap_or(delivery.outbox_when_full),
             workers: worker_count,
-            snapshots: snapshot_tx,
-            restored: recovery.outbox,
-        },
-        plan.clone(),
-        sink_rx,
-        metrics.clone(),
-    ));
+            snapshots: snapshot_tx.clone(),
+            restored,
+            dead_letters,
+        };
+        sink_tasks.push(sink.spawn(options, plan.clone(), rx, metrics.clone()));
+    }
+    drop(sink_txs);
+    drop(snapshot_tx);
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let filters = plan
@@ -234,7 +248,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         for task in worker_tasks {
             let _ = task.await;
         }
-        let _ = sink.await;
+        for task in sink_tasks {
+            let _ = task.await;
+        }
         spans.stop().await;
         if let Some(task) = snapshot_task {
             let _ = task.await;
@@ -270,7 +286,7 @@ fn rule_infos(plan: &Plan, config: &Config) -> Vec<RuleInfo> {
             output_topic: config
                 .rules
                 .get(&*rule.name)
-                .map(|r| r.output.topic.clone())
+                .and_then(|r| r.output.first().topic.clone())
                 .unwrap_or_default(),
         })
         .collect()
@@ -460,11 +476,18 @@ fn recover(
             from = ?loaded.from,
             "restored state from the snapshot"
         );
+        let stored = snapshot.outbox.len();
         recovery.outbox = snapshot
             .outbox
             .into_iter()
-            .map(|m| crate::sink::restore(m, plan))
+            .filter_map(|m| crate::sink::restore(m, plan))
             .collect();
+        if recovery.outbox.len() < stored {
+            tracing::warn!(
+                dropped = stored - recovery.outbox.len(),
+                "the snapshot held events for sinks that are no longer configured; they are dropped"
+            );
+        }
     }
     if logged {
         let recovered = crate::store::log::recover(&dir.log_dir(), recovery.next_lsn)?;
@@ -536,12 +559,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 fn spawn_queue_gauges(
     metrics: Arc<Metrics>,
     workers: Vec<mpsc::Sender<crate::engine::WorkerInput>>,
-    sink: mpsc::Sender<crate::engine::SinkInput>,
+    sinks: Vec<mpsc::Sender<crate::engine::SinkInput>>,
 ) -> JoinHandle<()> {
     let weak_workers: Vec<_> = workers.iter().map(|tx| tx.downgrade()).collect();
-    let weak_sink = sink.downgrade();
+    let weak_sinks: Vec<_> = sinks.iter().map(|tx| tx.downgrade()).collect();
     drop(workers);
-    drop(sink);
+    drop(sinks);
     tokio::spawn(async move {
         let workers_gauge = metrics.queue_depth.with_label_values(&["workers"]);
         let sink_gauge = metrics.queue_depth.with_label_values(&["sink"]);
@@ -554,9 +577,11 @@ fn spawn_queue_gauges(
                 .map(|tx| tx.max_capacity() - tx.capacity())
                 .sum();
             workers_gauge.set(depth as i64);
-            let sink_depth = weak_sink
-                .upgrade()
-                .map_or(0, |tx| tx.max_capacity() - tx.capacity());
+            let sink_depth: usize = weak_sinks
+                .iter()
+                .filter_map(|tx| tx.upgrade())
+                .map(|tx| tx.max_capacity() - tx.capacity())
+                .sum();
             sink_gauge.set(sink_depth as i64);
         }
     })

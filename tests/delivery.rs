@@ -585,7 +585,7 @@ async fn with_the_output_broker_down_a_blocking_outbox_holds_its_bound_then_deli
     assert_eq!(
         metrics
             .outbox_dropped
-            .with_label_values(&["drop_oldest"])
+            .with_label_values(&["mqtt", "drop_oldest"])
             .get(),
         0
     );
@@ -648,7 +648,7 @@ async fn with_the_output_broker_down_drop_oldest_keeps_the_newest_and_counts_the
     let dropped = || {
         metrics
             .outbox_dropped
-            .with_label_values(&["drop_oldest"])
+            .with_label_values(&["mqtt", "drop_oldest"])
             .get()
     };
     assert!(

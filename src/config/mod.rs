@@ -16,6 +16,8 @@
 //!   `rules/windows.rs`, the other operators in `rules/detectors.rs`.
 //! - `delivery.rs`: `[delivery]` and `[dead_letter]`, the delivery guarantee, state dir and outbox.
 //! - `observability.rs`: `[observability]`, OTLP export.
+//! - `sinks.rs`: `[sinks.NAME]`, webhooks, AMQP exchanges, PostgreSQL and other brokers that
+//!   rule outputs name.
 //!
 //! Around them: `validate.rs` walks the sections and holds the checks that span several (what
 //! `at_least_once` asks of the others; one type per payload field across rules); `error.rs`
@@ -36,6 +38,7 @@ mod observability;
 mod pipeline;
 mod rules;
 mod secret;
+pub mod sinks;
 #[cfg(test)]
 mod test_support;
 pub mod topic;
@@ -50,10 +53,11 @@ pub use observability::ObservabilityConfig;
 pub use pipeline::{DeviceLimitPolicy, PipelineConfig};
 pub use rules::{
     Aggregate, AnomalyConfig, ChangeConfig, DeadbandConfig, FlappingConfig, HysteresisConfig,
-    LevelConfig, LivenessConfig, OnShutdown, OutputConfig, RateOfChangeConfig, RuleConfig,
+    LevelConfig, LivenessConfig, OnShutdown, OutputConfig, Outputs, RateOfChangeConfig, RuleConfig,
     ScopeValues, StatusConfig, StuckConfig, ThresholdsConfig, TumblingConfig, WindowConfig,
 };
 pub use secret::{redact_url, Secret, REDACTED};
+pub use sinks::{AmqpMessage, SinkConfig, SinkKind, BROKER_SINK};
 pub use validate::Problem;
 
 use serde::{Deserialize, Deserializer};
@@ -78,6 +82,9 @@ pub struct Config {
     pub rules: BTreeMap<String, RuleConfig>,
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// Sinks besides the broker (webhooks, AMQP, PostgreSQL), by name.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
     #[serde(default)]
     pub dead_letter: DeadLetterConfig,
     #[serde(default)]

@@ -62,7 +62,8 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         config.broker.max_packet_bytes,
         &mut problems,
     );
-    check_rules(&config.rules, &config.inputs, &mut problems);
+    check_rules(&config.rules, &config.inputs, &config.sinks, &mut problems);
+    super::sinks::check_sinks(&config.sinks, &mut problems);
     check_field_types(config, &mut problems);
     check_observability(&config.observability, &mut problems);
     problems.0
@@ -95,9 +96,12 @@ fn check_at_least_once(config: &Config, problems: &mut Problems) {
         }
     }
     for (name, rule) in &config.rules {
-        if rule.output.qos == Some(0) {
+        for (index, output) in rule.output.list.iter().enumerate() {
+            if output.qos != Some(0) {
+                continue;
+            }
             problems.add(
-                format!("rules.{name}.output.qos"),
+                format!("{}.qos", rule.output.path(name, index)),
                 "is 0, which at_least_once cannot keep; remove it (1 is the default) or use mode = \"at_most_once\"",
             );
         }

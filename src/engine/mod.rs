@@ -36,6 +36,8 @@ use std::sync::Arc;
 pub struct Plan {
     pub inputs: Vec<InputPlan>,
     pub rules: Vec<RulePlan>,
+    /// Where events can go: the `[broker]` first ([`Plan::BROKER`]), then `[sinks.*]` by name.
+    pub sinks: Vec<SinkPlan>,
     /// Devices a worker tracks before refusing new ones.
     pub max_devices_per_worker: usize,
     pub when_device_limit: crate::config::DeviceLimitPolicy,
@@ -49,6 +51,13 @@ pub struct Plan {
     pub durable_state: bool,
     /// Devices the config expects (liveness), registered by the worker that owns each at start.
     pub expected: Vec<ExpectedDevice>,
+}
+
+/// A sink that outputs name.
+#[derive(Debug, Clone)]
+pub struct SinkPlan {
+    pub name: Arc<str>,
+    pub kind: crate::config::SinkKind,
 }
 
 /// A device named in a liveness rule's `expected` list.
@@ -106,8 +115,10 @@ pub struct RulePlan {
     pub name: Arc<str>,
     pub input: usize,
     pub operator: OperatorPlan,
-    pub route: Route,
-    /// Where a window rule publishes late and quarantined readings (`late_topic`).
+    /// One per output, in the order of the config; every event goes to each.
+    pub routes: Vec<Route>,
+    /// Where a window rule publishes late and quarantined readings (`late_topic`), on the sink
+    /// of its first output.
     pub late_route: Option<Route>,
     /// `where`: (segment index, allowed values); empty means every device of the input.
     pub scope: Vec<(usize, Vec<Arc<str>>)>,
@@ -280,6 +291,14 @@ fn build_operator(
 }
 
 impl Plan {
+    /// The index of the `[broker]`'s sink in [`Plan::sinks`]; dead letters go there.
+    pub const BROKER: usize = 0;
+
+    /// The index of the sink named `name`.
+    pub fn sink_index(&self, name: &str) -> Option<usize> {
+        self.sinks.iter().position(|s| *s.name == *name)
+    }
+
     /// Each rule's name with each kind of event it emits (a rule's pairs next to each other,
     /// in plan order): the label values of the per-rule metrics.
     pub fn rule_kinds(&self) -> impl Iterator<Item = (&str, &'static str)> {
@@ -355,6 +374,15 @@ impl Plan {
             });
         }
 
+        let sinks: Vec<SinkPlan> = std::iter::once(SinkPlan {
+            name: crate::config::BROKER_SINK.into(),
+            kind: crate::config::SinkKind::Mqtt,
+        })
+        .chain(config.sinks.iter().map(|(name, sink)| SinkPlan {
+            name: name.as_str().into(),
+            kind: sink.kind,
+        }))
+        .collect();
         let mut rules: Vec<RulePlan> = Vec::new();
         let mut expected = Vec::new();
         for (index, ((name, rule), input)) in config.rules.iter().zip(rule_inputs).enumerate() {
@@ -364,8 +392,28 @@ impl Plan {
             };
             let fields = &inputs[input].fields;
             let operator = build_operator(name, rule, meta, fields)?;
-            let template = TopicTemplate::parse(&rule.output.topic, &inputs[input].pattern)
-                .map_err(|e| anyhow::anyhow!("rules.{name}.output.topic: {e}"))?;
+            let mut routes = Vec::new();
+            for (at, output) in rule.output.list.iter().enumerate() {
+                let path = rule.output.path(name, at);
+                // An http or postgres output may leave the topic out: its events carry the
+                // rule's name there.
+                let topic = output.topic.as_deref().unwrap_or("{rule}");
+                let template = TopicTemplate::parse(topic, &inputs[input].pattern)
+                    .map_err(|e| anyhow::anyhow!("{path}.topic: {e}"))?;
+                let sink_name = output.sink.as_deref().unwrap_or(crate::config::BROKER_SINK);
+                let sink = sinks
+                    .iter()
+                    .position(|s: &SinkPlan| *s.name == *sink_name)
+                    .with_context(|| format!("{path}.sink: no sink `{sink_name}`"))?;
+                routes.push(Route {
+                    template,
+                    confirm: config.effective_qos(output.qos) > 0,
+                    retain: output.retain,
+                    format: output.format,
+                    sink,
+                    table: output.table.clone().unwrap_or_else(|| name.clone()).into(),
+                });
+            }
             let pattern = &inputs[input].pattern;
             let mut scope = Vec::new();
             for (segment, values) in &rule.scope {
@@ -387,9 +435,11 @@ impl Plan {
                 Some((kind, topic)) => Some(Route {
                     template: TopicTemplate::parse(topic, &inputs[input].pattern)
                         .map_err(|e| anyhow::anyhow!("rules.{name}.{kind}.late_topic: {e}"))?,
-                    confirm: config.effective_qos(rule.output.qos) > 0,
+                    confirm: routes[0].confirm,
                     retain: false,
-                    format: rule.output.format,
+                    format: routes[0].format,
+                    sink: routes[0].sink,
+                    table: routes[0].table.clone(),
                 }),
                 None => None,
             };
@@ -399,12 +449,7 @@ impl Plan {
                 fingerprint: config.fingerprints.rules.get(name).copied().unwrap_or(0),
                 input,
                 operator,
-                route: Route {
-                    template,
-                    confirm: config.effective_qos(rule.output.qos) > 0,
-                    retain: rule.output.retain,
-                    format: rule.output.format,
-                },
+                routes,
                 late_route,
                 scope,
             });
@@ -428,6 +473,7 @@ impl Plan {
         Ok(Self {
             inputs,
             rules,
+            sinks,
             max_devices_per_worker: config.pipeline.max_devices_per_worker,
             when_device_limit: config.pipeline.when_device_limit,
             dedup_horizon: config.delivery.dedup_horizon,
@@ -480,5 +526,25 @@ mod tests {
         let config = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap();
         let plan = Plan::build(&config).unwrap();
         assert!(plan.rules.iter().any(|r| r.late_route.is_some()));
+    }
+
+    #[test]
+    fn each_output_of_a_rule_gets_a_route_to_its_sink() {
+        let text = EXAMPLE.replace(
+            "[rules.overheat.output]\ntopic",
+            "[[rules.overheat.output]]\nsink = \"tickets\"\n\n[[rules.overheat.output]]\ntopic",
+        ) + "\n[sinks.tickets]\nkind = \"http\"\nurl = \"http://127.0.0.1:9/hook\"\n";
+        let config = parse(&text, Path::new("x.toml"), &Overrides::default()).unwrap();
+        let plan = Plan::build(&config).unwrap();
+        let rule = plan.rules.iter().find(|r| &*r.name == "overheat").unwrap();
+        let sinks: Vec<&str> = rule
+            .routes
+            .iter()
+            .map(|r| &*plan.sinks[r.sink].name)
+            .collect();
+        assert_eq!(sinks, ["tickets", "mqtt"]);
+        assert_eq!(plan.sink_index("tickets"), Some(1));
+        // Without a topic, an http output's events carry the rule's name there.
+        assert_eq!(&*rule.routes[0].table, "overheat");
     }
 }

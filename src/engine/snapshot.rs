@@ -51,18 +51,28 @@ pub struct StoredMessage {
     pub traceparent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
+    /// The sink it is for, by name; empty for the broker's (and in snapshots from before there
+    /// were other sinks).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sink: String,
+    /// Its table (postgres sinks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
 }
 
 /// What the snapshot writer is asked to do.
 #[derive(Debug)]
 pub enum SnapshotCommand {
-    /// Write a completed snapshot.
+    /// One sink's part of a snapshot: the devices (from the broker's sink; the others send
+    /// none) and that sink's outbox. The writer writes the snapshot once every sink's part for
+    /// its LSN has come.
     Write(Snapshot),
-    /// At shutdown, once the sink has drained: the events the snapshot at `lsn` held that are
-    /// still unacknowledged. Rewriting its outbox keeps a clean restart from publishing again
-    /// events the broker already has.
+    /// At shutdown, once sink `sink` (a name, empty for the broker's) has drained: its events
+    /// that the snapshot at `lsn` held and that are still unacknowledged. Rewriting its part of
+    /// the outbox keeps a clean restart from delivering again events the service already has.
     ReplaceOutbox {
         lsn: u64,
+        sink: String,
         outbox: Vec<StoredMessage>,
     },
 }

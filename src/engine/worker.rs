@@ -30,8 +30,8 @@ pub enum WorkerInput {
     Reload(Arc<Reload>),
 }
 
-/// What flows from the workers to the sink: derived events, and each worker's part of a
-/// snapshot.
+/// What flows from the workers to each sink: derived events, and each worker's part of a
+/// snapshot (the devices go to the broker's sink, every sink gets the barrier).
 #[derive(Debug)]
 pub enum SinkInput {
     Event(Outgoing),
@@ -706,6 +706,8 @@ impl Worker {
                 payload: dead_letter_payload(&input_plan.name, message, reason, &description),
                 confirm: self.plan.dead_letter_confirm,
                 retain: false,
+                sink: crate::engine::Plan::BROKER,
+                table: None,
                 rule: None,
                 arrival: Some(message.arrival),
                 ts: message.arrival_ms,
@@ -830,8 +832,9 @@ impl Worker {
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<WorkerInput>,
-        sink: mpsc::Sender<SinkInput>,
+        sinks: Vec<mpsc::Sender<SinkInput>>,
     ) {
+        let sink = &sinks[..];
         let mut batch = Vec::with_capacity(256);
         let mut out = Vec::with_capacity(256);
         let mut ticks = tokio::time::interval(TICK_INTERVAL);
@@ -846,13 +849,17 @@ impl Worker {
                         match item {
                             WorkerInput::Message(message) => self.process_contained(&message, &mut out),
                             WorkerInput::Barrier(lsn) => {
-                                if !send_all(&sink, &mut out).await {
+                                if !send_all(sink, &mut out).await {
                                     return;
                                 }
-                                let devices = self.snapshot();
+                                let mut devices = self.snapshot();
                                 let rules = self.plan.fingerprints();
-                                if sink.send(SinkInput::Barrier { lsn, devices, rules }).await.is_err() {
-                                    return;
+                                for to in sink {
+                                    let devices = std::mem::take(&mut devices);
+                                    let rules = rules.clone();
+                                    if to.send(SinkInput::Barrier { lsn, devices, rules }).await.is_err() {
+                                        return;
+                                    }
                                 }
                             }
                             WorkerInput::Reload(reload) => self.reload(&reload, &mut out),
@@ -861,7 +868,7 @@ impl Worker {
                 }
                 _ = ticks.tick() => self.tick(crate::model::time::wall_clock_ms(), &mut out),
             }
-            if !send_all(&sink, &mut out).await {
+            if !send_all(sink, &mut out).await {
                 return;
             }
         }
@@ -869,7 +876,7 @@ impl Worker {
             self.close(&mut out);
         }
         self.report_stats();
-        send_all(&sink, &mut out).await;
+        send_all(sink, &mut out).await;
     }
 }
 
@@ -940,9 +947,12 @@ fn rule_counters(plan: &Plan, metrics: &Metrics) -> Vec<RuleCounters> {
         .collect()
 }
 
-/// Sends and clears `out`; false when the sink is gone.
-async fn send_all(sink: &mpsc::Sender<SinkInput>, out: &mut Vec<Outgoing>) -> bool {
+/// Sends each message of `out` to its sink and clears `out`; false when a sink is gone.
+async fn send_all(sinks: &[mpsc::Sender<SinkInput>], out: &mut Vec<Outgoing>) -> bool {
     for message in out.drain(..) {
+        // The sinks are fixed while weir runs (a reload may change only rules), so the index is
+        // always in range; the broker's sink takes anything that is not.
+        let sink = sinks.get(message.sink).unwrap_or(&sinks[Plan::BROKER]);
         if sink.send(SinkInput::Event(message)).await.is_err() {
             return false;
         }
@@ -1054,12 +1064,16 @@ fn drain_output(
             cause_ts = event.cause.as_ref().map(|c| c.ts),
             "derived event"
         );
-        let mut routed = rule.route.apply(&event);
+        let (first, others) = rule
+            .routes
+            .split_first()
+            .expect("a rule has at least one output");
+        let mut routed = first.apply(&event);
         if metrics.spans.is_on() {
             metrics.spans.record(&event, &mut routed);
         }
         if metrics.tap.is_watched() {
-            let json = match rule.route.format {
+            let json = match first.format {
                 Format::Cbor => {
                     String::from_utf8_lossy(&crate::route::encode(&event, Format::Json))
                         .into_owned()
@@ -1072,6 +1086,12 @@ fn drain_output(
                 device: event.origin.device.clone(),
                 json,
             });
+        }
+        // Every output carries the same event: the same id and the same span.
+        for route in others {
+            let mut copy = route.apply(&event);
+            copy.headers.trace.clone_from(&routed.headers.trace);
+            out.push(copy);
         }
         out.push(routed);
     }

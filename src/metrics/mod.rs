@@ -68,7 +68,16 @@ pub struct Metrics {
     pub publish_attempts: IntCounterVec,
     pub events_published: IntCounterVec,
     pub publish_errors: IntCounterVec,
+    /// Over every sink; each sink's own count is `sink_outbox`.
     pub outbox_messages: IntGauge,
+    pub sink_outbox: IntGaugeVec,
+    pub sink_up: IntGaugeVec,
+    pub sink_sent: IntCounterVec,
+    pub sink_confirmed: IntCounterVec,
+    pub sink_retries: IntCounterVec,
+    pub sink_dead_letters: IntCounterVec,
+    /// Event time to the sink's acknowledgement (or handover, unconfirmed), by sink.
+    pub sink_latency: Latency,
     pub mqtt_connected: IntGaugeVec,
     pub mqtt_reconnects: IntCounterVec,
     /// Incoming packets over `broker.max_packet_bytes` that dropped the connection.
@@ -181,6 +190,20 @@ impl Metrics {
             ),
         );
         processing_latency.register("");
+        let sink_latency = register(
+            r,
+            Latency::new(
+                (
+                    "weir_sink_latency_seconds",
+                    "Time from an event's event time to its acknowledgement by the sink (its handover, for events not confirmed), by sink.",
+                ),
+                (
+                    "weir_sink_latency_recent_seconds",
+                    "Recent quantiles (last 1-2 min) of weir_sink_latency_seconds, by sink.",
+                ),
+                Some("sink"),
+            ),
+        );
         let event_latency = register(
             r,
             Latency::new(
@@ -288,8 +311,8 @@ impl Metrics {
             outbox_dropped: counter_vec(
                 r,
                 "weir_outbox_dropped_total",
-                "Derived events dropped because the outbox was full, by policy (drop_oldest, drop_newest).",
-                &["policy"],
+                "Derived events dropped because a sink's outbox was full, by sink and policy (drop_oldest, drop_newest).",
+                &["sink", "policy"],
             ),
             snapshots_written: counter(
                 r,
@@ -340,7 +363,43 @@ impl Metrics {
             outbox_messages: gauge(
                 r,
                 "weir_outbox_messages",
-                "Derived events queued for the broker or awaiting its acknowledgement.",
+                "Derived events queued for a sink or awaiting its acknowledgement, over all sinks.",
+            ),
+            sink_outbox: gauge_vec(
+                r,
+                "weir_sink_outbox_messages",
+                "Derived events queued for the sink or awaiting its acknowledgement, by sink.",
+                &["sink"],
+            ),
+            sink_up: gauge_vec(
+                r,
+                "weir_sink_up",
+                "1 while the sink's service takes events, 0 while it is away (events wait in the outbox), by sink.",
+                &["sink"],
+            ),
+            sink_sent: counter_vec(
+                r,
+                "weir_sink_sent_total",
+                "Events handed to the sink's connection (a retry is not counted again), by sink.",
+                &["sink"],
+            ),
+            sink_confirmed: counter_vec(
+                r,
+                "weir_sink_confirmed_total",
+                "Events the sink's service acknowledged (HTTP 2xx, publisher confirm, committed insert, PUBACK), by sink.",
+                &["sink"],
+            ),
+            sink_retries: counter_vec(
+                r,
+                "weir_sink_retries_total",
+                "Requests, publishes or inserts tried again after a failure, timeout or refusal, by sink.",
+                &["sink"],
+            ),
+            sink_dead_letters: counter_vec(
+                r,
+                "weir_sink_dead_letters_total",
+                "Events the sink's service refused for good, sent to the dead-letter path, by sink and reason.",
+                &["sink", "reason"],
             ),
             mqtt_connected: gauge_vec(
                 r,
@@ -443,6 +502,7 @@ impl Metrics {
             watermark_lag,
             processing_latency,
             event_latency,
+            sink_latency,
             tap,
             subscribed: AtomicBool::new(false),
             store_fault: Mutex::new(None),
@@ -453,9 +513,6 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for policy in ["drop_oldest", "drop_newest"] {
-            metrics.outbox_dropped.with_label_values(&[policy]);
-        }
         for result in ["applied", "refused"] {
             metrics.config_reloads.with_label_values(&[result]);
         }
@@ -477,6 +534,19 @@ impl Metrics {
                 .with_label_values(&[connection.label()]);
         }
         metrics
+    }
+
+    /// Pre-creates the series of sink `name` at zero.
+    pub fn register_sink(&self, name: &str) {
+        for policy in ["drop_oldest", "drop_newest"] {
+            self.outbox_dropped.with_label_values(&[name, policy]);
+        }
+        self.sink_outbox.with_label_values(&[name]);
+        self.sink_up.with_label_values(&[name]);
+        self.sink_sent.with_label_values(&[name]);
+        self.sink_confirmed.with_label_values(&[name]);
+        self.sink_retries.with_label_values(&[name]);
+        self.sink_latency.register(name);
     }
 
     /// Pre-creates the per-input and per-rule series at zero, so dashboards and `rate()` see them

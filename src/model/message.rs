@@ -32,6 +32,10 @@ pub struct Outgoing {
     /// (QoS 0).
     pub confirm: bool,
     pub retain: bool,
+    /// The sink it goes to: an index into the plan's sinks, 0 for the broker.
+    pub sink: usize,
+    /// The table its row goes to (postgres sinks); the rule's name unless the output names one.
+    pub table: Option<Arc<str>>,
     /// The rule that derived it, for per-rule publish metrics; `None` for dead letters. A name,
     /// not an index: a hot reload renumbers the rules while their events are still queued.
     pub rule: Option<Arc<str>>,

@@ -314,7 +314,9 @@ impl std::fmt::Display for Summary {
 fn replay_plan(config: &Config) -> anyhow::Result<Plan> {
     let mut plan = Plan::build(config)?;
     for rule in &mut plan.rules {
-        rule.route.format = Format::Json;
+        // One line per event: the first output's topic stands for all of them.
+        rule.routes.truncate(1);
+        rule.routes[0].format = Format::Json;
         if let Some(late) = &mut rule.late_route {
             late.format = Format::Json;
         }

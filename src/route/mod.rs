@@ -21,6 +21,10 @@ pub struct Route {
     pub confirm: bool,
     pub retain: bool,
     pub format: Format,
+    /// Index of the sink in `Plan::sinks`.
+    pub sink: usize,
+    /// The table its rows go to, for a postgres sink.
+    pub table: std::sync::Arc<str>,
 }
 
 impl Route {
@@ -43,6 +47,8 @@ impl Route {
             payload: encode(event, self.format),
             confirm: self.confirm,
             retain: self.retain,
+            sink: self.sink,
+            table: Some(self.table.clone()),
             rule: Some(event.rule.clone()),
             arrival: event.arrival,
             ts: event.ts,

@@ -1,18 +1,24 @@
-//! Delivery of derived events to a [`Sink`] (MQTT: [`mqtt::MqttSink`]; HTTP, AMQP and
-//! PostgreSQL next), with what every sink shares: the outbox, its cap and policy, confirmations,
-//! snapshots and the drain at shutdown.
+//! Delivery of derived events to a [`Sink`] (MQTT: [`mqtt::MqttSink`]; webhooks, AMQP and
+//! PostgreSQL beside it), with what every sink shares: the outbox, its cap and policy,
+//! confirmations, dead letters, snapshots and the drain at shutdown. Each sink runs [`run`] as a
+//! task of its own, with its own outbox, so a slow or dead sink holds up the others only as far
+//! as its own outbox policy says (`block` stops the workers when it is full).
 //!
 //! The outbox holds derived events queued for the sink, and events handed over that must be
-//! confirmed (MQTT: QoS 1, until the PUBACK). Its size is capped (`delivery.outbox_max_messages`)
-//! and `delivery.outbox_when_full` says what happens at the cap: `block` stops taking events from
-//! the workers (backpressure reaches intake), `drop_oldest` / `drop_newest` drop and count. An
-//! event the sink can never deliver (too large, an impossible topic) is counted and dropped
-//! rather than retried after every reconnect, holding up everything behind it.
+//! confirmed (MQTT: QoS 1, until the PUBACK; HTTP: a 2xx; AMQP: the publisher confirm;
+//! PostgreSQL: the commit). Its size is capped (`outbox_max_messages`) and `outbox_when_full`
+//! says what happens at the cap: `block` stops taking events from the workers (backpressure
+//! reaches intake), `drop_oldest` / `drop_newest` drop and count. An event the sink can never
+//! deliver (too large, an impossible topic) is counted and dropped rather than retried after
+//! every reconnect, holding up everything behind it; an event the service refuses for good (an
+//! HTTP 400, an unroutable AMQP message) goes to the dead-letter path.
 //!
 //! The outbox also completes snapshots: each worker passes its state down the same channel as its
 //! events (a barrier), so when every worker's barrier has arrived, the outbox holds every event
-//! derived before the barrier that the sink has not confirmed.
+//! derived before the barrier that the sink has not confirmed. Each sink sends its part; the
+//! snapshot writer joins them.
 
+pub mod connect;
 pub mod mqtt;
 
 use crate::config::OutboxPolicy;
@@ -45,11 +51,27 @@ pub trait Sink: Send + 'static {
     /// Hands `event` over, or gives it back whole (`Some`) when the sink cannot take more now.
     fn offer(&mut self, event: Outgoing) -> Option<Outgoing>;
 
-    /// How many of the events handed over with `confirm` have been confirmed so far.
+    /// How many of the events handed over with `confirm` have been confirmed so far, including
+    /// those refused for good (see [`Sink::take_refused`]).
     fn confirmed(&self) -> u64;
+
+    /// Events the service refused for good since the last call, for the dead-letter path.
+    fn take_refused(&mut self) -> Vec<Refused> {
+        Vec::new()
+    }
 
     /// Ends the sink (disconnects), within a bound of its own.
     fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// An event a sink's service refused for good, and why.
+#[derive(Debug)]
+pub struct Refused {
+    pub event: Outgoing,
+    /// A label for metrics and the dead-letter topic: `http_status`, `unroutable`, `rejected`.
+    pub reason: &'static str,
+    /// What the service said (cut to a few hundred bytes).
+    pub detail: String,
 }
 
 /// How long the sink keeps trying to hand over and get acknowledged the last events at shutdown.
@@ -57,6 +79,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the sink is set up.
 pub struct SinkOptions {
+    /// The sink's name (`mqtt` for the broker's), in metrics, logs and snapshots.
+    pub name: Arc<str>,
     pub outbox_max: usize,
     pub policy: OutboxPolicy,
     /// Number of workers, i.e. barriers that complete a snapshot.
@@ -65,6 +89,10 @@ pub struct SinkOptions {
     pub snapshots: Option<mpsc::Sender<SnapshotCommand>>,
     /// Events restored from the last snapshot's outbox, published first.
     pub restored: Vec<Outgoing>,
+    /// Where events the service refuses for good go: the broker sink's input, and the
+    /// dead-letter topic (`{input}` is the sink's name, `{reason}` the reason). `None` for the
+    /// broker's own sink, or without `dead_letter.topic` (they are then counted and logged).
+    pub dead_letters: Option<(mpsc::Sender<SinkInput>, String)>,
 }
 
 /// Events handed to the sink that it must confirm, oldest first, with the count of
@@ -77,19 +105,70 @@ struct Unconfirmed {
 
 impl Unconfirmed {
     /// Drops the events the sink has confirmed since the last call.
-    fn update(&mut self, sink: &impl Sink) {
+    fn update(&mut self, sink: &impl Sink, counters: &mut SinkCounters) {
         let confirmed = sink.confirmed();
         while self.confirmed < confirmed {
-            if self.events.pop_front().is_none() {
+            let Some(event) = self.events.pop_front() else {
                 break;
-            }
+            };
+            counters.acknowledged(&event);
             self.confirmed += 1;
         }
     }
 }
 
-fn stored(message: &Outgoing) -> StoredMessage {
+/// The per-sink metric handles.
+struct SinkCounters {
+    sent: IntCounter,
+    confirmed: IntCounter,
+    up: prometheus::IntGauge,
+    outbox: prometheus::IntGauge,
+    /// The outbox size last added to the total over all sinks.
+    outbox_counted: i64,
+    latency: LatencyRecorder,
+}
+
+impl SinkCounters {
+    fn new(name: &str, metrics: &Metrics) -> Self {
+        metrics.register_sink(name);
+        Self {
+            sent: metrics.sink_sent.with_label_values(&[name]),
+            confirmed: metrics.sink_confirmed.with_label_values(&[name]),
+            up: metrics.sink_up.with_label_values(&[name]),
+            outbox: metrics.sink_outbox.with_label_values(&[name]),
+            outbox_counted: 0,
+            latency: metrics.sink_latency.recorder(name),
+        }
+    }
+
+    /// Counts an event the sink confirmed (or took without confirming), with its latency.
+    fn acknowledged(&mut self, event: &Outgoing) {
+        self.confirmed.inc();
+        if event.rule.is_some() {
+            let behind_us = wall_clock_us().saturating_sub(event.ts.saturating_mul(1000));
+            if let Ok(behind_us) = u64::try_from(behind_us) {
+                self.latency.record(Duration::from_micros(behind_us));
+            }
+        }
+    }
+
+    /// Sets the sink's outbox gauge and moves the total over all sinks by the difference.
+    fn set_outbox(&mut self, len: usize, total: &prometheus::IntGauge) {
+        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        self.outbox.set(len);
+        total.add(len - self.outbox_counted);
+        self.outbox_counted = len;
+    }
+}
+
+fn stored(message: &Outgoing, sink: &str) -> StoredMessage {
     StoredMessage {
+        sink: if sink == crate::config::BROKER_SINK {
+            String::new()
+        } else {
+            sink.to_owned()
+        },
+        table: message.table.as_deref().map(str::to_owned),
         topic: message.topic.clone(),
         payload: message.payload.clone(),
         qos: u8::from(message.confirm),
@@ -107,36 +186,54 @@ fn stored(message: &Outgoing) -> StoredMessage {
 
 /// The outbox as a snapshot keeps it: the unconfirmed events, then the queued ones, in
 /// publish order.
-fn stored_outbox(unconfirmed: &Unconfirmed, queue: &VecDeque<Outgoing>) -> Vec<StoredMessage> {
-    unconfirmed.events.iter().chain(queue).map(stored).collect()
+fn stored_outbox(
+    unconfirmed: &Unconfirmed,
+    queue: &VecDeque<Outgoing>,
+    sink: &str,
+) -> Vec<StoredMessage> {
+    unconfirmed
+        .events
+        .iter()
+        .chain(queue)
+        .map(|message| stored(message, sink))
+        .collect()
 }
 
-/// Rebuilds a restored outbox entry.
-pub fn restore(message: StoredMessage, plan: &Plan) -> Outgoing {
-    let rule_index = plan.rules.iter().position(|r| *r.name == message.rule);
+/// Rebuilds a restored outbox entry; `None` if its sink is no longer configured.
+pub fn restore(message: StoredMessage, plan: &Plan) -> Option<Outgoing> {
+    let sink = if message.sink.is_empty() {
+        Plan::BROKER
+    } else {
+        plan.sink_index(&message.sink)?
+    };
+    let route = plan
+        .rules
+        .iter()
+        .find(|r| *r.name == message.rule)
+        .and_then(|rule| rule.routes.iter().find(|route| route.sink == sink));
     let rule = (!message.rule.is_empty()).then(|| Arc::from(message.rule.as_str()));
     let headers = Headers {
         id: message.id.map(crate::model::event::EventId),
         // Dead letters (no rule) are JSON.
-        content_type: rule_index.map_or(ContentType::Json, |rule| {
-            plan.rules[rule].route.content_type()
-        }),
+        content_type: route.map_or(ContentType::Json, |route| route.content_type()),
         trace: message
             .traceparent
             .as_deref()
             .and_then(|parent| TraceContext::parse(parent, message.tracestate.as_deref()))
             .map(Box::new),
     };
-    Outgoing {
+    Some(Outgoing {
         rule,
         topic: message.topic,
         payload: message.payload,
         confirm: message.qos != 0,
         retain: message.retain,
+        sink,
+        table: message.table.map(Arc::from),
         arrival: None,
         ts: 0,
         headers,
-    }
+    })
 }
 
 /// Wall-clock us since the epoch.
@@ -168,7 +265,9 @@ impl RuleCounters {
 /// Where events are handed to the sink, and what is recorded when they are.
 struct Handover<'a, S> {
     sink: &'a mut S,
+    name: Arc<str>,
     unconfirmed: Unconfirmed,
+    sink_counters: SinkCounters,
     metrics: &'a Metrics,
     /// One entry per rule name seen; a handful, so a scan (which matches the name's `Arc` by
     /// pointer first) beats hashing the name per event. Rules removed by a reload stay, bounded
@@ -179,6 +278,42 @@ struct Handover<'a, S> {
 }
 
 impl<S: Sink> Handover<'_, S> {
+    /// Takes confirmed events off the outbox.
+    fn update(&mut self) {
+        self.unconfirmed
+            .update(&*self.sink, &mut self.sink_counters);
+    }
+
+    /// Sends events the service refused for good to the dead-letter path.
+    async fn dead_letter(&mut self, to: Option<&(mpsc::Sender<SinkInput>, String)>) {
+        for refused in self.sink.take_refused() {
+            self.metrics
+                .sink_dead_letters
+                .with_label_values(&[&self.name, refused.reason])
+                .inc();
+            if let Some(suppressed) = self.refused_warnings.allow(Instant::now()) {
+                tracing::error!(
+                    sink = %self.name,
+                    topic = %refused.event.topic,
+                    id = ?refused.event.headers.id,
+                    reason = refused.reason,
+                    detail = %refused.detail,
+                    suppressed,
+                    "the sink's service refused an event for good; it goes to the dead-letter path"
+                );
+            }
+            let Some((broker, template)) = to else {
+                continue;
+            };
+            let letter = sink_dead_letter(&self.name, template, refused);
+            // Awaited, not dropped: the broker's sink never waits on this one, so this only
+            // waits while the broker's outbox is full under `block`.
+            if broker.send(SinkInput::Event(letter)).await.is_err() {
+                tracing::error!(sink = %self.name, "the broker's sink is gone; a dead letter was lost");
+            }
+        }
+    }
+
     fn counters(&mut self, rule: &Arc<str>) -> &mut RuleCounters {
         let found = self
             .counters
@@ -213,8 +348,10 @@ impl<S: Sink> Handover<'_, S> {
 
     /// Hands queued events to the sink while it is ready, until it takes no more.
     fn run(&mut self, queue: &mut VecDeque<Outgoing>) {
-        self.unconfirmed.update(&*self.sink);
-        if !self.sink.is_ready() {
+        self.update();
+        let ready = self.sink.is_ready();
+        self.sink_counters.up.set(i64::from(ready));
+        if !ready {
             return;
         }
         while let Some(message) = queue.pop_front() {
@@ -233,6 +370,7 @@ impl<S: Sink> Handover<'_, S> {
                 queue.push_front(returned);
                 break;
             }
+            self.sink_counters.sent.inc();
             if let Some(rule) = &rule {
                 let rule = self.counters(rule);
                 rule.published.inc();
@@ -254,6 +392,7 @@ impl<S: Sink> Handover<'_, S> {
     /// the publish path).
     fn flush(&mut self) {
         self.processing_latency.flush();
+        self.sink_counters.latency.flush();
         self.counters
             .iter_mut()
             .for_each(|c| c.event_latency.flush());
@@ -274,14 +413,18 @@ pub async fn run<S: Sink>(
         .iter()
         .map(|rule| RuleCounters::new(&rule.name, &metrics))
         .collect();
+    let name = options.name.clone();
     let mut handover = Handover {
         sink: &mut sink,
+        name: name.clone(),
         unconfirmed: Unconfirmed::default(),
+        sink_counters: SinkCounters::new(&name, &metrics),
         metrics: &metrics,
         counters,
         processing_latency: metrics.processing_latency.recorder(""),
         refused_warnings: WarnLimit::new(crate::mqtt::RECONNECT_WARN_INTERVAL),
     };
+    let dropped = |policy: &str| metrics.outbox_dropped.with_label_values(&[&name, policy]);
 
     let mut queue: VecDeque<Outgoing> = options.restored.into();
     // Per LSN: barriers in, devices, and the rules (every worker passed a reload at the same
@@ -293,10 +436,14 @@ pub async fn run<S: Sink>(
     let mut last_snapshot: Option<(u64, usize)> = None;
 
     while input_open {
-        handover.unconfirmed.update(&*handover.sink);
+        handover.update();
         let outbox_len = queue.len() + handover.unconfirmed.events.len();
-        metrics.outbox_messages.set(outbox_len as i64);
+        handover
+            .sink_counters
+            .set_outbox(outbox_len, &metrics.outbox_messages);
         let accepting = outbox_len < options.outbox_max || options.policy != OutboxPolicy::Block;
+        // Confirmations and refusals arrive without an input to wake for.
+        let waiting = !queue.is_empty() || !accepting || !handover.unconfirmed.events.is_empty();
         tokio::select! {
             received = input.recv(), if accepting => match received {
                 None => input_open = false,
@@ -306,11 +453,11 @@ pub async fn run<S: Sink>(
                         match options.policy {
                             OutboxPolicy::DropOldest => {
                                 queue.pop_front();
-                                metrics.outbox_dropped.with_label_values(&["drop_oldest"]).inc();
+                                dropped("drop_oldest").inc();
                                 queue.push_back(message);
                             }
                             OutboxPolicy::DropNewest | OutboxPolicy::Block => {
-                                metrics.outbox_dropped.with_label_values(&["drop_newest"]).inc();
+                                dropped("drop_newest").inc();
                             }
                         }
                     } else {
@@ -325,11 +472,11 @@ pub async fn run<S: Sink>(
                     if entry.0 >= options.workers {
                         let (_, devices, rules) = barriers.remove(&lsn).unwrap_or_default();
                         if let Some(snapshots) = &options.snapshots {
-                            handover.unconfirmed.update(&*handover.sink);
-                            let outbox = stored_outbox(&handover.unconfirmed, &queue);
-                            let snapshot = Snapshot { lsn, devices, outbox, rules };
-                            let outbox_len = snapshot.outbox.len();
-                            if snapshots.send(SnapshotCommand::Write(snapshot)).await.is_err() {
+                            handover.update();
+                            let outbox = stored_outbox(&handover.unconfirmed, &queue, &name);
+                            let part = Snapshot { lsn, devices, outbox, rules };
+                            let outbox_len = part.outbox.len();
+                            if snapshots.send(SnapshotCommand::Write(part)).await.is_err() {
                                 tracing::error!("the snapshot writer is gone; state is no longer saved");
                             }
                             last_snapshot = Some((lsn, outbox_len));
@@ -337,18 +484,21 @@ pub async fn run<S: Sink>(
                     }
                 }
             },
-            () = tokio::time::sleep(Duration::from_millis(5)), if !queue.is_empty() || !accepting => {}
+            () = tokio::time::sleep(Duration::from_millis(5)), if waiting => {}
         }
         handover.run(&mut queue);
+        handover.dead_letter(options.dead_letters.as_ref()).await;
         if input.is_empty() {
             handover.flush();
         }
     }
 
     // Input closed: hand over what is queued and wait for acknowledgements, within a bound.
+    let dead_letters = options.dead_letters.as_ref();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         loop {
             handover.run(&mut queue);
+            handover.dead_letter(dead_letters).await;
             if queue.is_empty() && handover.unconfirmed.events.is_empty() {
                 break;
             }
@@ -357,28 +507,83 @@ pub async fn run<S: Sink>(
     })
     .await;
     handover.flush();
-    handover.unconfirmed.update(&*handover.sink);
+    handover.update();
     let unconfirmed = std::mem::take(&mut handover.unconfirmed);
-    drop(handover);
     let left = queue.len() + unconfirmed.events.len();
-    // The final snapshot was taken before the drain; what the broker acknowledged since must not
-    // be published again at the next start.
+    handover
+        .sink_counters
+        .set_outbox(left, &metrics.outbox_messages);
+    drop(handover);
+    // The final snapshot was taken before the drain; what the service acknowledged since must
+    // not be delivered again at the next start.
     if let (Some((lsn, held)), Some(snapshots)) = (last_snapshot, &options.snapshots) {
         if left < held {
-            let outbox = stored_outbox(&unconfirmed, &queue);
+            let outbox = stored_outbox(&unconfirmed, &queue, &name);
+            let sink = outbox_name(&name);
             let _ = snapshots
-                .send(SnapshotCommand::ReplaceOutbox { lsn, outbox })
+                .send(SnapshotCommand::ReplaceOutbox { lsn, sink, outbox })
                 .await;
         }
     }
-    metrics.outbox_messages.set(left as i64);
     if drained.is_err() {
         tracing::warn!(
+            sink = %name,
             left,
-            "sink could not publish everything within {DRAIN_TIMEOUT:?}; with a state dir, the last snapshot holds them"
+            "the sink could not deliver everything within {DRAIN_TIMEOUT:?}; with a state dir, the last snapshot holds them"
         );
     }
+    drop(options.dead_letters);
     sink.close().await;
+}
+
+/// How a snapshot names the sink `name`: empty for the broker's.
+fn outbox_name(name: &str) -> String {
+    if name == crate::config::BROKER_SINK {
+        String::new()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The dead letter of an event a sink's service refused: schema v1 JSON with the reason, what
+/// the service said, and the event (as JSON when it is JSON, else base64).
+fn sink_dead_letter(sink: &str, template: &str, refused: Refused) -> Outgoing {
+    let Refused {
+        event,
+        reason,
+        detail,
+    } = refused;
+    let mut body = serde_json::json!({
+        "v": crate::model::event::SCHEMA_VERSION,
+        "kind": "dead_letter",
+        "sink": sink,
+        "reason": reason,
+        "message": detail,
+        "topic": event.topic,
+        "rule": event.rule.as_deref(),
+        "id": event.headers.id.map(|id| id.to_string()),
+    });
+    match serde_json::from_slice::<serde_json::Value>(&event.payload) {
+        Ok(json) => body["event"] = json,
+        Err(_) => body["event_bytes"] = event.payload.len().into(),
+    }
+    Outgoing {
+        topic: template
+            .replace("{input}", sink)
+            .replace("{reason}", reason),
+        payload: serde_json::to_vec(&body).unwrap_or_default(),
+        confirm: event.confirm,
+        retain: false,
+        sink: Plan::BROKER,
+        table: None,
+        rule: None,
+        arrival: event.arrival,
+        ts: event.ts,
+        headers: Headers {
+            trace: event.headers.trace,
+            ..Headers::default()
+        },
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +611,8 @@ mod tests {
             payload: b"{}".to_vec(),
             confirm: true,
             retain: false,
+            sink: Plan::BROKER,
+            table: None,
             rule: rule.clone(),
             arrival: None,
             ts: 0,
@@ -415,7 +622,7 @@ mod tests {
                 trace: Some(Box::new(trace.child())),
             },
         };
-        let restored = restore(stored(&event), &plan);
+        let restored = restore(stored(&event, "mqtt"), &plan).unwrap();
         assert_eq!(restored.rule, rule);
         assert_eq!(restored.headers, event.headers);
 
@@ -424,7 +631,12 @@ mod tests {
             headers: Headers::default(),
             ..event
         };
-        let restored = restore(stored(&dead_letter), &plan);
+        let restored = restore(stored(&dead_letter, "mqtt"), &plan).unwrap();
         assert_eq!(restored.headers, Headers::default());
+
+        // An event for a sink the config no longer has is not restored.
+        let mut gone = stored(&dead_letter, "mqtt");
+        gone.sink = "removed".into();
+        assert!(restore(gone, &plan).is_none());
     }
 }

@@ -4,6 +4,7 @@
 
 use super::log::{InputLog, RecordRef};
 use super::{snapshot, StateDir};
+use crate::engine::snapshot::Snapshot;
 pub use crate::engine::snapshot::SnapshotCommand;
 use crate::metrics::Metrics;
 use crate::model::port::{AckBatch, AckToken, LogCommand};
@@ -287,27 +288,52 @@ impl LogWriter<'_> {
     }
 }
 
-/// Starts the snapshot writer: writes each completed snapshot atomically, then tells the log
-/// writer (if any) so it can drop the segments the snapshot before it covered.
+/// Starts the snapshot writer: once all `parts` of a snapshot (one per sink) have come, writes
+/// it atomically, then tells the log writer (if any) so it can drop the segments the snapshot
+/// before it covered.
 pub fn spawn_snapshot_writer(
     dir: StateDir,
     metrics: Arc<Metrics>,
     log: Option<mpsc::Sender<LogCommand>>,
+    parts: usize,
 ) -> (mpsc::Sender<SnapshotCommand>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<SnapshotCommand>(2);
+    let (tx, mut rx) = mpsc::channel::<SnapshotCommand>(2 * parts.max(1));
     let task = tokio::spawn(async move {
+        // Snapshots some sinks' parts of have come, by LSN, with the count of parts. Bounded by
+        // the snapshots in flight: a sink sends its part of each LSN once, in LSN order.
+        let mut pending: std::collections::BTreeMap<u64, (usize, Snapshot)> =
+            std::collections::BTreeMap::new();
         while let Some(command) = rx.recv().await {
             let path = dir.path().to_owned();
             let snapshot = match command {
-                SnapshotCommand::Write(snapshot) => snapshot,
-                SnapshotCommand::ReplaceOutbox { lsn, outbox } => {
+                SnapshotCommand::Write(part) => {
+                    let entry = pending.entry(part.lsn).or_default();
+                    entry.0 += 1;
+                    let whole = &mut entry.1;
+                    whole.lsn = part.lsn;
+                    whole.devices.extend(part.devices);
+                    whole.outbox.extend(part.outbox);
+                    if !part.rules.is_empty() {
+                        whole.rules = part.rules;
+                    }
+                    if entry.0 < parts {
+                        continue;
+                    }
+                    let lsn = part.lsn;
+                    match pending.remove(&lsn) {
+                        Some((_, snapshot)) => snapshot,
+                        None => continue,
+                    }
+                }
+                SnapshotCommand::ReplaceOutbox { lsn, sink, outbox } => {
                     let left = outbox.len();
                     let replaced = tokio::task::spawn_blocking(move || {
                         let mut current = snapshot::load(&path).snapshot?;
                         if current.lsn != lsn {
                             return None;
                         }
-                        current.outbox = outbox;
+                        current.outbox.retain(|message| message.sink != sink);
+                        current.outbox.extend(outbox);
                         Some(snapshot::write(&path, &current))
                     })
                     .await;
@@ -369,6 +395,8 @@ mod tests {
             id: None,
             traceparent: None,
             tracestate: None,
+            sink: String::new(),
+            table: None,
         }
     }
 
@@ -377,7 +405,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("weir-writer-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         let dir = StateDir::open(&path).unwrap();
-        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None);
+        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None, 1);
         let snapshot = Snapshot {
             lsn: 7,
             outbox: vec![message("a"), message("b")],
@@ -388,12 +416,14 @@ mod tests {
         let stale = vec![];
         tx.send(SnapshotCommand::ReplaceOutbox {
             lsn: 6,
+            sink: String::new(),
             outbox: stale,
         })
         .await
         .unwrap();
         tx.send(SnapshotCommand::ReplaceOutbox {
             lsn: 7,
+            sink: String::new(),
             outbox: vec![message("b")],
         })
         .await
@@ -403,6 +433,49 @@ mod tests {
         let loaded = snapshot::load(&path).snapshot.unwrap();
         assert_eq!(loaded.lsn, 7);
         assert_eq!(loaded.outbox, vec![message("b")]);
+        let _ = std::fs::remove_dir_all(&path);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_written_once_every_sink_sent_its_part() {
+        let path = std::env::temp_dir().join(format!("weir-parts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let dir = StateDir::open(&path).unwrap();
+        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None, 2);
+        let hook = |topic: &str| StoredMessage {
+            sink: "hook".into(),
+            ..message(topic)
+        };
+        let broker_part = Snapshot {
+            lsn: 3,
+            devices: vec![crate::engine::snapshot::DeviceSnapshot::default()],
+            outbox: vec![message("a")],
+            rules: vec![("overheat".into(), 1)],
+        };
+        tx.send(SnapshotCommand::Write(broker_part)).await.unwrap();
+        // A part alone writes nothing.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(snapshot::load(&path).snapshot.is_none());
+        let hook_part = Snapshot {
+            lsn: 3,
+            outbox: vec![hook("h1"), hook("h2")],
+            ..Snapshot::default()
+        };
+        tx.send(SnapshotCommand::Write(hook_part)).await.unwrap();
+        // At shutdown the webhook confirmed h1: only its part of the outbox changes.
+        tx.send(SnapshotCommand::ReplaceOutbox {
+            lsn: 3,
+            sink: "hook".into(),
+            outbox: vec![hook("h2")],
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let loaded = snapshot::load(&path).snapshot.unwrap();
+        assert_eq!(loaded.devices.len(), 1);
+        assert_eq!(loaded.rules, vec![("overheat".to_owned(), 1)]);
+        assert_eq!(loaded.outbox, vec![message("a"), hook("h2")]);
         let _ = std::fs::remove_dir_all(&path);
     }
 }

@@ -12,6 +12,7 @@ pub use detectors::{
 pub use windows::{Aggregate, OnShutdown, TumblingConfig, WindowConfig};
 
 use super::inputs::default_format;
+use super::sinks::{SinkConfig, SinkKind, BROKER_SINK};
 use super::topic::{TopicPattern, TopicTemplate};
 use super::validate::Problems;
 use super::{Format, InputConfig};
@@ -45,7 +46,8 @@ pub struct RuleConfig {
     pub rate_of_change: Option<RateOfChangeConfig>,
     pub stuck: Option<StuckConfig>,
     pub anomaly: Option<AnomalyConfig>,
-    pub output: OutputConfig,
+    /// One `[rules.NAME.output]` table, or several (`[[rules.NAME.output]]`), each to a sink.
+    pub output: Outputs,
 }
 
 impl RuleConfig {
@@ -127,12 +129,73 @@ impl ScopeValues {
     }
 }
 
+/// Where a rule's derived events go: one output, or several (an event goes to each).
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub list: Vec<OutputConfig>,
+    /// Written as an array of tables, so problems name `output[i]`.
+    pub many: bool,
+}
+
+impl Outputs {
+    /// The dotted path of output `index` of rule `rule`, as problems name it.
+    pub fn path(&self, rule: &str, index: usize) -> String {
+        if self.many {
+            format!("rules.{rule}.output[{index}]")
+        } else {
+            format!("rules.{rule}.output")
+        }
+    }
+
+    /// The first output (a rule has at least one): where late events and the API's
+    /// `output_topic` come from.
+    pub fn first(&self) -> &OutputConfig {
+        &self.list[0]
+    }
+}
+
+impl<'de> Deserialize<'de> for Outputs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Outputs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an output table ([rules.NAME.output]) or an array of them ([[rules.NAME.output]])")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Outputs, A::Error> {
+                let one =
+                    OutputConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Outputs {
+                    list: vec![one],
+                    many: false,
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Outputs, A::Error> {
+                let list = Vec::<OutputConfig>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                if list.is_empty() {
+                    return Err(serde::de::Error::custom("a rule needs at least one output"));
+                }
+                Ok(Outputs { list, many: true })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// Where a rule's derived events are published.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
-    /// Topic template over the input's named segments and `{rule}`.
-    pub topic: String,
+    /// The `[sinks.NAME]` to deliver to; `mqtt` (the `[broker]`) when absent.
+    pub sink: Option<String>,
+    /// Topic template over the input's named segments and `{rule}`: the MQTT topic, or the AMQP
+    /// routing key (with `/` as `.`). Optional for http (sent as the `Weir-Topic` header) and
+    /// postgres (stored in the `topic` column).
+    pub topic: Option<String>,
+    /// The table rows go to (postgres); the rule's name when absent.
+    pub table: Option<String>,
     /// 0 or 1; 1 under `at_least_once`, 0 otherwise, when absent.
     pub qos: Option<u8>,
     #[serde(default)]
@@ -144,6 +207,7 @@ pub struct OutputConfig {
 pub(super) fn check_rules(
     rules: &BTreeMap<String, RuleConfig>,
     inputs: &BTreeMap<String, InputConfig>,
+    sinks: &BTreeMap<String, SinkConfig>,
     problems: &mut Problems,
 ) {
     if rules.is_empty() {
@@ -153,7 +217,7 @@ pub(super) fn check_rules(
         );
     }
     for (name, rule) in rules {
-        check_rule(name, rule, inputs, problems);
+        check_rule(name, rule, inputs, sinks, problems);
     }
 }
 
@@ -161,6 +225,7 @@ fn check_rule(
     name: &str,
     rule: &RuleConfig,
     inputs: &BTreeMap<String, InputConfig>,
+    sinks: &BTreeMap<String, SinkConfig>,
     problems: &mut Problems,
 ) {
     let path = format!("rules.{name}");
@@ -272,23 +337,95 @@ fn check_rule(
         }
     }
 
-    let output = &rule.output;
+    for (index, output) in rule.output.list.iter().enumerate() {
+        let path = rule.output.path(name, index);
+        check_output(&path, output, pattern.as_ref(), sinks, problems);
+    }
+    let mut seen = Vec::new();
+    for output in &rule.output.list {
+        let sink = output.sink.as_deref().unwrap_or(BROKER_SINK);
+        if seen.contains(&sink) {
+            problems.add(
+                format!("{path}.output"),
+                format!("names sink `{sink}` twice; a rule delivers to each sink once"),
+            );
+        }
+        seen.push(sink);
+    }
+}
+
+fn check_output(
+    path: &str,
+    output: &OutputConfig,
+    pattern: Option<&TopicPattern>,
+    sinks: &BTreeMap<String, SinkConfig>,
+    problems: &mut Problems,
+) {
     if output.qos.is_some_and(|qos| qos > 1) {
-        problems.add(format!("{path}.output.qos"), "must be 0 or 1");
+        problems.add(format!("{path}.qos"), "must be 0 or 1");
     }
     if matches!(
         output.format,
         Format::Text | Format::Senml | Format::SenmlCbor
     ) {
         problems.add(
-            format!("{path}.output.format"),
+            format!("{path}.format"),
             "events are published as `json` or `cbor`; `text` and SenML are for inputs only",
         );
     }
-    if let Some(pattern) = &pattern {
-        if let Err(err) = TopicTemplate::parse(&output.topic, pattern) {
-            problems.add(format!("{path}.output.topic"), err.0);
+    let kind = match output.sink.as_deref() {
+        None | Some(BROKER_SINK) => Some(SinkKind::Mqtt),
+        Some(name) => match sinks.get(name) {
+            Some(sink) => Some(sink.kind),
+            None => {
+                let mut known: Vec<&str> = sinks.keys().map(String::as_str).collect();
+                known.insert(0, BROKER_SINK);
+                problems.add(
+                    format!("{path}.sink"),
+                    format!(
+                        "no sink is named `{name}`; declare [sinks.{name}] or use one of: {}",
+                        known.join(", ")
+                    ),
+                );
+                None
+            }
+        },
+    };
+    match (&output.topic, kind) {
+        (Some(topic), _) => {
+            if let Some(pattern) = pattern {
+                if let Err(err) = TopicTemplate::parse(topic, pattern) {
+                    problems.add(format!("{path}.topic"), err.0);
+                }
+            }
         }
+        (None, Some(kind)) if kind.needs_topic() => problems.add(
+            format!("{path}.topic"),
+            format!(
+                "a {} output needs a topic template, e.g. topic = \"alerts/{{site}}/{{device}}/{{rule}}\"",
+                kind.name()
+            ),
+        ),
+        _ => {}
+    }
+    if let Some(table) = &output.table {
+        if kind != Some(SinkKind::Postgres) {
+            problems.add(
+                format!("{path}.table"),
+                "is only used by outputs to a postgres sink",
+            );
+        } else if !super::sinks::is_sql_identifier(table) {
+            problems.add(
+                format!("{path}.table"),
+                "must be a lowercase SQL name (letters, digits, `_`; at most 63), e.g. table = \"overheat_events\"",
+            );
+        }
+    }
+    if kind == Some(SinkKind::Postgres) && output.format == Format::Cbor {
+        problems.add(
+            format!("{path}.format"),
+            "a postgres output stores JSON; remove format",
+        );
     }
 }
 

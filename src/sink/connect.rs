@@ -1,0 +1,96 @@
+//! Connects every sink of a plan at start (so a sink that cannot be reached fails `weir run` with
+//! a message that says which and why), then runs each in a delivery task of its own.
+
+use super::mqtt::MqttSink;
+use super::{run, SinkInput, SinkOptions};
+use crate::config::{BrokerConfig, Config, SinkConfig, SinkKind};
+use crate::engine::Plan;
+use crate::metrics::Metrics;
+use anyhow::Context as _;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// A sink connected (or, for the broker, connecting in the background), before its task runs.
+pub enum Connected {
+    Mqtt(MqttSink),
+}
+
+impl Connected {
+    /// Connects to every sink of `plan`, in its order: the broker's first (it connects in the
+    /// background and retries, as intake does), then `[sinks.*]`, each checked now.
+    ///
+    /// # Errors
+    /// A sink cannot be reached or its settings cannot be used; the message names the sink.
+    pub async fn all(
+        config: &Config,
+        plan: &Plan,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Vec<Connected>> {
+        let mut connected = Vec::with_capacity(plan.sinks.len());
+        let mut broker = config.broker.clone();
+        if let Some(url) = &config.broker.publish_url {
+            broker.url.clone_from(url);
+        }
+        let options = crate::mqtt::connection_options(&broker, "-out")?;
+        connected.push(Connected::Mqtt(MqttSink::start(
+            options,
+            config.pipeline.queue_capacity,
+            broker.max_packet_bytes,
+            metrics.clone(),
+        )));
+        for sink in plan.sinks.iter().skip(1) {
+            let settings = &config.sinks[&*sink.name];
+            let one = Self::connect(&sink.name, settings, config, metrics)
+                .await
+                .with_context(|| {
+                    format!(
+                        "sink `{}` ({} at {}) cannot be used",
+                        sink.name,
+                        settings.kind.name(),
+                        settings.redacted_url()
+                    )
+                })?;
+            connected.push(one);
+        }
+        Ok(connected)
+    }
+
+    async fn connect(
+        name: &str,
+        settings: &SinkConfig,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Connected> {
+        match settings.kind {
+            SinkKind::Mqtt => {
+                let mut broker = BrokerConfig::new(settings.url.clone());
+                broker.ca_file.clone_from(&settings.ca_file);
+                broker.protocol = config.broker.protocol;
+                broker.clean_session = config.broker.clean_session;
+                crate::mqtt::try_connect(&broker, settings.timeout).await?;
+                let options = crate::mqtt::connection_options(&broker, &format!("-{name}"))?;
+                Ok(Connected::Mqtt(MqttSink::start(
+                    options,
+                    config.pipeline.queue_capacity,
+                    broker.max_packet_bytes,
+                    metrics.clone(),
+                )))
+            }
+            kind => anyhow::bail!("{} sinks are not in this build", kind.name()),
+        }
+    }
+
+    /// Runs the sink's delivery task until the workers close `input`.
+    pub fn spawn(
+        self,
+        options: SinkOptions,
+        plan: Arc<Plan>,
+        input: mpsc::Receiver<SinkInput>,
+        metrics: Arc<Metrics>,
+    ) -> JoinHandle<()> {
+        match self {
+            Connected::Mqtt(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
+        }
+    }
+}
