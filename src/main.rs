@@ -62,6 +62,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Prepare the services that `[sinks.*]` deliver to.
+    Sinks {
+        #[command(subcommand)]
+        action: SinksAction,
+    },
     /// Run the rules over recorded readings on a virtual clock and print the derived events
     /// (JSON lines: topic and payload), without a broker.
     #[command(
@@ -251,6 +256,16 @@ async fn shutdown_signal() {
     }
 }
 
+#[derive(Subcommand)]
+enum SinksAction {
+    /// Create what the sinks need and is missing (AMQP exchanges, PostgreSQL tables), and say
+    /// what was created and what was found. Safe to run again.
+    Init {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
@@ -260,15 +275,25 @@ fn main() -> ExitCode {
         let checked = config::load(config, &Overrides::default()).map_err(anyhow::Error::from);
         let checked =
             checked.and_then(|loaded| weir::mqtt::options(&loaded.broker, "").map(|_| loaded));
+        let checked = checked.and_then(|loaded| {
+            for (name, sink) in &loaded.sinks {
+                sink.check_files()
+                    .map_err(|err| anyhow::anyhow!("{}: sinks.{name}: {err}", config.display()))?;
+            }
+            Ok(loaded)
+        });
         return match checked {
             Ok(loaded) => {
+                let plural = |n: usize| if n == 1 { "" } else { "s" };
                 println!(
-                    "{}: valid ({} input{}, {} rule{})",
+                    "{}: valid ({} input{}, {} rule{}, {} sink{})",
                     config.display(),
                     loaded.inputs.len(),
-                    if loaded.inputs.len() == 1 { "" } else { "s" },
+                    plural(loaded.inputs.len()),
                     loaded.rules.len(),
-                    if loaded.rules.len() == 1 { "" } else { "s" },
+                    plural(loaded.rules.len()),
+                    loaded.sinks.len() + 1,
+                    plural(loaded.sinks.len() + 1),
                 );
                 ExitCode::SUCCESS
             }
@@ -550,6 +575,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 weir::replay::record::record(options, &mut out, shutdown_signal()).await?;
             out.flush()?;
             eprintln!("recorded {written} messages");
+            Ok(())
+        }
+        Command::Sinks {
+            action: SinksAction::Init { config },
+        } => {
+            let loaded = config::load(&config, &Overrides::default())?;
+            let plan = weir::engine::Plan::build(&loaded)?;
+            for line in weir::sink::connect::init_all(&loaded, &plan).await? {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Check { .. } | Command::Replay { .. } | Command::Test { .. } => {

@@ -119,6 +119,31 @@ impl SinkConfig {
         })
     }
 
+    /// Whether the files this sink reads at start can be read (`weir check` runs it; it does
+    /// not connect). The error names the key and the file, never the content.
+    pub fn check_files(&self) -> Result<(), String> {
+        let files = [
+            ("password_file", &self.password_file),
+            ("bearer_token_file", &self.bearer_token_file),
+            ("ca_file", &self.ca_file),
+        ];
+        for (key, file) in files {
+            if let Some(file) = file {
+                std::fs::metadata(file)
+                    .and_then(|_| std::fs::File::open(file).map(drop))
+                    .map_err(|err| format!("{key}: cannot read {}: {err}", file.display()))?;
+            }
+        }
+        if let Some(var) = &self.bearer_token_env {
+            if std::env::var_os(var).is_none() {
+                return Err(format!(
+                    "bearer_token_env: the environment variable {var} is not set here; weir run needs it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `url` with any password replaced, for messages and logs.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url).into_owned()

