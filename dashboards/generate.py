@@ -78,6 +78,25 @@ PANELS = [
          (f"sum by (rule) (rate({sel('weir_publish_errors_total')}[{RATE}]))", "errors: {{rule}}"),
          (f"sum by (policy) (rate({sel('weir_outbox_dropped_total')}[{RATE}]))", "outbox dropped: {{policy}}"),
      ]),
+    ("Sinks", None, None, None),
+    ("Sink delivery", "ops",
+     "Per sink (mqtt is the [broker]; the others are [sinks.*]): events handed over, acknowledged by the service, retried, and refused for good (dead-lettered).", [
+         (f"sum by (sink) (rate({sel('weir_sink_sent_total')}[{RATE}]))", "sent: {{sink}}"),
+         (f"sum by (sink) (rate({sel('weir_sink_confirmed_total')}[{RATE}]))", "acknowledged: {{sink}}"),
+         (f"sum by (sink) (rate({sel('weir_sink_retries_total')}[{RATE}]))", "retries: {{sink}}"),
+         (f"sum by (sink, reason) (rate({sel('weir_sink_dead_letters_total')}[{RATE}]))", "dead letters: {{sink}} ({{reason}})"),
+     ]),
+    ("Sink outbox and reachability", "short",
+     "Events each sink holds (queued or awaiting acknowledgement), and 1 while its service takes events.", [
+         (f"max by (sink) ({sel('weir_sink_outbox_messages')})", "outbox: {{sink}}"),
+         (f"min by (sink) ({sel('weir_sink_up')})", "up: {{sink}}"),
+         (f"sum by (sink, policy) (rate({sel('weir_outbox_dropped_total')}[{RATE}]))", "dropped: {{sink}} ({{policy}})"),
+     ]),
+    ("Sink latency (event time to acknowledgement)", "s",
+     "How long after its event time each sink's service acknowledged an event.", [
+         (f"histogram_quantile(0.99, sum by (le, sink) (rate({sel('weir_sink_latency_seconds_bucket')}[{RATE}])))", "p99 (buckets): {{sink}}"),
+         (f"max by (sink, quantile) ({sel('weir_sink_latency_recent_seconds')})", "exact q{{quantile}}: {{sink}}"),
+     ]),
     ("Queues and state", None, None, None),
     ("Queue depth and outbox", "short",
      "Messages waiting in front of each stage (of its capacity), and events held in the outbox.", [
