@@ -1413,7 +1413,7 @@ impl Publisher {
                             break;
                         }
                         n += 1;
-                        if n % 1000 == 0 {
+                        if n.is_multiple_of(1000) {
                             progress
                                 .lock()
                                 .unwrap_or_else(PoisonError::into_inner)

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::route::Outgoing;
 use crate::sink::connect::Connected;
 use crate::sink::SinkOptions;
+use crate::source::jetstream::JetStreamSource;
 use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
 use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer, AckAfter};
@@ -26,6 +27,9 @@ use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+/// How long the cluster's NATS servers may take to answer at start.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound on the whole shutdown sequence.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,7 +80,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .as_deref()
         .map(StateDir::open)
         .transpose()?;
-    let logged = delivery.mode == DeliveryMode::AtLeastOnce && state_dir.is_some();
+    // A cluster stream keeps the readings itself: there is no input log to write.
+    let logged = delivery.mode == DeliveryMode::AtLeastOnce
+        && state_dir.is_some()
+        && config.cluster.is_none();
 
     let worker_count = config.worker_count();
     let mut workers: Vec<Worker> = (0..worker_count)
@@ -89,6 +96,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let recovery = match &state_dir {
         Some(dir) => recover(dir, &plan, &mut workers, logged)?,
         None => Recovery::default(),
+    };
+
+    // With a state dir, reading resumes where the snapshot ends (the whole stream without a
+    // snapshot yet); without one, at new readings.
+    let stream_source = match &config.cluster {
+        Some(cluster) => {
+            let from = state_dir.as_ref().map(|_| recovery.next_lsn);
+            Some(JetStreamSource::start(cluster, from, STREAM_TIMEOUT, metrics.clone()).await?)
+        }
+        None => None,
     };
 
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
@@ -207,23 +224,34 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             (input.pattern.subscription_filter(), qos)
         })
         .collect();
-    let mqtt_source = MqttSource::new(source_options, logged, filters, metrics.clone());
-    let source = crate::source::run(
-        mqtt_source,
-        SourceOptions {
-            next_lsn: recovery.next_lsn,
-            log: log_tx,
-            acks: ack_rx,
-            snapshot_interval: state_dir.as_ref().map(|_| delivery.snapshot_interval),
-            reloads: source_reload_rx,
-        },
-        plan.clone(),
-        worker_txs,
-        metrics.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    );
+    let source_setup = SourceOptions {
+        next_lsn: recovery.next_lsn,
+        log: log_tx,
+        acks: ack_rx,
+        snapshot_interval: state_dir.as_ref().map(|_| delivery.snapshot_interval),
+        reloads: source_reload_rx,
+    };
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match stream_source {
+        Some(stream) => Box::pin(crate::source::run(
+            stream,
+            source_setup,
+            plan.clone(),
+            worker_txs,
+            metrics.clone(),
+            stop,
+        )),
+        None => Box::pin(crate::source::run(
+            MqttSource::new(source_options, logged, filters, metrics.clone()),
+            source_setup,
+            plan.clone(),
+            worker_txs,
+            metrics.clone(),
+            stop,
+        )),
+    };
     let reloader = Reloader {
         config: config.clone(),
         source: source_reload_tx,

@@ -20,15 +20,17 @@
 //!   topic and payload, JSON or CBOR; no protocol types).
 //! - engine: [`engine`] (the plan, the worker loop with per-device state, snapshots of it).
 //! - protocols: [`mqtt`] (rumqttc's 3.1.1 and 5 clients behind one, connection options,
-//!   reconnect backoff).
+//!   reconnect backoff), [`nats`] (NATS connections for `[cluster]` and `nats` sinks).
 //! - adapters: [`source`] (intake over the source port; `source::mqtt`), [`sink`] (the outbox
 //!   over the sink port; `sink::mqtt`), [`store`] (input log and snapshots in the state dir),
-//!   [`telemetry`] (HTTP endpoints: metrics, health, rules API, tap, reload; OTLP export).
+//!   [`telemetry`] (HTTP endpoints: metrics, health, rules API, tap, reload; OTLP export),
+//!   [`cluster`] (the NATS streams several instances share; `weir cluster init`).
 //! - wiring: [`app`] (wires the stages), [`demo`] (embedded broker and device simulator),
 //!   [`replay`] (the engine over recorded readings on a virtual clock; `weir record`), [`top`]
 //!   (a terminal view of a running weir).
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod decode;
 pub mod demo;
@@ -36,6 +38,7 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
+pub mod nats;
 pub mod operators;
 pub mod replay;
 pub mod route;

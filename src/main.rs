@@ -62,6 +62,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Set up the NATS streams that instances of a `[cluster]` share.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Prepare the services that `[sinks.*]` deliver to.
     Sinks {
         #[command(subcommand)]
@@ -254,6 +259,16 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Create or check the readings stream (its max_age computed from the rules) and the
+    /// output stream, and print the partition mapping for the NATS server. Safe to run again.
+    Init {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -575,6 +590,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 weir::replay::record::record(options, &mut out, shutdown_signal()).await?;
             out.flush()?;
             eprintln!("recorded {written} messages");
+            Ok(())
+        }
+        Command::Cluster {
+            action: ClusterAction::Init { config },
+        } => {
+            let loaded = config::load(&config, &Overrides::default())?;
+            let text = std::fs::read_to_string(&config)?;
+            for line in weir::cluster::init(&loaded, &text).await? {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Sinks {

@@ -13,10 +13,10 @@ const LAYERS: &[(&str, &[&str], Apart)] = &[
     ("model", &["model", "metrics"], Apart::No),
     ("stages", &["decode", "operators", "route"], Apart::No),
     ("engine", &["engine"], Apart::No),
-    ("protocols", &["mqtt"], Apart::No),
+    ("protocols", &["mqtt", "nats"], Apart::No),
     (
         "adapters",
-        &["source", "sink", "store", "telemetry"],
+        &["source", "sink", "store", "telemetry", "cluster"],
         Apart::Yes,
     ),
     ("wiring", &["app", "demo", "replay", "top"], Apart::No),

@@ -16,6 +16,8 @@
 //!   `rules/windows.rs`, the other operators in `rules/detectors.rs`.
 //! - `delivery.rs`: `[delivery]` and `[dead_letter]`, the delivery guarantee, state dir and outbox.
 //! - `observability.rs`: `[observability]`, OTLP export.
+//! - `cluster.rs`: `[cluster]`, the NATS JetStream stream that replaces the MQTT subscription
+//!   when several instances share a fleet, and the partition function.
 //! - `sinks.rs`: `[sinks.NAME]`, webhooks, AMQP exchanges, PostgreSQL and other brokers that
 //!   rule outputs name.
 //!
@@ -28,6 +30,7 @@
 //! [`parse`], [`Fingerprints`], and the duration parser every section uses.
 
 mod broker;
+pub mod cluster;
 pub mod condition;
 mod delivery;
 pub mod endpoint;
@@ -45,6 +48,7 @@ pub mod topic;
 mod validate;
 
 pub use broker::{BrokerConfig, Protocol};
+pub use cluster::ClusterConfig;
 pub use delivery::{AckAfterConfig, DeadLetterConfig, DeliveryConfig, DeliveryMode, OutboxPolicy};
 pub use error::{ConfigError, Located};
 pub use http::HttpConfig;
@@ -82,6 +86,8 @@ pub struct Config {
     pub rules: BTreeMap<String, RuleConfig>,
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// Reading from a NATS JetStream stream instead of an MQTT subscription (scale-out).
+    pub cluster: Option<ClusterConfig>,
     /// Sinks besides the broker (webhooks, AMQP, PostgreSQL), by name.
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkConfig>,

@@ -27,6 +27,9 @@ pub enum SinkKind {
     Amqp,
     /// Insert rows into PostgreSQL.
     Postgres,
+    /// Publish to NATS subjects (captured by the `[cluster]` output stream), each with
+    /// `Nats-Msg-Id` = the event id, so the server drops re-emitted events.
+    Nats,
 }
 
 impl SinkKind {
@@ -36,12 +39,13 @@ impl SinkKind {
             SinkKind::Http => "http",
             SinkKind::Amqp => "amqp",
             SinkKind::Postgres => "postgres",
+            SinkKind::Nats => "nats",
         }
     }
 
     /// Whether an output to this kind needs a topic (MQTT: the topic; AMQP: the routing key).
     pub fn needs_topic(self) -> bool {
-        matches!(self, SinkKind::Mqtt | SinkKind::Amqp)
+        matches!(self, SinkKind::Mqtt | SinkKind::Amqp | SinkKind::Nats)
     }
 }
 
@@ -115,6 +119,7 @@ impl SinkConfig {
         self.batch.unwrap_or(match self.kind {
             SinkKind::Postgres => 500,
             SinkKind::Amqp => 256,
+            SinkKind::Nats => 256,
             SinkKind::Http | SinkKind::Mqtt => 1,
         })
     }
@@ -200,6 +205,7 @@ fn check_sink(name: &str, sink: &SinkConfig, problems: &mut Problems) {
         SinkKind::Amqp => &["amqp", "amqps"],
         SinkKind::Postgres => &["postgres", "postgresql"],
         SinkKind::Mqtt => &["mqtt", "mqtts", "tcp", "ssl"],
+        SinkKind::Nats => &["nats", "tls"],
     };
     let scheme = sink.url.split_once("://").map(|(scheme, _)| scheme);
     if !scheme.is_some_and(|s| schemes.contains(&s)) {
@@ -246,7 +252,7 @@ fn check_sink(name: &str, sink: &SinkConfig, problems: &mut Problems) {
             );
         }
     };
-    use SinkKind::{Amqp, Http, Mqtt, Postgres};
+    use SinkKind::{Amqp, Http, Mqtt, Nats, Postgres};
     only(
         "password_file",
         sink.password_file.is_some(),
@@ -256,13 +262,13 @@ fn check_sink(name: &str, sink: &SinkConfig, problems: &mut Problems) {
     only(
         "batch",
         sink.batch.is_some(),
-        &[Http, Amqp, Postgres],
+        &[Http, Amqp, Postgres, Nats],
         problems,
     );
     only(
         "ca_file",
         sink.ca_file.is_some(),
-        &[Http, Amqp, Mqtt],
+        &[Http, Amqp, Mqtt, Nats],
         problems,
     );
     only("headers", !sink.headers.is_empty(), &[Http], problems);

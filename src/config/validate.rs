@@ -64,6 +64,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     );
     check_rules(&config.rules, &config.inputs, &config.sinks, &mut problems);
     super::sinks::check_sinks(&config.sinks, &mut problems);
+    if let Some(cluster) = &config.cluster {
+        super::cluster::check_cluster(cluster, &mut problems);
+    }
     check_field_types(config, &mut problems);
     check_observability(&config.observability, &mut problems);
     problems.0

@@ -624,7 +624,7 @@ impl Worker {
     /// Runs the processing-time timers of every rule that has them, for every device, and
     /// reports this worker's state sizes (every fourth tick, about once a second).
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Outgoing>) {
-        if self.ticks % 4 == 0 {
+        if self.ticks.is_multiple_of(4) {
             self.report_stats();
         }
         self.ticks += 1;

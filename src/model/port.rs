@@ -21,6 +21,12 @@ pub struct Incoming {
     pub trace: crate::model::trace::Incoming,
     /// `None` for a message that needs no acknowledgement (MQTT QoS 0).
     pub ack: Option<AckToken>,
+    /// Where the message sits in its source's own log (a stream sequence), if the source keeps
+    /// one: it becomes the LSN, so a snapshot says where to resume reading. Such positions rise.
+    pub position: Option<u64>,
+    /// When the source's log took the message (ms since the epoch): the arrival time, so that
+    /// reading it again derives the same events.
+    pub received_ms: Option<i64>,
 }
 
 /// What a source reports.

@@ -60,7 +60,7 @@ impl MetricState {
             }
         }
         self.pushes += 1;
-        if self.pushes % capacity == 0 {
+        if self.pushes.is_multiple_of(capacity) {
             let shift = self.shift;
             self.sum = self.window.iter().map(|v| v - shift).sum();
             self.sum_sq = self.window.iter().map(|v| (v - shift) * (v - shift)).sum();

@@ -2,6 +2,7 @@
 //! a message that says which and why), then runs each in a delivery task of its own.
 
 use super::mqtt::MqttSink;
+use super::nats::NatsSink;
 use super::{run, SinkInput, SinkOptions};
 use crate::config::{BrokerConfig, Config, SinkConfig, SinkKind};
 use crate::engine::Plan;
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 /// A sink connected (or, for the broker, connecting in the background), before its task runs.
 pub enum Connected {
     Mqtt(MqttSink),
+    Nats(NatsSink),
 }
 
 impl Connected {
@@ -77,6 +79,9 @@ impl Connected {
                     metrics.clone(),
                 )))
             }
+            SinkKind::Nats => Ok(Connected::Nats(
+                NatsSink::connect(name, settings, metrics.clone()).await?,
+            )),
             kind => anyhow::bail!("{} sinks are not in this build", kind.name()),
         }
     }
@@ -91,6 +96,7 @@ impl Connected {
     ) -> JoinHandle<()> {
         match self {
             Connected::Mqtt(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
+            Connected::Nats(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
         }
     }
 }
@@ -106,7 +112,7 @@ pub async fn init_all(config: &Config, plan: &Plan) -> anyhow::Result<Vec<String
         let settings = &config.sinks[&*sink.name];
         let tables = tables_of(plan, index);
         let done = match settings.kind {
-            SinkKind::Mqtt | SinkKind::Http => {
+            SinkKind::Mqtt | SinkKind::Http | SinkKind::Nats => {
                 vec![format!(
                     "nothing to create for a {} sink",
                     settings.kind.name()

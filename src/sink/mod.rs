@@ -20,6 +20,7 @@
 
 pub mod connect;
 pub mod mqtt;
+pub mod nats;
 
 use crate::config::OutboxPolicy;
 use crate::engine::snapshot::{DeviceSnapshot, Snapshot, SnapshotCommand, StoredMessage};

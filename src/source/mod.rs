@@ -9,6 +9,7 @@
 //! `weir_queue_depth`. Acknowledgements are sent by a separate task, only for inputs the log has
 //! made durable, in receive order, through the source's acker.
 
+pub mod jetstream;
 pub mod mqtt;
 
 use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
@@ -137,9 +138,9 @@ pub async fn run<S: Source>(
                     trace::Incoming::Absent => None,
                 };
                 let shard = Plan::shard(input, device, workers.len());
-                let lsn = next_lsn;
-                next_lsn += 1;
-                let arrival_ms = wall_clock_ms();
+                let lsn = message.position.unwrap_or(next_lsn);
+                next_lsn = lsn + 1;
+                let arrival_ms = message.received_ms.unwrap_or_else(wall_clock_ms);
                 if let Some(log) = &log {
                     let command = LogCommand::Append {
                         lsn,

@@ -100,6 +100,8 @@ impl MqttSource {
                     payload: publish.payload,
                     trace: publish.trace,
                     ack,
+                    position: None,
+                    received_ms: None,
                 })
             }
             Ok(Event::ConnAck { session_present }) => {

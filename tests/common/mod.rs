@@ -5,6 +5,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod proxy;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
@@ -480,7 +481,13 @@ pub struct Publisher {
 impl Publisher {
     /// Connects and returns once the broker has accepted the connection.
     pub async fn start(broker: &Mosquitto) -> Self {
-        let (client, mut eventloop) = AsyncClient::new(client_options(broker.port(), "pub"), 64);
+        Self::start_on(broker.port()).await
+    }
+
+    /// As [`start`](Self::start), to any MQTT server on loopback port `port` (the NATS
+    /// server's MQTT listener).
+    pub async fn start_on(port: u16) -> Self {
+        let (client, mut eventloop) = AsyncClient::new(client_options(port, "pub"), 64);
         let (acks_tx, acks) = watch::channel(0usize);
         let (conn_tx, conn_rx) = oneshot::channel();
         let task = tokio::spawn(async move {

@@ -1,0 +1,200 @@
+//! The JetStream source (`[cluster]`): readings come from a NATS stream that keeps them, instead
+//! of an MQTT subscription. Each message's stream sequence becomes its LSN, so a snapshot says
+//! where to resume reading, and the stream is the input log: nothing is logged locally and
+//! nothing is acknowledged (the stream's limits decide how long readings stay; `weir cluster
+//! init` sizes them from the rules).
+//!
+//! The subject carries the partition the server mapped the device to
+//! (`weir.28.sensors.plant-1.dev-7.telemetry`); the topic the rules see is the MQTT topic the
+//! device published (`sensors/plant-1/dev-7/telemetry`). The source reads every partition in
+//! stream order through one ordered consumer, which the client recreates after a gap or a
+//! reconnect from the last sequence it delivered.
+
+use crate::config::cluster::split_subject;
+use crate::config::ClusterConfig;
+use crate::metrics::{Connection, Metrics, WarnLimit};
+use crate::model::port::{AckToken, Acked, Acker, Closed, Delivery, Incoming, Source};
+use crate::model::trace::{self, TraceContext};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use futures_util::{FutureExt as _, StreamExt as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type Messages = async_nats::jetstream::consumer::pull::Ordered;
+
+/// Reads the `[cluster]` stream.
+pub struct JetStreamSource {
+    messages: Messages,
+    client: async_nats::Client,
+    prefix: String,
+    partitions: u32,
+    metrics: Arc<Metrics>,
+    foreign: WarnLimit,
+    /// Stream errors in a row, for backoff while the server is away.
+    failures: u32,
+}
+
+impl JetStreamSource {
+    /// Connects and starts reading at stream sequence `from` (the first one a snapshot does
+    /// not cover), or at new messages only when `from` is `None`.
+    ///
+    /// # Errors
+    /// The servers cannot be reached, or the stream does not exist (the message says to run
+    /// `weir cluster init`).
+    pub async fn start(
+        cluster: &ClusterConfig,
+        from: Option<u64>,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let client = crate::nats::connect_cluster(cluster, "weir-source", timeout).await?;
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let stream = jetstream.get_stream(&cluster.stream).await.map_err(|err| {
+            anyhow::anyhow!(
+                "cannot read the stream {}: {err}; create it with `weir cluster init --config FILE`",
+                cluster.stream
+            )
+        })?;
+        let deliver_policy = match from {
+            Some(start_sequence) if start_sequence > 0 => {
+                DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            Some(_) => DeliverPolicy::All,
+            None => DeliverPolicy::New,
+        };
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: cluster.stream_subject(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot read the stream {}: {err}", cluster.stream))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot read the stream {}: {err}", cluster.stream))?;
+        metrics.set_connected(Connection::Source, true);
+        metrics.set_subscribed(1);
+        tracing::info!(stream = %cluster.stream, ?deliver_policy, "reading the cluster stream");
+        Ok(Self {
+            messages,
+            client,
+            prefix: cluster.subject_prefix.clone(),
+            partitions: cluster.partitions,
+            metrics,
+            foreign: WarnLimit::new(Duration::from_secs(60)),
+            failures: 0,
+        })
+    }
+
+    fn delivery(
+        &mut self,
+        item: Option<Result<async_nats::jetstream::Message, impl std::fmt::Display>>,
+    ) -> Delivery {
+        let message = match item {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => {
+                self.failures += 1;
+                self.metrics.set_connected(Connection::Source, false);
+                tracing::warn!(%err, "reading the cluster stream failed; the consumer resumes where it stopped");
+                return Delivery::Lost;
+            }
+            None => {
+                self.failures += 1;
+                return Delivery::Lost;
+            }
+        };
+        if self.failures > 0 {
+            self.failures = 0;
+            self.metrics.set_connected(Connection::Source, true);
+            self.metrics.set_subscribed(1);
+        }
+        let (position, received_ms) = match message.info() {
+            Ok(info) => (
+                Some(info.stream_sequence),
+                Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64),
+            ),
+            Err(_) => (None, None),
+        };
+        let Some((partition, topic)) = split_subject(&self.prefix, &message.subject) else {
+            self.skip_foreign(&message.subject, "it is not <prefix>.<partition>.<topic>");
+            return Delivery::Other;
+        };
+        if partition >= self.partitions {
+            self.skip_foreign(
+                &message.subject,
+                "its partition is not below cluster.partitions",
+            );
+            return Delivery::Other;
+        }
+        let trace = match message.headers.as_ref().and_then(|h| h.get("traceparent")) {
+            None => trace::Incoming::Absent,
+            Some(parent) => {
+                let state = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("tracestate"))
+                    .map(|s| s.as_str());
+                match TraceContext::parse(parent.as_str(), state) {
+                    Some(context) => trace::Incoming::Valid(Arc::new(context)),
+                    None => trace::Incoming::Invalid,
+                }
+            }
+        };
+        Delivery::Message(Incoming {
+            topic,
+            payload: message.payload.clone(),
+            trace,
+            ack: None,
+            position,
+            received_ms,
+        })
+    }
+
+    fn skip_foreign(&mut self, subject: &str, why: &str) {
+        self.metrics.readings_unmatched.inc();
+        if let Some(suppressed) = self.foreign.allow(Instant::now()) {
+            tracing::warn!(subject, suppressed, "skipped a message of the cluster stream: {why}; check the server's partition mapping");
+        }
+    }
+}
+
+/// The stream keeps every reading and a restart resumes from the snapshot's sequence, so there
+/// is nothing to acknowledge: every ack is [`Acked::Stale`].
+pub struct StreamAcker;
+
+impl Acker for StreamAcker {
+    fn try_ack(&self, _token: AckToken) -> Result<Acked, Closed> {
+        Ok(Acked::Stale)
+    }
+}
+
+impl Source for JetStreamSource {
+    type Acker = StreamAcker;
+
+    fn try_next(&mut self) -> Option<Delivery> {
+        let item = self.messages.next().now_or_never()?;
+        Some(self.delivery(item))
+    }
+
+    async fn next(&mut self) -> Delivery {
+        if self.failures > 0 {
+            // The client reconnects by itself; do not spin on its errors meanwhile.
+            let delay = Duration::from_millis(100 * u64::from(self.failures.min(50)));
+            tokio::time::sleep(delay).await;
+        }
+        let item = self.messages.next().await;
+        self.delivery(item)
+    }
+
+    fn acker(&self) -> StreamAcker {
+        StreamAcker
+    }
+
+    async fn close(self, _acks_sent: Option<tokio::sync::oneshot::Receiver<()>>) {
+        drop(self.messages);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.drain()).await;
+        self.metrics.set_connected(Connection::Source, false);
+    }
+}

@@ -1,0 +1,341 @@
+//! Scale-out over NATS JetStream (issue 13), against a real `nats-server` per test: devices
+//! publish over MQTT to the server's MQTT listener, its partition mapping puts each reading in
+//! the readings stream under its partition, weir reads the stream and publishes events to the
+//! output stream with `Nats-Msg-Id`. The oracle is `weir replay` of the same readings.
+
+mod common;
+
+use common::nats::NatsServer;
+use common::{temp_dir, wait_until, Publisher, DEADLINE, T0};
+use futures_util::StreamExt as _;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// The example config with `[cluster]` on `server`, and the overheat rule's events going to the
+/// NATS sink `hub` (the climate rollups stay on MQTT: the server's MQTT listener).
+fn cluster_config(server: &NatsServer, state_dir: Option<&Path>) -> String {
+    let example = std::fs::read_to_string(common::EXAMPLE_CONFIG).expect("read example");
+    let single = "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
+    assert!(
+        example.contains(single),
+        "the example's overheat output changed"
+    );
+    let mut text = example
+        .replace("mode = \"at_least_once\"", "mode = \"at_most_once\"")
+        .replace("clean_session = false", "clean_session = true")
+        .replace("qos = 1\n", "qos = 0\n")
+        .replace(
+            &format!("{single}\nqos = 0"),
+            "[rules.overheat.output]\nsink = \"hub\"\ntopic = \"alerts/{site}/{device}/overheat\"\nqos = 1",
+        );
+    text = text
+        .lines()
+        .filter(|line| !line.starts_with("state_dir"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Some(dir) = state_dir {
+        text = text.replace("[delivery]", &format!("[delivery]\nstate_dir = {dir:?}"));
+    }
+    text.replace(
+        "url = \"mqtt://127.0.0.1:1883\"",
+        &format!("url = \"mqtt://127.0.0.1:{}\"", server.mqtt_port),
+    ) + &format!(
+        "\n[cluster]\nservers = [\"{}\"]\npartitions = 16\n\n[sinks.hub]\nkind = \"nats\"\nurl = \"{}\"\n",
+        server.url(),
+        server.url()
+    )
+}
+
+/// Runs the weir binary with `args` and the config file; fails the test on a non-zero exit.
+fn weir(args: &[&str], config: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .arg(config)
+        .output()
+        .expect("run weir");
+    assert!(
+        output.status.success(),
+        "weir {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Readings of 6 devices crossing the overheat thresholds, one a second in event time.
+fn readings() -> Vec<(String, serde_json::Value)> {
+    const TEMPERATURES: [f64; 6] = [25.0, 31.0, 29.0, 27.0, 33.0, 24.0];
+    let mut readings = Vec::new();
+    for step in 0..12 {
+        for device in 0..6 {
+            readings.push((
+                common::telemetry_topic("plant-1", &format!("dev-{device}")),
+                serde_json::json!({
+                    "ts": T0 + step as i64 * 1000,
+                    "seq": step,
+                    "temperature": TEMPERATURES[(step + device) % TEMPERATURES.len()],
+                    "humidity": 40.0,
+                }),
+            ));
+        }
+    }
+    readings
+}
+
+/// Per device, the ids of the overheat events `weir replay` derives from `readings`, in order.
+fn replayed(
+    config: &Path,
+    readings: &[(String, serde_json::Value)],
+) -> BTreeMap<String, Vec<String>> {
+    let input = config.with_file_name("readings.jsonl");
+    let lines: Vec<String> = readings
+        .iter()
+        .map(|(topic, payload)| serde_json::json!({"topic": topic, "payload": payload}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write readings");
+    let out = weir(
+        &[
+            "replay",
+            "-i",
+            input.to_str().expect("utf-8 path"),
+            "--config",
+        ],
+        config,
+    );
+    let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in out.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).expect("replay prints JSON");
+        if event["payload"]["rule"] == "overheat" {
+            ids.entry(
+                event["payload"]["device"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default()
+            .push(
+                event["payload"]["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    ids
+}
+
+/// Every message of the output stream: (Nats-Msg-Id, the event).
+async fn output_stream(server: &NatsServer) -> Vec<(String, serde_json::Value)> {
+    let client = async_nats::connect(server.url())
+        .await
+        .expect("connect to NATS");
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = jetstream
+        .get_stream("WEIR_EVENTS")
+        .await
+        .expect("output stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let event = serde_json::from_slice(&message.payload).expect("events are JSON");
+        out.push((id, event));
+    }
+    out
+}
+
+/// Per device, the event ids in the output stream, in stream order.
+fn by_device(events: &[(String, serde_json::Value)]) -> BTreeMap<String, Vec<String>> {
+    let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (msg_id, event) in events {
+        assert_eq!(
+            event["id"].as_str(),
+            Some(msg_id.as_str()),
+            "Nats-Msg-Id is the event id"
+        );
+        ids.entry(event["device"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(msg_id.clone());
+    }
+    ids
+}
+
+/// Starts a server whose mapping is what `weir cluster init` prints for `config`'s inputs.
+fn server_for_example() -> NatsServer {
+    // The mapping depends only on the inputs and the partition count; a first server is not
+    // needed to learn it: `cluster init` prints it after creating the streams, so run it once
+    // against a server without a mapping, then start the real one with it.
+    let bootstrap = NatsServer::start(&[]);
+    let dir = temp_dir("cluster-bootstrap");
+    let config = dir.join("weir.toml");
+    std::fs::write(&config, cluster_config(&bootstrap, None)).expect("write config");
+    let printed = weir(&["cluster", "init", "--config"], &config);
+    let mappings: Vec<String> = printed
+        .lines()
+        .filter(|line| line.starts_with("  \""))
+        .map(|line| line.trim().to_owned())
+        .collect();
+    assert_eq!(
+        mappings,
+        [
+            r#""sensors.*.*.telemetry": "weir.{{partition(16,2)}}.sensors.{{wildcard(1)}}.{{wildcard(2)}}.telemetry""#
+        ],
+        "{printed}"
+    );
+    NatsServer::start(&mappings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_init_creates_the_streams_sized_from_the_rules_and_is_idempotent() {
+    let server = NatsServer::start(&[]);
+    let dir = temp_dir("cluster-init");
+    let config = dir.join("weir.toml");
+    std::fs::write(&config, cluster_config(&server, None)).expect("write config");
+    let first = weir(&["cluster", "init", "--config"], &config);
+    assert!(
+        first.contains("created the readings stream WEIR_READINGS: subjects weir.*.>"),
+        "{first}"
+    );
+    assert!(
+        first.contains("created the events stream WEIR_EVENTS: subjects alerts.*.*.overheat"),
+        "{first}"
+    );
+    // The example's longest span is the climate window's allowed lateness (read from the
+    // rules), and the snapshot interval is 30 s.
+    assert!(first.contains("readings are kept"), "{first}");
+    let second = weir(&["cluster", "init", "--config"], &config);
+    assert!(
+        second.contains("found the readings stream WEIR_READINGS"),
+        "{second}"
+    );
+    assert!(
+        second.contains("found the events stream WEIR_EVENTS"),
+        "{second}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_derives_what_replay_derives_from_readings_published_over_mqtt() {
+    let server = server_for_example();
+    let dir = temp_dir("cluster-one");
+    let config_path = dir.join("weir.toml");
+    std::fs::write(&config_path, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &config_path);
+    let mut config = weir::config::load(&config_path, &Default::default()).expect("config");
+    config.http.listen = "127.0.0.1:0".parse().expect("addr");
+    let running = common::start_weir_with(config).await;
+
+    let readings = readings();
+    let mut publisher = Publisher::start_on(server.mqtt_port).await;
+    for (topic, payload) in &readings {
+        publisher
+            .publish(topic, payload.to_string().into_bytes())
+            .await;
+    }
+    let expected = replayed(&config_path, &readings);
+    let total: usize = expected.values().map(Vec::len).sum();
+    assert!(
+        total >= 12,
+        "the readings cross the thresholds ({total} events)"
+    );
+    let metrics = running.metrics.clone();
+    assert!(
+        wait_until(DEADLINE, || metrics
+            .sink_confirmed
+            .with_label_values(&["hub"])
+            .get()
+            >= total as u64)
+        .await,
+        "the hub sink had {} of {total} events acknowledged; received {}, decoded {}\n{}",
+        metrics.sink_confirmed.with_label_values(&["hub"]).get(),
+        metrics.readings_total(),
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("weir_readings_decoded_total")
+                || l.starts_with("weir_sink")
+                || l.starts_with("weir_events"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        server.log()
+    );
+    let events = output_stream(&server).await;
+    assert_eq!(
+        by_device(&events),
+        expected,
+        "the output stream equals replay, per device and in order"
+    );
+    running.stop().await.expect("weir stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_derived_again_after_a_lost_snapshot_are_stored_once() {
+    let server = server_for_example();
+    let dir = temp_dir("cluster-again");
+    let state = dir.join("state");
+    let config_path = dir.join("weir.toml");
+    std::fs::write(&config_path, cluster_config(&server, Some(&state))).expect("write config");
+    weir(&["cluster", "init", "--config"], &config_path);
+    let load = || {
+        let mut config = weir::config::load(&config_path, &Default::default()).expect("config");
+        config.http.listen = "127.0.0.1:0".parse().expect("addr");
+        config
+    };
+    let readings = readings();
+    let expected = replayed(&config_path, &readings);
+    let total: usize = expected.values().map(Vec::len).sum();
+
+    let running = common::start_weir_with(load()).await;
+    let mut publisher = Publisher::start_on(server.mqtt_port).await;
+    for (topic, payload) in &readings {
+        publisher
+            .publish(topic, payload.to_string().into_bytes())
+            .await;
+    }
+    let metrics = running.metrics.clone();
+    assert!(
+        wait_until(DEADLINE, || metrics
+            .sink_confirmed
+            .with_label_values(&["hub"])
+            .get()
+            >= total as u64)
+        .await,
+        "every event was stored"
+    );
+    running.stop().await.expect("weir stops");
+
+    // As if weir had died before its first snapshot: the next start reads the whole stream
+    // again and derives every event again, byte for byte; the server keeps the first copies.
+    std::fs::remove_dir_all(&state).expect("remove the state dir");
+    let running = common::start_weir_with(load()).await;
+    let metrics = running.metrics.clone();
+    assert!(
+        wait_until(DEADLINE, || metrics
+            .sink_confirmed
+            .with_label_values(&["hub"])
+            .get()
+            >= total as u64)
+        .await,
+        "the events were derived and published again"
+    );
+    running.stop().await.expect("weir stops");
+    let events = output_stream(&server).await;
+    assert_eq!(
+        events.len(),
+        total,
+        "the server dropped every copy by its Nats-Msg-Id"
+    );
+    assert_eq!(by_device(&events), expected);
+}
