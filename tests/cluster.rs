@@ -339,3 +339,117 @@ async fn events_derived_again_after_a_lost_snapshot_are_stored_once() {
     );
     assert_eq!(by_device(&events), expected);
 }
+
+/// Members and claims over a real server's KV: a join moves about 1/N of the partitions, all to
+/// the newcomer; a member that stops renewing loses exactly its own partitions after the TTL,
+/// and its stale lease can neither be renewed nor trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_move_by_rendezvous_and_a_silent_member_loses_its_claims_after_the_ttl() {
+    use weir::cluster::ownership::{assignment, bucket_configs, ClaimError, Lease, Membership};
+    const PARTITIONS: u32 = 32;
+    let ttl = Duration::from_secs(2);
+    let server = NatsServer::start(&[]);
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let jetstream = async_nats::jetstream::new(client);
+    for bucket in bucket_configs(ttl, 1) {
+        jetstream
+            .create_stream(bucket)
+            .await
+            .expect("create bucket");
+    }
+    let open = |name: &str| Membership::open(&jetstream, name.to_owned(), ttl);
+    let (a, b, c) = (
+        open("a").await.unwrap(),
+        open("b").await.unwrap(),
+        open("c").await.unwrap(),
+    );
+
+    // Each member claims what the assignment over the live members gives it.
+    async fn claim_assigned(member: &Membership, leases: &mut Vec<Lease>) {
+        let members = member.live_members().await.expect("members");
+        for (partition, owner) in assignment(&members, PARTITIONS).iter().enumerate() {
+            let partition = partition as u32;
+            let mine = owner.as_deref() == Some(member.name());
+            let held = leases.iter().any(|l| l.partition == partition);
+            if mine && !held {
+                match member.claim(partition).await {
+                    Ok(lease) => leases.push(lease),
+                    Err(ClaimError::Taken(_)) => {}
+                    Err(err) => panic!("{err}"),
+                }
+            } else if !mine && held {
+                let at = leases
+                    .iter()
+                    .position(|l| l.partition == partition)
+                    .unwrap();
+                member.release(&leases.remove(at)).await.expect("release");
+            }
+        }
+    }
+    async fn renew_all(member: &Membership, leases: &mut [Lease]) {
+        member.heartbeat().await.expect("heartbeat");
+        for lease in leases.iter_mut() {
+            *lease = member.renew(lease).await.expect("renew");
+        }
+    }
+
+    let (mut la, mut lb, mut lc) = (Vec::new(), Vec::new(), Vec::new());
+    a.heartbeat().await.unwrap();
+    b.heartbeat().await.unwrap();
+    claim_assigned(&a, &mut la).await;
+    claim_assigned(&b, &mut lb).await;
+    let before = a.owners(PARTITIONS).await.unwrap();
+    assert!(
+        before.iter().all(Option::is_some),
+        "two members hold every partition"
+    );
+
+    // c joins: the others give up what c wins, c claims it.
+    c.heartbeat().await.unwrap();
+    claim_assigned(&a, &mut la).await;
+    claim_assigned(&b, &mut lb).await;
+    claim_assigned(&c, &mut lc).await;
+    let after_join = a.owners(PARTITIONS).await.unwrap();
+    let moved: Vec<_> = (0..PARTITIONS as usize)
+        .filter(|&p| before[p] != after_join[p])
+        .collect();
+    println!("join: {} of {PARTITIONS} partitions moved", moved.len());
+    assert!(moved.iter().all(|&p| after_join[p].as_deref() == Some("c")));
+    assert_eq!(moved.len(), lc.len());
+    assert!(
+        (4..=20).contains(&moved.len()),
+        "about a third moved: {}",
+        moved.len()
+    );
+
+    // b falls silent; a and c keep renewing past the TTL.
+    let b_partitions: Vec<u32> = lb.iter().map(|l| l.partition).collect();
+    let stale = lb[0];
+    let silent_since = std::time::Instant::now();
+    while silent_since.elapsed() < ttl + Duration::from_millis(1500) {
+        renew_all(&a, &mut la).await;
+        renew_all(&c, &mut lc).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        !stale.is_valid(std::time::Instant::now()),
+        "b no longer trusts its lease"
+    );
+    assert_eq!(a.live_members().await.unwrap(), ["a", "c"]);
+    claim_assigned(&a, &mut la).await;
+    claim_assigned(&c, &mut lc).await;
+    let after_death = a.owners(PARTITIONS).await.unwrap();
+    let moved: Vec<u32> = (0..PARTITIONS)
+        .filter(|&p| after_join[p as usize] != after_death[p as usize])
+        .collect();
+    println!("death: {} of {PARTITIONS} partitions moved", moved.len());
+    assert_eq!(
+        moved, b_partitions,
+        "exactly the silent member's partitions moved"
+    );
+    assert!(after_death
+        .iter()
+        .all(|o| matches!(o.as_deref(), Some("a" | "c"))));
+    // The fencing token: b's claim was taken over, so its revision no longer renews.
+    assert!(matches!(b.renew(&stale).await, Err(ClaimError::Taken(_))));
+}

@@ -36,6 +36,10 @@ pub struct ClusterConfig {
     /// Stream replicas (1 on one server; 3 on a 3-server NATS cluster).
     #[serde(default = "default_replicas")]
     pub replicas: usize,
+    /// How long a member's heartbeat and a partition's claim live without renewal: a dead
+    /// instance's partitions move after this. An instance trusts its claims for 3/4 of it.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
     /// The output stream's duplicate window: an event re-emitted within it (same `Nats-Msg-Id`)
     /// is dropped by the server.
     #[serde(default = "default_dedup_window", deserialize_with = "duration")]
@@ -56,6 +60,9 @@ fn default_output_stream() -> String {
 }
 fn default_replicas() -> usize {
     1
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_dedup_window() -> Duration {
     Duration::from_secs(120)
@@ -183,6 +190,12 @@ pub(super) fn check_cluster(cluster: &ClusterConfig, problems: &mut Problems) {
         problems.add(
             "cluster.output_stream",
             "must differ from cluster.stream: readings and events are kept apart",
+        );
+    }
+    if cluster.lease_ttl < Duration::from_secs(2) || cluster.lease_ttl > Duration::from_secs(300) {
+        problems.add(
+            "cluster.lease_ttl",
+            "must be between 2s and 5m: a dead instance's partitions move after it",
         );
     }
     if !matches!(cluster.replicas, 1 | 3 | 5) {

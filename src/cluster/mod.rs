@@ -3,6 +3,8 @@
 //! stream with its duplicate window — and prints the server's partition mapping, which lives in
 //! the NATS server's config.
 
+pub mod ownership;
+
 use crate::config::cluster::state_horizon;
 use crate::config::{ClusterConfig, Config, SinkKind};
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
@@ -158,6 +160,10 @@ pub async fn init(config: &Config, config_text: &str) -> anyhow::Result<Vec<Stri
         lines.push(ensure_stream(&jetstream, output, "events").await?);
     }
 
+    for bucket in ownership::bucket_configs(cluster.lease_ttl, cluster.replicas) {
+        lines.push(ensure_bucket(&jetstream, bucket).await?);
+    }
+
     lines.push(format!(
         "put the partition mapping into the NATS server's account (nats-server 2.9+: `mappings`), so readings published over MQTT land in {}:",
         cluster.stream
@@ -167,6 +173,40 @@ pub async fn init(config: &Config, config_text: &str) -> anyhow::Result<Vec<Stri
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.drain()).await;
     Ok(lines)
+}
+
+/// Creates the stream behind a KV bucket, or checks its TTL (a bucket's entries expire after
+/// its `max_age`).
+async fn ensure_bucket(
+    jetstream: &async_nats::jetstream::Context,
+    wanted: StreamConfig,
+) -> anyhow::Result<String> {
+    let name = wanted.name.trim_start_matches("KV_").to_owned();
+    let ttl = humantime::format_duration(wanted.max_age).to_string();
+    match jetstream.get_stream(&wanted.name).await {
+        Ok(mut stream) => {
+            let found = stream.info().await?.config.max_age;
+            let found = humantime::format_duration(found).to_string();
+            if found == ttl {
+                Ok(format!(
+                    "found the KV bucket {name}: entries expire after {found}"
+                ))
+            } else {
+                anyhow::bail!(
+                    "the KV bucket {name} expires entries after {found}, but cluster.lease_ttl is {ttl}; delete the bucket (no instance running) and run init again, or set lease_ttl = \"{found}\""
+                )
+            }
+        }
+        Err(_) => {
+            jetstream
+                .create_stream(wanted)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot create the KV bucket {name}: {err}"))?;
+            Ok(format!(
+                "created the KV bucket {name}: entries expire after {ttl}"
+            ))
+        }
+    }
 }
 
 /// Creates `wanted`, or checks the stream of that name: subjects it lacks are added and a
