@@ -226,9 +226,10 @@ fn parse_time_unit(text: &str) -> Result<weir::config::TimeUnit, String> {
 }
 
 fn init_tracing(format: LogFormat) {
-    // rumqttd (the demo's embedded broker) logs ordinary client disconnects as errors.
+    // rumqttd (the demo's embedded broker) logs ordinary client disconnects as errors;
+    // async-nats logs every (re)connect at info.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -453,3 +453,10 @@ async fn partitions_move_by_rendezvous_and_a_silent_member_loses_its_claims_afte
     // The fencing token: b's claim was taken over, so its revision no longer renews.
     assert!(matches!(b.renew(&stale).await, Err(ClaimError::Taken(_))));
 }
+
+#[test]
+fn the_hub_example_passes_weir_check() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml");
+    let out = weir(&["check", "--config"], &config);
+    assert!(out.contains("valid (1 input, 2 rules, 2 sinks)"), "{out}");
+}
