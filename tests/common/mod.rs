@@ -7,6 +7,7 @@
 
 pub mod nats;
 pub mod proxy;
+pub mod services;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use std::fs::File;
