@@ -1,8 +1,9 @@
 //! weir: an event stream processor for IoT telemetry on edge gateways.
 //!
-//! A reading travels: a [`source`] (MQTT) hands raw messages to the [`engine`], whose workers
-//! [`decode`] them into readings, run the [`operators`] (per-device state machines) and
-//! [`route`] the derived events, which a [`sink`] (MQTT) delivers. The [`store`] makes intake
+//! A reading travels: a [`source`] (MQTT, or a NATS JetStream stream) hands raw messages to the
+//! [`engine`], whose workers [`decode`] them into readings, run the [`operators`] (per-device
+//! state machines) and [`route`] the derived events, which each [`sink`] (MQTT, NATS, ...)
+//! delivers. The [`store`] makes intake
 //! durable in between; [`metrics`] and [`telemetry`] watch it all.
 //!
 //! The modules form layers, bottom first. A module imports only its own layer and the ones
@@ -21,8 +22,8 @@
 //! - engine: [`engine`] (the plan, the worker loop with per-device state, snapshots of it).
 //! - protocols: [`mqtt`] (rumqttc's 3.1.1 and 5 clients behind one, connection options,
 //!   reconnect backoff), [`nats`] (NATS connections for `[cluster]` and `nats` sinks).
-//! - adapters: [`source`] (intake over the source port; `source::mqtt`), [`sink`] (the outbox
-//!   over the sink port; `sink::mqtt`), [`store`] (input log and snapshots in the state dir),
+//! - adapters: [`source`] (intake over the source port; `source::mqtt`, `source::jetstream`),
+//!   [`sink`] (an outbox per sink over the sink port; `sink::mqtt`, `sink::nats`), [`store`] (input log and snapshots in the state dir),
 //!   [`telemetry`] (HTTP endpoints: metrics, health, rules API, tap, reload; OTLP export),
 //!   [`cluster`] (the NATS streams several instances share; `weir cluster init`).
 //! - wiring: [`app`] (wires the stages), [`demo`] (embedded broker and device simulator),
