@@ -145,32 +145,10 @@ pub fn password(broker: &BrokerConfig) -> anyhow::Result<Option<Secret>> {
 }
 
 fn tls_configuration(broker: &BrokerConfig) -> anyhow::Result<TlsConfiguration> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &broker.ca_file {
-        Some(path) => {
-            for cert in read_certs("ca_file", path)? {
-                roots.add(cert).map_err(|err| {
-                    anyhow::anyhow!(
-                        "broker.ca_file {} holds a certificate rustls cannot use as a CA ({err}); give the PEM of the CA that signs the broker's certificate",
-                        path.display()
-                    )
-                })?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                // A system store may hold certificates rustls rejects; skip those.
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+    let builder = tls_builder("broker.ca_file", broker.ca_file.as_deref())?;
     let config = match (&broker.cert_file, &broker.key_file) {
         (Some(cert_path), Some(key_path)) => {
-            let certs = read_certs("cert_file", cert_path)?;
+            let certs = read_certs("broker.cert_file", cert_path)?;
             let key = read_key(key_path)?;
             builder.with_client_auth_cert(certs, key).map_err(|err| {
                 anyhow::anyhow!(
@@ -186,11 +164,49 @@ fn tls_configuration(broker: &BrokerConfig) -> anyhow::Result<TlsConfiguration> 
     Ok(TlsConfiguration::Rustls(Arc::new(config)))
 }
 
+/// A TLS client config (ring provider) trusting the CA certificates in `ca_file`, or the
+/// system's roots without one; `key` names the config key in messages (`sinks.hook.ca_file`).
+///
+/// # Errors
+/// The file cannot be read or holds no usable CA certificate.
+pub fn client_tls(key: &str, ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    Ok(tls_builder(key, ca_file)?.with_no_client_auth())
+}
+
+fn tls_builder(
+    key: &str,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in read_certs(key, path)? {
+                roots.add(cert).map_err(|err| {
+                    anyhow::anyhow!(
+                        "{key} {} holds a certificate rustls cannot use as a CA ({err}); give the PEM of the CA that signs the server's certificate",
+                        path.display()
+                    )
+                })?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // A system store may hold certificates rustls rejects; skip those.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots))
+}
+
 /// Every certificate in a PEM file; `key` names the config key in messages.
 fn read_certs(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).map_err(|err| {
         anyhow::anyhow!(
-            "cannot read broker.{key} {}: {err}; check the path and that weir's user may read it",
+            "cannot read {key} {}: {err}; check the path and that weir's user may read it",
             path.display()
         )
     })?;
@@ -198,13 +214,13 @@ fn read_certs(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'stat
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| {
             anyhow::anyhow!(
-                "broker.{key} {} is not valid PEM ({err}); give a file with -----BEGIN CERTIFICATE----- blocks",
+                "{key} {} is not valid PEM ({err}); give a file with -----BEGIN CERTIFICATE----- blocks",
                 path.display()
             )
         })?;
     if certs.is_empty() {
         anyhow::bail!(
-            "broker.{key} {} holds no PEM certificates; give a file with -----BEGIN CERTIFICATE----- blocks",
+            "{key} {} holds no PEM certificates; give a file with -----BEGIN CERTIFICATE----- blocks",
             path.display()
         );
     }

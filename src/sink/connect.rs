@@ -1,6 +1,7 @@
 //! Connects every sink of a plan at start (so a sink that cannot be reached fails `weir run` with
 //! a message that says which and why), then runs each in a delivery task of its own.
 
+use super::http::HttpSink;
 use super::mqtt::MqttSink;
 use super::nats::NatsSink;
 use super::{run, SinkInput, SinkOptions};
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 pub enum Connected {
     Mqtt(MqttSink),
     Nats(NatsSink),
+    Http(HttpSink),
 }
 
 impl Connected {
@@ -79,6 +81,9 @@ impl Connected {
                     metrics.clone(),
                 )))
             }
+            SinkKind::Http => Ok(Connected::Http(
+                HttpSink::connect(name, settings, metrics.clone()).await?,
+            )),
             SinkKind::Nats => Ok(Connected::Nats(
                 NatsSink::connect(name, settings, metrics.clone()).await?,
             )),
@@ -97,6 +102,7 @@ impl Connected {
         match self {
             Connected::Mqtt(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
             Connected::Nats(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
+            Connected::Http(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
         }
     }
 }

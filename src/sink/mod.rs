@@ -19,6 +19,7 @@
 //! snapshot writer joins them.
 
 pub mod connect;
+pub mod http;
 pub mod mqtt;
 pub mod nats;
 

@@ -107,6 +107,8 @@ fn psql(database: &str, sql: &str) -> String {
 pub struct Request {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// When it was read.
+    pub at: std::time::Instant,
 }
 
 impl Request {
@@ -119,7 +121,7 @@ impl Request {
 }
 
 /// A webhook receiver: records every request, answers the status set with
-/// [`Webhook::answer`] (200 at first).
+/// [`Webhook::answer`] (200 at first; 0 never answers; 429 comes with `Retry-After: 1`).
 pub struct Webhook {
     pub addr: SocketAddr,
     status: Arc<AtomicU16>,
@@ -162,7 +164,7 @@ impl Webhook {
         self.status.store(status, Ordering::SeqCst);
     }
 
-    /// Every request so far, with the status it got.
+    /// Every request so far, with the status it got (0: none).
     pub fn requests(&self) -> Vec<(u16, Request)> {
         self.requests.lock().unwrap().iter().cloned().collect()
     }
@@ -213,13 +215,28 @@ fn serve(stream: TcpStream, status: &AtomicU16, requests: &Mutex<VecDeque<(u16, 
             return;
         }
         let answer = status.load(Ordering::SeqCst);
-        requests
-            .lock()
-            .unwrap()
-            .push_back((answer, Request { headers, body }));
+        requests.lock().unwrap().push_back((
+            answer,
+            Request {
+                headers,
+                body,
+                at: std::time::Instant::now(),
+            },
+        ));
+        if answer == 0 {
+            // Holds the connection and never answers: the client's timeout must end it.
+            thread::sleep(Duration::from_secs(60));
+            return;
+        }
+        let (reason, extra, body) = match answer {
+            200..=299 => ("OK", "", "{}"),
+            400 => ("Bad Request", "", "{\"detail\":\"unknown site\"}"),
+            429 => ("Too Many Requests", "retry-after: 1\r\n", "{}"),
+            _ => ("Error", "", "{}"),
+        };
         let response = format!(
-            "HTTP/1.1 {answer} {}\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{{}}",
-            if answer < 300 { "OK" } else { "Error" }
+            "HTTP/1.1 {answer} {reason}\r\n{extra}content-length: {}\r\ncontent-type: application/json\r\n\r\n{body}",
+            body.len()
         );
         if writer.write_all(response.as_bytes()).is_err() {
             return;
