@@ -4,6 +4,7 @@
 use super::http::HttpSink;
 use super::mqtt::MqttSink;
 use super::nats::NatsSink;
+use super::postgres::PostgresSink;
 use super::{run, SinkInput, SinkOptions};
 use crate::config::{BrokerConfig, Config, SinkConfig, SinkKind};
 use crate::engine::Plan;
@@ -18,6 +19,7 @@ pub enum Connected {
     Mqtt(MqttSink),
     Nats(NatsSink),
     Http(HttpSink),
+    Postgres(PostgresSink),
 }
 
 impl Connected {
@@ -43,9 +45,10 @@ impl Connected {
             broker.max_packet_bytes,
             metrics.clone(),
         )));
-        for sink in plan.sinks.iter().skip(1) {
+        for (index, sink) in plan.sinks.iter().enumerate().skip(1) {
             let settings = &config.sinks[&*sink.name];
-            let one = Self::connect(&sink.name, settings, config, metrics)
+            let tables = tables_of(plan, index);
+            let one = Self::connect(&sink.name, settings, tables, config, metrics)
                 .await
                 .with_context(|| {
                     format!(
@@ -63,6 +66,7 @@ impl Connected {
     async fn connect(
         name: &str,
         settings: &SinkConfig,
+        tables: Vec<String>,
         config: &Config,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Connected> {
@@ -81,6 +85,9 @@ impl Connected {
                     metrics.clone(),
                 )))
             }
+            SinkKind::Postgres => Ok(Connected::Postgres(
+                PostgresSink::connect(name, settings, tables, metrics.clone()).await?,
+            )),
             SinkKind::Http => Ok(Connected::Http(
                 HttpSink::connect(name, settings, metrics.clone()).await?,
             )),
@@ -103,6 +110,7 @@ impl Connected {
             Connected::Mqtt(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
             Connected::Nats(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
             Connected::Http(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
+            Connected::Postgres(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
         }
     }
 }
@@ -124,9 +132,9 @@ pub async fn init_all(config: &Config, plan: &Plan) -> anyhow::Result<Vec<String
                     settings.kind.name()
                 )]
             }
+            SinkKind::Postgres => super::postgres::init(&sink.name, settings, &tables).await?,
             kind => anyhow::bail!("{} sinks are not in this build", kind.name()),
         };
-        let _ = tables;
         lines.extend(
             done.into_iter()
                 .map(|line| format!("sink {}: {line}", sink.name)),

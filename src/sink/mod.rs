@@ -22,6 +22,7 @@ pub mod connect;
 pub mod http;
 pub mod mqtt;
 pub mod nats;
+pub mod postgres;
 
 use crate::config::OutboxPolicy;
 use crate::engine::snapshot::{DeviceSnapshot, Snapshot, SnapshotCommand, StoredMessage};
