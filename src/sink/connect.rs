@@ -1,6 +1,7 @@
 //! Connects every sink of a plan at start (so a sink that cannot be reached fails `weir run` with
 //! a message that says which and why), then runs each in a delivery task of its own.
 
+use super::amqp::AmqpSink;
 use super::http::HttpSink;
 use super::mqtt::MqttSink;
 use super::nats::NatsSink;
@@ -20,6 +21,7 @@ pub enum Connected {
     Nats(NatsSink),
     Http(HttpSink),
     Postgres(PostgresSink),
+    Amqp(AmqpSink),
 }
 
 impl Connected {
@@ -85,6 +87,9 @@ impl Connected {
                     metrics.clone(),
                 )))
             }
+            SinkKind::Amqp => Ok(Connected::Amqp(
+                AmqpSink::connect(name, settings, metrics.clone()).await?,
+            )),
             SinkKind::Postgres => Ok(Connected::Postgres(
                 PostgresSink::connect(name, settings, tables, metrics.clone()).await?,
             )),
@@ -94,7 +99,6 @@ impl Connected {
             SinkKind::Nats => Ok(Connected::Nats(
                 NatsSink::connect(name, settings, metrics.clone()).await?,
             )),
-            kind => anyhow::bail!("{} sinks are not in this build", kind.name()),
         }
     }
 
@@ -111,6 +115,7 @@ impl Connected {
             Connected::Nats(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
             Connected::Http(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
             Connected::Postgres(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
+            Connected::Amqp(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
         }
     }
 }
@@ -133,7 +138,7 @@ pub async fn init_all(config: &Config, plan: &Plan) -> anyhow::Result<Vec<String
                 )]
             }
             SinkKind::Postgres => super::postgres::init(&sink.name, settings, &tables).await?,
-            kind => anyhow::bail!("{} sinks are not in this build", kind.name()),
+            SinkKind::Amqp => super::amqp::init(&sink.name, settings).await?,
         };
         lines.extend(
             done.into_iter()

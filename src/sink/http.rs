@@ -76,6 +76,11 @@ impl HttpSink {
             .default_headers(headers)
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
+            // A redirected POST may become a GET whose 2xx would count as delivered: a 3xx is
+            // refused instead, and the URL is to be fixed. Proxies from the environment are
+            // not used: the webhook is where the config says.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()
             .context("cannot build the HTTP client")?;
         reachable(&url, settings.timeout).await?;
@@ -116,7 +121,14 @@ fn bearer_token(name: &str, settings: &SinkConfig) -> anyhow::Result<Option<Secr
                 file.display()
             )
         })?;
-        return Ok(Some(Secret::new(text.trim())));
+        let token = text.trim();
+        if token.is_empty() {
+            anyhow::bail!(
+                "sinks.{name}.bearer_token_file: {} is empty",
+                file.display()
+            );
+        }
+        return Ok(Some(Secret::new(token)));
     }
     if let Some(var) = &settings.bearer_token_env {
         let value = std::env::var(var).map_err(|_| {
@@ -234,13 +246,17 @@ impl Poster {
                 }
             }
             Err(detail) => {
-                self.done(events.iter());
+                // The dead letters exist before the events count as done, so no snapshot can
+                // drop an event without its dead letter.
+                let confirmed = events.iter().filter(|event| event.confirm).count() as u64;
                 let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
                 refused.extend(events.into_iter().map(|event| Refused {
                     event,
                     reason: "http_status",
                     detail: detail.clone(),
                 }));
+                drop(refused);
+                self.confirmed.fetch_add(confirmed, Ordering::Relaxed);
             }
         }
     }
@@ -350,13 +366,16 @@ impl Poster {
             body.extend_from_slice(&event.payload);
         }
         body.push(b']');
-        // The same events make the same key when the batch is sent again.
-        let key = format!(
-            "{}-{}-{}",
-            id(first).unwrap_or_default(),
-            id(&events[events.len() - 1]).unwrap_or_default(),
-            events.len()
-        );
+        // The same events in the same order make the same key when the batch is sent again:
+        // a hash of every id, not just the first and last.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for id in events.iter().filter_map(|event| event.headers.id) {
+            for byte in id.0.to_le_bytes() {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        let key = format!("batch-{}-{hash:016x}", events.len());
         request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", key)

@@ -18,6 +18,7 @@
 //! derived before the barrier that the sink has not confirmed. Each sink sends its part; the
 //! snapshot writer joins them.
 
+pub mod amqp;
 pub mod connect;
 pub mod http;
 pub mod mqtt;
@@ -475,6 +476,9 @@ pub async fn run<S: Sink>(
                     if entry.0 >= options.workers {
                         let (_, devices, rules) = barriers.remove(&lsn).unwrap_or_default();
                         if let Some(snapshots) = &options.snapshots {
+                            // Refused events leave the outbox only with their dead letters on
+                            // their way to the broker's sink.
+                            handover.dead_letter(options.dead_letters.as_ref()).await;
                             handover.update();
                             let outbox = stored_outbox(&handover.unconfirmed, &queue, &name);
                             let part = Snapshot { lsn, devices, outbox, rules };

@@ -362,13 +362,17 @@ impl Writer {
                 }
             }
             Err(detail) => {
-                self.done(&batch);
+                // The dead letters exist before the events count as done, so no snapshot can
+                // drop an event without its dead letter.
+                let confirmed = batch.iter().filter(|event| event.confirm).count() as u64;
                 let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
                 refused.extend(batch.into_iter().map(|event| Refused {
                     event,
                     reason: "rejected",
                     detail: detail.clone(),
                 }));
+                drop(refused);
+                self.confirmed.fetch_add(confirmed, Ordering::Relaxed);
             }
         }
     }
