@@ -230,3 +230,236 @@ async fn a_sink_that_cannot_be_reached_at_start_stops_weir_with_its_name() {
         "{err}"
     );
 }
+
+/// Issue 16's fault test: weir is killed with SIGKILL while the webhook answers 503 and RabbitMQ
+/// and PostgreSQL are unreachable (through proxies the test cuts; the machine's services are
+/// never stopped). After a restart with everything back, every expected event has reached each
+/// sink, copies carry the same id and body, and the table holds each event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_killed_while_every_sink_is_away_delivers_everything_after_the_restart() {
+    use common::proxy::Proxy;
+    use common::services::{Database, Vhost, Webhook};
+    use lapin::options::{BasicAckOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use std::net::SocketAddr;
+    use std::process::{Command, Stdio};
+
+    let broker = Mosquitto::start_persistent_on(common::free_port());
+    let hook = Webhook::start();
+    let vhost = Vhost::create("all-sinks");
+    let db = Database::create("all_sinks");
+    let amqp = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5672)));
+    let postgres = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)));
+
+    let example = std::fs::read_to_string(common::EXAMPLE_CONFIG).expect("read example");
+    let single = "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
+    let text = example
+        .replace(
+            single,
+            "[[rules.overheat.output]]\nsink = \"hook\"\n\n[[rules.overheat.output]]\nsink = \"tasks\"\ntopic = \"alerts/{site}/{device}/overheat\"\n\n[[rules.overheat.output]]\nsink = \"rows\"\n\n[[rules.overheat.output]]\ntopic = \"alerts/{site}/{device}/overheat\"",
+        )
+        .replace("snapshot_interval = \"30s\"", "snapshot_interval = \"1s\"")
+        + &format!(
+            "\n[sinks.hook]\nkind = \"http\"\nurl = \"{}\"\nretry_max = \"300ms\"\n\n[sinks.tasks]\nkind = \"amqp\"\nurl = \"{}\"\nexchange = \"weir\"\nretry_max = \"300ms\"\ntimeout = \"2s\"\n\n[sinks.rows]\nkind = \"postgres\"\nurl = \"{}\"\nretry_max = \"300ms\"\ntimeout = \"2s\"\n",
+            hook.url("/hook"),
+            vhost.url(amqp.port()),
+            db.url(postgres.port())
+        );
+    let dir = broker.scratch("all-sinks");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config_path = dir.join("weir.toml");
+    std::fs::write(&config_path, &text).expect("write config");
+    let init = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["sinks", "init", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("weir sinks init");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    // The test's own queue, bound before anything is published.
+    let connection =
+        lapin::Connection::connect(&vhost.url(5672), lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            "alerts".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            "alerts".into(),
+            "weir".into(),
+            "alerts.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+
+    let metrics = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let spawn = || {
+        common::KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_weir"))
+                .args(["run", "--config"])
+                .arg(&config_path)
+                .arg("--broker")
+                .arg(broker.url())
+                .arg("--metrics-addr")
+                .arg(metrics.to_string())
+                .arg("--state-dir")
+                .arg(dir.join("state"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join("weir.log"))
+                        .expect("log"),
+                )
+                .spawn()
+                .expect("spawn weir"),
+        )
+    };
+    let ready = || async {
+        wait_until(common::DEADLINE, || {
+            common::http_get_blocking(metrics, "/readyz").is_some_and(|r| r.contains(" 200 "))
+        })
+        .await
+    };
+    let mut weir = spawn();
+    assert!(ready().await, "weir did not become ready");
+    let mut alerts = Subscriber::start(&broker, "alerts/#").await;
+
+    // Part one with every sink up; part two with all of them away, then SIGKILL.
+    let readings = crossings(4, 10);
+    let (first, second) = readings.split_at(readings.len() / 2);
+    let mut publisher = Publisher::start(&broker).await;
+    for (topic, payload) in first {
+        publisher.publish(topic, payload.clone()).await;
+    }
+    let first_events = ids(&mut alerts, 20).await;
+    let rows = || {
+        db.query("SELECT count(*) FROM overheat")
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(SETTLE_ALL, || rows() >= 20).await,
+        "part one reached the database"
+    );
+
+    hook.answer(503);
+    amqp.cut();
+    postgres.cut();
+    for (topic, payload) in second {
+        publisher.publish(topic, payload.clone()).await;
+    }
+    let second_events = ids(&mut alerts, 20).await;
+    // Snapshots every second: the events wait in the sinks' outboxes, which a snapshot holds.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(weir);
+
+    hook.answer(200);
+    amqp.restore();
+    postgres.restore();
+    weir = spawn();
+    assert!(ready().await, "weir came back");
+    let expected: BTreeSet<String> = first_events.union(&second_events).cloned().collect();
+    assert_eq!(expected.len(), 40);
+
+    let webhook_ids = || -> BTreeSet<String> {
+        hook.requests()
+            .iter()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, r)| r.header("Idempotency-Key").unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(
+        wait_until(SETTLE_ALL, || webhook_ids().is_superset(&expected)).await,
+        "the webhook got {} of 40",
+        webhook_ids().intersection(&expected).count()
+    );
+    assert!(
+        wait_until(SETTLE_ALL, || rows() >= 40).await,
+        "the database got {} of 40 rows",
+        rows()
+    );
+    let mut queued: Vec<(String, Vec<u8>)> = Vec::new();
+    let deadline = std::time::Instant::now() + SETTLE_ALL;
+    while std::time::Instant::now() < deadline {
+        while let Ok(Some(message)) = channel
+            .basic_get("alerts".into(), BasicGetOptions::default())
+            .await
+        {
+            let delivery = message.delivery;
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            queued.push((id, delivery.data.clone()));
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+        }
+        if queued
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<BTreeSet<_>>()
+            .is_superset(&expected)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queued_ids: BTreeSet<String> = queued.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(queued_ids, expected, "RabbitMQ got every event");
+
+    // Copies carry the same id and the same body.
+    let mut first_copy: std::collections::HashMap<String, Vec<u8>> =
+        std::collections::HashMap::new();
+    for (id, body) in queued.iter().cloned().chain(
+        hook.requests()
+            .into_iter()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, r)| {
+                (
+                    r.header("Idempotency-Key").unwrap_or_default().to_owned(),
+                    r.body,
+                )
+            }),
+    ) {
+        let kept = first_copy.entry(id.clone()).or_insert_with(|| body.clone());
+        assert_eq!(*kept, body, "a copy of {id} differs");
+    }
+    let once = db.query("SELECT count(*), count(DISTINCT id) FROM overheat");
+    assert_eq!(
+        once.trim(),
+        "40|40",
+        "the table holds each event exactly once"
+    );
+    let duplicates_webhook = hook.requests().iter().filter(|(s, _)| *s == 200).count() - 40;
+    println!(
+        "after SIGKILL with every sink away: webhook {} duplicate(s), RabbitMQ {} duplicate(s), PostgreSQL 0 (by its key)",
+        duplicates_webhook,
+        queued.len() - 40
+    );
+    drop(weir);
+    std::mem::drop(connection);
+}
+
+const SETTLE_ALL: Duration = Duration::from_secs(60);

@@ -999,3 +999,16 @@ pub fn expected_ids(
         })
         .collect()
 }
+
+/// A blocking HTTP/1.0 GET of `path`: the whole response (status line included), or `None`
+/// while nothing serves `addr` (a child weir starting).
+pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
