@@ -463,3 +463,121 @@ async fn weir_killed_while_every_sink_is_away_delivers_everything_after_the_rest
 }
 
 const SETTLE_ALL: Duration = Duration::from_secs(60);
+
+/// Events per second each sink kind delivers on this machine: 2,000 events wait in the sink's
+/// outbox while its service is away, then the time from its return to the last confirmation.
+/// Printed (`cargo test --test sinks throughput -- --nocapture`, or with `--release`), never
+/// asserted: the machine is shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throughput_per_sink_is_measured() {
+    use common::proxy::Proxy;
+    use common::services::{Database, Vhost, Webhook};
+    use std::net::SocketAddr;
+    const EVENTS: u64 = 2000;
+
+    let only: Option<String> = std::env::var("WEIR_SINK_RATE").ok();
+    for (kind, batch) in [("http", 1), ("http", 100), ("amqp", 256), ("postgres", 500)] {
+        if only
+            .as_deref()
+            .is_some_and(|o| o != format!("{kind}{batch}"))
+        {
+            continue;
+        }
+        // 2,000 QoS 1 readings published faster than weir acknowledges them (after its log's
+        // fsync): more than Mosquitto queues per client by default (1,000; it drops the rest).
+        let broker = Mosquitto::start_with("max_queued_messages 100000\n");
+        let hook = Webhook::start();
+        let vhost = Vhost::create("rate");
+        let db = Database::create("rate");
+        let amqp = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5672)));
+        let postgres = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)));
+        let url = match kind {
+            "http" => hook.url("/hook"),
+            "amqp" => vhost.url(amqp.port()),
+            _ => db.url(postgres.port()),
+        };
+        let example = std::fs::read_to_string(common::EXAMPLE_CONFIG).expect("read example");
+        let single = "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
+        let text = example.replace(
+            single,
+            "[rules.overheat.output]\nsink = \"out\"\ntopic = \"alerts/{site}/{device}/overheat\"",
+        ) + &format!(
+            "\n[sinks.out]\nkind = \"{kind}\"\nurl = \"{url}\"\nbatch = {batch}\nretry_initial = \"20ms\"\nretry_max = \"100ms\"\n{}",
+            if kind == "amqp" { "exchange = \"weir\"\n" } else { "" }
+        );
+        let mut config = config_from_text(&broker, &text, "rate");
+        config.delivery.state_dir = Some(broker.scratch("state"));
+        let plan = weir::engine::Plan::build(&config).expect("plan");
+        weir::sink::connect::init_all(&config, &plan)
+            .await
+            .expect("init");
+        if kind == "amqp" {
+            // A queue for the events, so none is unroutable.
+            let connection = lapin::Connection::connect(&vhost.url(5672), Default::default())
+                .await
+                .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            channel
+                .queue_declare("q".into(), Default::default(), Default::default())
+                .await
+                .unwrap();
+            channel
+                .queue_bind(
+                    "q".into(),
+                    "weir".into(),
+                    "#".into(),
+                    Default::default(),
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+            let _ = connection.close(200, "bound".into()).await;
+        }
+        let weir = start_weir_with(config).await;
+        hook.answer(503);
+        amqp.cut();
+        postgres.cut();
+        let mut publisher = Publisher::start(&broker).await;
+        for (topic, payload) in crossings(50, (EVENTS / 50) as usize) {
+            publisher.publish(&topic, payload).await;
+        }
+        let metrics = weir.metrics.clone();
+        let outbox = || metrics.sink_outbox.with_label_values(&["out"]).get() as u64;
+        assert!(
+            wait_until(SETTLE_ALL, || outbox() >= EVENTS).await,
+            "outbox {}, received {}, emitted {}, dup {}",
+            outbox(),
+            metrics.readings_total(),
+            metrics
+                .events_emitted
+                .with_label_values(&["overheat", "state_change"])
+                .get(),
+            metrics
+                .duplicates_dropped
+                .with_label_values(&["telemetry"])
+                .get()
+        );
+        hook.answer(200);
+        amqp.restore();
+        postgres.restore();
+        let confirmed = || metrics.sink_confirmed.with_label_values(&["out"]).get();
+        // From the first confirmation, so the backoff before the first retry does not count.
+        assert!(
+            wait_until(SETTLE_ALL, || confirmed() > 0).await,
+            "nothing confirmed"
+        );
+        let (started, from) = (std::time::Instant::now(), confirmed());
+        assert!(
+            wait_until(SETTLE_ALL, || confirmed() >= EVENTS).await,
+            "confirmed {}",
+            confirmed()
+        );
+        let took = started.elapsed();
+        println!(
+            "{kind} sink, batch {batch}: {} events in {took:?} after the first confirmation: {:.0} events/s",
+            EVENTS - from,
+            (EVENTS - from) as f64 / took.as_secs_f64()
+        );
+        weir.stop().await.expect("weir stops");
+    }
+}

@@ -231,10 +231,18 @@ fn check_sink(name: &str, sink: &SinkConfig, problems: &mut Problems) {
             "must be more than 0s, e.g. \"10s\"",
         );
     }
-    if sink.retry_initial.is_zero() || sink.retry_initial > sink.retry_max {
+    if sink.retry_initial.is_zero() {
         problems.add(
             format!("{path}.retry_initial"),
-            "must be more than 0s and at most retry_max, e.g. \"200ms\"",
+            "must be more than 0s, e.g. \"200ms\"",
+        );
+    } else if sink.retry_initial > sink.retry_max {
+        problems.add(
+            format!("{path}.retry_max"),
+            format!(
+                "is below retry_initial ({}); raise retry_max or lower retry_initial",
+                humantime::format_duration(sink.retry_initial)
+            ),
         );
     }
 
