@@ -89,7 +89,8 @@ pub struct SinkConfig {
     /// Events per request (http: more than 1 posts a JSON array), per insert (postgres), or
     /// published before waiting for their confirms (amqp).
     pub batch: Option<usize>,
-    /// PEM file of the CA certificates to trust (https, amqps) instead of the system's roots.
+    /// PEM file of the CA certificates to trust (https, mqtts, tls://) instead of the system's
+    /// roots.
     pub ca_file: Option<PathBuf>,
 
     // http
@@ -276,7 +277,7 @@ fn check_sink(name: &str, sink: &SinkConfig, problems: &mut Problems) {
     only(
         "ca_file",
         sink.ca_file.is_some(),
-        &[Http, Amqp, Mqtt, Nats],
+        &[Http, Mqtt, Nats],
         problems,
     );
     only("headers", !sink.headers.is_empty(), &[Http], problems);
@@ -325,6 +326,12 @@ fn check_sink(name: &str, sink: &SinkConfig, problems: &mut Problems) {
                 format!("`{header}` is not a header name (letters, digits, `-`)"),
             );
         }
+    }
+    if kind == Amqp && sink.url.starts_with("amqps://") {
+        problems.add(
+            format!("{path}.url"),
+            "amqps:// needs TLS, which this build's AMQP client lacks; use amqp:// on a trusted network, or a TLS tunnel (stunnel, a sidecar) to the broker",
+        );
     }
     if kind == Amqp {
         match sink.exchange.as_deref() {
