@@ -11,7 +11,7 @@
 //! With `message = "celery"` the message is a Celery task (protocol 2) calling `celery_task`
 //! with the event as its one argument, so a Celery worker runs a task per event.
 
-use super::{Refused, Sink};
+use super::queued::{Progress, QueuedSink, Refusal};
 use crate::config::{AmqpMessage, SinkConfig};
 use crate::metrics::Metrics;
 use crate::mqtt::Backoff;
@@ -23,11 +23,9 @@ use lapin::{
     PublisherConfirm,
 };
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 /// Opens a connection and a channel in confirm mode.
 async fn open(settings: &SinkConfig) -> anyhow::Result<(Connection, Channel)> {
@@ -140,109 +138,53 @@ pub async fn init(name: &str, settings: &SinkConfig) -> anyhow::Result<Vec<Strin
     Ok(vec![line])
 }
 
-/// Publishing to RabbitMQ.
-pub struct AmqpSink {
-    queue: mpsc::Sender<Outgoing>,
-    up: Arc<AtomicBool>,
-    confirmed: Arc<AtomicU64>,
-    refused: Arc<Mutex<Vec<Refused>>>,
-    task: JoinHandle<()>,
-}
-
-impl AmqpSink {
-    /// Connects, and checks that the exchange exists.
-    ///
-    /// # Errors
-    /// The broker cannot be reached, or the exchange does not exist (the message says how to
-    /// create it).
-    pub async fn connect(
-        name: &str,
-        settings: &SinkConfig,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let exchange = settings.exchange.clone().unwrap_or_default();
-        let (connection, channel) = open(settings).await?;
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        if let Err(err) = channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                exchange_kind(settings),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-        {
-            anyhow::bail!(
-                "exchange {exchange} cannot be used ({err}); run `weir sinks init --config FILE` or declare it"
-            );
-        }
-        let batch = settings.batch_size();
-        let (queue, events) = mpsc::channel(batch * 2);
-        let up = Arc::new(AtomicBool::new(true));
-        let confirmed = Arc::new(AtomicU64::new(0));
-        let refused = Arc::new(Mutex::new(Vec::new()));
-        let publisher = Publisher {
+/// Connects and checks that the exchange exists; then a task of the sink's own publishes.
+///
+/// # Errors
+/// The broker cannot be reached, or the exchange does not exist (the message says how to
+/// create it).
+pub async fn connect(
+    name: &str,
+    settings: &SinkConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<QueuedSink> {
+    let exchange = settings.exchange.clone().unwrap_or_default();
+    let (connection, channel) = open(settings).await?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    if let Err(err) = channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            exchange_kind(settings),
+            passive,
+            FieldTable::default(),
+        )
+        .await
+    {
+        anyhow::bail!(
+            "exchange {exchange} cannot be used ({err}); run `weir sinks init --config FILE` or declare it"
+        );
+    }
+    let batch = settings.batch_size();
+    let publisher = |events, progress| {
+        Publisher {
             link: Some((connection, channel)),
             settings: settings.clone(),
             exchange,
             batch,
-            up: up.clone(),
-            confirmed: confirmed.clone(),
-            refused: refused.clone(),
+            progress,
             backoff: Backoff::new(settings.retry_initial, settings.retry_max),
             retries: metrics.sink_retries.with_label_values(&[name]),
-            name: name.to_owned(),
-        };
-        let task = tokio::spawn(publisher.run(events));
-        Ok(Self {
-            queue,
-            up,
-            confirmed,
-            refused,
-            task,
-        })
-    }
-}
-
-impl Sink for AmqpSink {
-    fn is_ready(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-
-    fn refuses(&self, event: &Outgoing) -> Option<&'static str> {
+        }
+        .run(events)
+    };
+    let long_key: Refusal = Box::new(|event: &Outgoing| {
         (routing_key(&event.topic).len() > 255)
             .then_some("its routing key is longer than 255 bytes")
-    }
-
-    fn offer(&mut self, event: Outgoing) -> Option<Outgoing> {
-        match self.queue.try_send(event) {
-            Ok(()) => None,
-            Err(
-                mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event),
-            ) => Some(event),
-        }
-    }
-
-    fn confirmed(&self) -> u64 {
-        self.confirmed.load(Ordering::Relaxed)
-    }
-
-    fn take_refused(&mut self) -> Vec<Refused> {
-        std::mem::take(&mut *self.refused.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    async fn close(self) {
-        drop(self.queue);
-        if tokio::time::timeout(Duration::from_secs(1), self.task)
-            .await
-            .is_err()
-        {
-            tracing::debug!("the amqp sink did not stop within 1 s");
-        }
-    }
+    });
+    Ok(QueuedSink::start(name, batch * 2, long_key, publisher))
 }
 
 /// The routing key of a topic: `/` as `.`.
@@ -256,12 +198,9 @@ struct Publisher {
     settings: SinkConfig,
     exchange: String,
     batch: usize,
-    up: Arc<AtomicBool>,
-    confirmed: Arc<AtomicU64>,
-    refused: Arc<Mutex<Vec<Refused>>>,
+    progress: Arc<Progress>,
     backoff: Backoff,
     retries: prometheus::IntCounter,
-    name: String,
 }
 
 impl Publisher {
@@ -308,31 +247,17 @@ impl Publisher {
             };
             match outcome {
                 Ok(returned) => {
-                    // The dead letter exists before the event counts as done, so no snapshot
-                    // can drop the event without it.
-                    let confirm = event.confirm;
-                    if let Some(detail) = returned {
-                        self.refused
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(Refused {
-                                event,
-                                reason: "unroutable",
-                                detail,
-                            });
+                    match returned {
+                        Some(detail) => self.progress.refuse(vec![event], "unroutable", &detail),
+                        None => self.progress.confirm([&event]),
                     }
-                    if confirm {
-                        self.confirmed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if !self.up.swap(true, Ordering::Relaxed) {
-                        tracing::info!(sink = %self.name, "RabbitMQ takes events again");
-                    }
+                    self.progress.up();
                     self.backoff.reset();
                 }
                 Err(err) => {
-                    self.up.store(false, Ordering::Relaxed);
+                    self.progress.down();
                     let delay = self.backoff.next_delay();
-                    tracing::warn!(sink = %self.name, %err, ?delay, "an event was not confirmed; publishing it and the ones after it again");
+                    tracing::warn!(sink = %self.progress.name(), %err, ?delay, "an event was not confirmed; publishing it and the ones after it again");
                     // The channel (or the connection) may be broken: start a new one.
                     if let Some((connection, _)) = self.link.take() {
                         let _ = tokio::time::timeout(
@@ -365,7 +290,7 @@ impl Publisher {
             match open(&self.settings).await {
                 Ok(link) => self.link = Some(link),
                 Err(err) => {
-                    tracing::debug!(sink = %self.name, %err, "cannot reconnect yet");
+                    tracing::debug!(sink = %self.progress.name(), %err, "cannot reconnect yet");
                     return None;
                 }
             }
@@ -388,7 +313,7 @@ impl Publisher {
         match published {
             Ok(confirm) => Some(confirm),
             Err(err) => {
-                tracing::debug!(sink = %self.name, %err, "publish failed");
+                tracing::debug!(sink = %self.progress.name(), %err, "publish failed");
                 self.link = None;
                 None
             }

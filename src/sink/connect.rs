@@ -1,11 +1,8 @@
 //! Connects every sink of a plan at start (so a sink that cannot be reached fails `weir run` with
 //! a message that says which and why), then runs each in a delivery task of its own.
 
-use super::amqp::AmqpSink;
-use super::http::HttpSink;
 use super::mqtt::MqttSink;
-use super::nats::NatsSink;
-use super::postgres::PostgresSink;
+use super::queued::QueuedSink;
 use super::{run, SinkInput, SinkOptions};
 use crate::config::{BrokerConfig, Config, SinkConfig, SinkKind};
 use crate::engine::Plan;
@@ -18,10 +15,8 @@ use tokio::task::JoinHandle;
 /// A sink connected (or, for the broker, connecting in the background), before its task runs.
 pub enum Connected {
     Mqtt(MqttSink),
-    Nats(NatsSink),
-    Http(HttpSink),
-    Postgres(PostgresSink),
-    Amqp(AmqpSink),
+    /// Webhooks, AMQP, PostgreSQL and NATS: a task of their own talks to the service.
+    Service(QueuedSink),
 }
 
 impl Connected {
@@ -87,17 +82,17 @@ impl Connected {
                     metrics.clone(),
                 )))
             }
-            SinkKind::Amqp => Ok(Connected::Amqp(
-                AmqpSink::connect(name, settings, metrics.clone()).await?,
+            SinkKind::Amqp => Ok(Connected::Service(
+                super::amqp::connect(name, settings, metrics.clone()).await?,
             )),
-            SinkKind::Postgres => Ok(Connected::Postgres(
-                PostgresSink::connect(name, settings, tables, metrics.clone()).await?,
+            SinkKind::Postgres => Ok(Connected::Service(
+                super::postgres::connect(name, settings, tables, metrics.clone()).await?,
             )),
-            SinkKind::Http => Ok(Connected::Http(
-                HttpSink::connect(name, settings, metrics.clone()).await?,
+            SinkKind::Http => Ok(Connected::Service(
+                super::http::connect(name, settings, metrics.clone()).await?,
             )),
-            SinkKind::Nats => Ok(Connected::Nats(
-                NatsSink::connect(name, settings, metrics.clone()).await?,
+            SinkKind::Nats => Ok(Connected::Service(
+                super::nats::connect(name, settings, metrics.clone()).await?,
             )),
         }
     }
@@ -112,10 +107,7 @@ impl Connected {
     ) -> JoinHandle<()> {
         match self {
             Connected::Mqtt(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
-            Connected::Nats(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
-            Connected::Http(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
-            Connected::Postgres(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
-            Connected::Amqp(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
+            Connected::Service(sink) => tokio::spawn(run(sink, options, plan, input, metrics)),
         }
     }
 }

@@ -7,18 +7,16 @@
 //! events for good: a batch is then sent again one event at a time, so only the events the
 //! service refuses go to the dead-letter path, with the status and the start of the answer.
 
-use super::{Refused, Sink};
+use super::queued::{Progress, QueuedSink};
 use crate::config::{Secret, SinkConfig};
 use crate::metrics::Metrics;
 use crate::model::message::ContentType;
 use crate::mqtt::Backoff;
 use crate::route::Outgoing;
 use anyhow::Context as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -26,90 +24,74 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How much of a refusing answer goes into the dead letter.
 const DETAIL_BYTES: usize = 512;
 
-/// Posting to a webhook.
-pub struct HttpSink {
-    queue: mpsc::Sender<Outgoing>,
-    up: Arc<AtomicBool>,
-    confirmed: Arc<AtomicU64>,
-    refused: Arc<Mutex<Vec<Refused>>>,
-    task: JoinHandle<()>,
-}
-
-impl HttpSink {
-    /// Reads the token, builds the client and checks that the webhook's host accepts a
-    /// connection now (nothing is posted: the receiver would take it for an event).
-    ///
-    /// # Errors
-    /// The URL, the token or the CA file cannot be used, or the host does not answer within
-    /// `timeout`.
-    pub async fn connect(
-        name: &str,
-        settings: &SinkConfig,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(&settings.url)
-            .with_context(|| format!("`{}` is not a URL", settings.redacted_url()))?;
-        let token = bearer_token(name, settings)?;
-        let ca_key = format!("sinks.{name}.ca_file");
-        let tls = crate::mqtt::client_tls(&ca_key, settings.ca_file.as_deref())?;
-        let mut headers = reqwest::header::HeaderMap::new();
-        for (key, value) in &settings.headers {
-            let key = reqwest::header::HeaderName::from_bytes(key.as_bytes())
-                .with_context(|| format!("sinks.{name}.headers: `{key}` is not a header name"))?;
-            let value = reqwest::header::HeaderValue::from_str(value)
-                .with_context(|| format!("sinks.{name}.headers.{key}: not a header value"))?;
-            headers.insert(key, value);
-        }
-        if let Some(token) = &token {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "the bearer token of sink {name} has characters a header cannot carry"
-                        )
-                    })?;
-            value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .default_headers(headers)
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            // A redirected POST may become a GET whose 2xx would count as delivered: a 3xx is
-            // refused instead, and the URL is to be fixed. Proxies from the environment are
-            // not used: the webhook is where the config says.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .context("cannot build the HTTP client")?;
-        reachable(&url, settings.timeout).await?;
-
-        let batch = settings.batch_size();
-        let (queue, events) = mpsc::channel(batch * 2);
-        let up = Arc::new(AtomicBool::new(true));
-        let confirmed = Arc::new(AtomicU64::new(0));
-        let refused = Arc::new(Mutex::new(Vec::new()));
-        let poster = Poster {
-            client,
-            url,
-            batch,
-            up: up.clone(),
-            confirmed: confirmed.clone(),
-            refused: refused.clone(),
-            backoff: Backoff::new(settings.retry_initial, settings.retry_max),
-            retries: metrics.sink_retries.with_label_values(&[name]),
-            name: name.to_owned(),
-        };
-        let task = tokio::spawn(poster.run(events));
-        Ok(Self {
-            queue,
-            up,
-            confirmed,
-            refused,
-            task,
-        })
+/// Reads the token, builds the client and checks that the webhook's host accepts a
+/// connection now (nothing is posted: the receiver would take it for an event).
+///
+/// # Errors
+/// The URL, the token or the CA file cannot be used, or the host does not answer within
+/// `timeout`.
+pub async fn connect(
+    name: &str,
+    settings: &SinkConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<QueuedSink> {
+    let url = reqwest::Url::parse(&settings.url)
+        .with_context(|| format!("`{}` is not a URL", settings.redacted_url()))?;
+    let token = bearer_token(name, settings)?;
+    let ca_key = format!("sinks.{name}.ca_file");
+    let tls = crate::mqtt::client_tls(&ca_key, settings.ca_file.as_deref())?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (key, value) in &settings.headers {
+        let key = reqwest::header::HeaderName::from_bytes(key.as_bytes())
+            .with_context(|| format!("sinks.{name}.headers: `{key}` is not a header name"))?;
+        let value = reqwest::header::HeaderValue::from_str(value)
+            .with_context(|| format!("sinks.{name}.headers.{key}: not a header value"))?;
+        headers.insert(key, value);
     }
+    if let Some(token) = &token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!(
+            "Bearer {}",
+            token.expose()
+        ))
+        .map_err(|_| {
+            anyhow::anyhow!("the bearer token of sink {name} has characters a header cannot carry")
+        })?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .default_headers(headers)
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        // A redirected POST may become a GET whose 2xx would count as delivered: a 3xx is
+        // refused instead, and the URL is to be fixed. Proxies from the environment are
+        // not used: the webhook is where the config says.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .context("cannot build the HTTP client")?;
+    reachable(&url, settings.timeout).await?;
+
+    let batch = settings.batch_size();
+    let backoff = Backoff::new(settings.retry_initial, settings.retry_max);
+    let retries = metrics.sink_retries.with_label_values(&[name]);
+    Ok(QueuedSink::start(
+        name,
+        batch * 2,
+        Box::new(|_| None),
+        |events, progress| {
+            Poster {
+                client,
+                url,
+                batch,
+                progress,
+                backoff,
+                retries,
+            }
+            .run(events)
+        },
+    ))
 }
 
 /// The token from `bearer_token_file` (trimmed) or the variable `bearer_token_env` names.
@@ -153,43 +135,6 @@ async fn reachable(url: &reqwest::Url, timeout: Duration) -> anyhow::Result<()> 
     }
 }
 
-impl Sink for HttpSink {
-    fn is_ready(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-
-    fn refuses(&self, _event: &Outgoing) -> Option<&'static str> {
-        None
-    }
-
-    fn offer(&mut self, event: Outgoing) -> Option<Outgoing> {
-        match self.queue.try_send(event) {
-            Ok(()) => None,
-            Err(
-                mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event),
-            ) => Some(event),
-        }
-    }
-
-    fn confirmed(&self) -> u64 {
-        self.confirmed.load(Ordering::Relaxed)
-    }
-
-    fn take_refused(&mut self) -> Vec<Refused> {
-        std::mem::take(&mut *self.refused.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    async fn close(self) {
-        drop(self.queue);
-        if tokio::time::timeout(Duration::from_secs(1), self.task)
-            .await
-            .is_err()
-        {
-            tracing::debug!("the webhook sink did not stop within 1 s");
-        }
-    }
-}
-
 /// What became of one request.
 enum Outcome {
     Delivered,
@@ -204,12 +149,9 @@ struct Poster {
     client: reqwest::Client,
     url: reqwest::Url,
     batch: usize,
-    up: Arc<AtomicBool>,
-    confirmed: Arc<AtomicU64>,
-    refused: Arc<Mutex<Vec<Refused>>>,
+    progress: Arc<Progress>,
     backoff: Backoff,
     retries: prometheus::IntCounter,
-    name: String,
 }
 
 impl Poster {
@@ -239,32 +181,14 @@ impl Poster {
     /// Posts `events` until the webhook takes or refuses them; a refused batch is split.
     async fn deliver(&mut self, events: Vec<Outgoing>) {
         match self.post_until_answered(&events).await {
-            Ok(()) => self.done(events.iter()),
+            Ok(()) => self.progress.confirm(&events),
             Err(_) if events.len() > 1 => {
                 for event in events {
                     Box::pin(self.deliver(vec![event])).await;
                 }
             }
-            Err(detail) => {
-                // The dead letters exist before the events count as done, so no snapshot can
-                // drop an event without its dead letter.
-                let confirmed = events.iter().filter(|event| event.confirm).count() as u64;
-                let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
-                refused.extend(events.into_iter().map(|event| Refused {
-                    event,
-                    reason: "http_status",
-                    detail: detail.clone(),
-                }));
-                drop(refused);
-                self.confirmed.fetch_add(confirmed, Ordering::Relaxed);
-            }
+            Err(detail) => self.progress.refuse(events, "http_status", &detail),
         }
-    }
-
-    /// Counts `events` as done, in order.
-    fn done<'a>(&self, events: impl Iterator<Item = &'a Outgoing>) {
-        let confirmed = events.filter(|event| event.confirm).count() as u64;
-        self.confirmed.fetch_add(confirmed, Ordering::Relaxed);
     }
 
     /// Posts until delivered (`Ok`) or refused for good (`Err` with what the webhook said).
@@ -272,9 +196,7 @@ impl Poster {
         loop {
             match self.post(events).await {
                 Outcome::Delivered => {
-                    if !self.up.swap(true, Ordering::Relaxed) {
-                        tracing::info!(sink = %self.name, "the webhook takes events again");
-                    }
+                    self.progress.up();
                     self.backoff.reset();
                     return Ok(());
                 }
@@ -283,11 +205,11 @@ impl Poster {
                     return Err(detail);
                 }
                 Outcome::Retry(why, after) => {
-                    self.up.store(false, Ordering::Relaxed);
+                    self.progress.down();
                     let backoff = self.backoff.next_delay();
                     // The service's own Retry-After wins over the backoff (up to an hour).
                     let delay = after.map_or(backoff, |after| after.min(MAX_RETRY_AFTER));
-                    tracing::warn!(sink = %self.name, ?delay, "the webhook did not take {} event(s): {why}; retrying", events.len());
+                    tracing::warn!(sink = %self.progress.name(), ?delay, "the webhook did not take {} event(s): {why}; retrying", events.len());
                     tokio::time::sleep(delay).await;
                     self.retries.inc();
                 }

@@ -24,6 +24,7 @@ pub mod http;
 pub mod mqtt;
 pub mod nats;
 pub mod postgres;
+pub mod queued;
 
 use crate::config::OutboxPolicy;
 use crate::engine::snapshot::{DeviceSnapshot, Snapshot, SnapshotCommand, StoredMessage};

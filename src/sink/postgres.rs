@@ -17,7 +17,7 @@
 //! has committed. Lost connections are retried; a batch the database rejects for its data is
 //! inserted again one row at a time, and only the rows it rejects go to the dead-letter path.
 
-use super::{Refused, Sink};
+use super::queued::{Progress, QueuedSink, Refusal};
 use crate::config::SinkConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::Backoff;
@@ -25,11 +25,8 @@ use crate::route::Outgoing;
 use anyhow::Context as _;
 use std::collections::VecDeque;
 use std::str::FromStr as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 /// The columns every table has, in order.
 pub const COLUMNS: [&str; 17] = [
@@ -220,102 +217,47 @@ fn is_refusal(err: &tokio_postgres::Error) -> bool {
     !matches!(&db.code().code()[..2], "08" | "40" | "53" | "57" | "58")
 }
 
-/// Inserting rows into PostgreSQL.
-pub struct PostgresSink {
-    queue: mpsc::Sender<Outgoing>,
-    up: Arc<AtomicBool>,
-    confirmed: Arc<AtomicU64>,
-    refused: Arc<Mutex<Vec<Refused>>>,
-    task: JoinHandle<()>,
-}
-
-impl PostgresSink {
-    /// Connects and checks that every table in `tables` exists with the expected columns.
-    ///
-    /// # Errors
-    /// The database cannot be reached, or a table is missing (the message gives the SQL).
-    pub async fn connect(
-        name: &str,
-        settings: &SinkConfig,
-        tables: Vec<String>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let client = open(settings).await?;
-        let problems = check_tables(&client, &tables).await?;
-        if !problems.is_empty() {
-            anyhow::bail!(
-                "{}; run `weir sinks init --config FILE`, or create it with:\n{}",
-                problems.join("; "),
-                tables
-                    .iter()
-                    .map(|t| schema_sql(t))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
-        let batch = settings.batch_size();
-        let (queue, events) = mpsc::channel(batch * 2);
-        let up = Arc::new(AtomicBool::new(true));
-        let confirmed = Arc::new(AtomicU64::new(0));
-        let refused = Arc::new(Mutex::new(Vec::new()));
-        let writer = Writer {
+/// Connects and checks that every table in `tables` exists with the expected columns; then
+/// rows are inserted by a task of the sink's own.
+///
+/// # Errors
+/// The database cannot be reached, or a table is missing (the message gives the SQL).
+pub async fn connect(
+    name: &str,
+    settings: &SinkConfig,
+    tables: Vec<String>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<QueuedSink> {
+    let client = open(settings).await?;
+    let problems = check_tables(&client, &tables).await?;
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "{}; run `weir sinks init --config FILE`, or create it with:\n{}",
+            problems.join("; "),
+            tables
+                .iter()
+                .map(|t| schema_sql(t))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let batch = settings.batch_size();
+    let writer = |events, progress| {
+        Writer {
             client: Some(client),
             settings: settings.clone(),
             batch,
-            up: up.clone(),
-            confirmed: confirmed.clone(),
-            refused: refused.clone(),
+            progress,
             backoff: Backoff::new(settings.retry_initial, settings.retry_max),
             retries: metrics.sink_retries.with_label_values(&[name]),
-            name: name.to_owned(),
-        };
-        let task = tokio::spawn(writer.run(events));
-        Ok(Self {
-            queue,
-            up,
-            confirmed,
-            refused,
-            task,
-        })
-    }
-}
-
-impl Sink for PostgresSink {
-    fn is_ready(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-
-    fn refuses(&self, event: &Outgoing) -> Option<&'static str> {
+        }
+        .run(events)
+    };
+    let json_only: Refusal = Box::new(|event: &Outgoing| {
         (event.headers.content_type != crate::model::message::ContentType::Json)
             .then_some("a postgres sink stores JSON events only")
-    }
-
-    fn offer(&mut self, event: Outgoing) -> Option<Outgoing> {
-        match self.queue.try_send(event) {
-            Ok(()) => None,
-            Err(
-                mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event),
-            ) => Some(event),
-        }
-    }
-
-    fn confirmed(&self) -> u64 {
-        self.confirmed.load(Ordering::Relaxed)
-    }
-
-    fn take_refused(&mut self) -> Vec<Refused> {
-        std::mem::take(&mut *self.refused.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    async fn close(self) {
-        drop(self.queue);
-        if tokio::time::timeout(Duration::from_secs(1), self.task)
-            .await
-            .is_err()
-        {
-            tracing::debug!("the postgres sink did not stop within 1 s");
-        }
-    }
+    });
+    Ok(QueuedSink::start(name, batch * 2, json_only, writer))
 }
 
 /// The task that owns the connection.
@@ -323,12 +265,9 @@ struct Writer {
     client: Option<tokio_postgres::Client>,
     settings: SinkConfig,
     batch: usize,
-    up: Arc<AtomicBool>,
-    confirmed: Arc<AtomicU64>,
-    refused: Arc<Mutex<Vec<Refused>>>,
+    progress: Arc<Progress>,
     backoff: Backoff,
     retries: prometheus::IntCounter,
-    name: String,
 }
 
 impl Writer {
@@ -355,31 +294,14 @@ impl Writer {
     /// Inserts `batch` until it commits or the database refuses it; a refused batch is split.
     async fn write(&mut self, batch: Vec<Outgoing>) {
         match self.insert_until_answered(&batch).await {
-            Ok(()) => self.done(&batch),
+            Ok(()) => self.progress.confirm(&batch),
             Err(_) if batch.len() > 1 => {
                 for event in batch {
                     Box::pin(self.write(vec![event])).await;
                 }
             }
-            Err(detail) => {
-                // The dead letters exist before the events count as done, so no snapshot can
-                // drop an event without its dead letter.
-                let confirmed = batch.iter().filter(|event| event.confirm).count() as u64;
-                let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
-                refused.extend(batch.into_iter().map(|event| Refused {
-                    event,
-                    reason: "rejected",
-                    detail: detail.clone(),
-                }));
-                drop(refused);
-                self.confirmed.fetch_add(confirmed, Ordering::Relaxed);
-            }
+            Err(detail) => self.progress.refuse(batch, "rejected", &detail),
         }
-    }
-
-    fn done(&self, batch: &[Outgoing]) {
-        let confirmed = batch.iter().filter(|event| event.confirm).count() as u64;
-        self.confirmed.fetch_add(confirmed, Ordering::Relaxed);
     }
 
     async fn insert_until_answered(&mut self, batch: &[Outgoing]) -> Result<(), String> {
@@ -416,18 +338,16 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
-                    if !self.up.swap(true, Ordering::Relaxed) {
-                        tracing::info!(sink = %self.name, "the database takes rows again");
-                    }
+                    self.progress.up();
                     self.backoff.reset();
                     return Ok(());
                 }
                 Err(why) => {
-                    self.up.store(false, Ordering::Relaxed);
+                    self.progress.down();
                     // A statement that timed out may leave the connection busy: start afresh.
                     self.client = None;
                     let delay = self.backoff.next_delay();
-                    tracing::warn!(sink = %self.name, ?delay, "{} row(s) not inserted: {why}; retrying", batch.len());
+                    tracing::warn!(sink = %self.progress.name(), ?delay, "{} row(s) not inserted: {why}; retrying", batch.len());
                     tokio::time::sleep(delay).await;
                     self.retries.inc();
                 }
