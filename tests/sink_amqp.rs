@@ -7,7 +7,7 @@ mod common;
 
 use common::proxy::Proxy;
 use common::services::Vhost;
-use common::{config_from_text, start_weir_with, wait_until, Mosquitto, Publisher, Subscriber};
+use common::{config_from_text, start_weir_with, wait_until, Mosquitto, Subscriber};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use std::collections::BTreeSet;
@@ -22,42 +22,10 @@ fn rabbitmq() -> SocketAddr {
 
 /// The example with the overheat rule's events going to the broker and to the exchange `weir`.
 fn amqp_config(url: &str, extra: &str, routing: &str) -> String {
-    let example = std::fs::read_to_string(common::EXAMPLE_CONFIG).expect("read example");
-    let single = "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
-    assert!(
-        example.contains(single),
-        "the example's overheat output changed"
-    );
-    example.replace(
-        single,
+    common::example_with_overheat_outputs(
         &format!("[[rules.overheat.output]]\nsink = \"tasks\"\ntopic = \"{routing}\"\n\n[[rules.overheat.output]]\ntopic = \"alerts/{{site}}/{{device}}/overheat\""),
-    ) + &format!(
-        "\n[sinks.tasks]\nkind = \"amqp\"\nurl = \"{url}\"\nexchange = \"weir\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\ntimeout = \"2s\"\n{extra}"
+        &format!("[sinks.tasks]\nkind = \"amqp\"\nurl = \"{url}\"\nexchange = \"weir\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\ntimeout = \"2s\"\n{extra}"),
     )
-}
-
-/// Readings of one device, each a crossing of the overheat threshold: `n` alerts.
-fn crossings(device: &str, n: usize, from: usize) -> Vec<(String, Vec<u8>)> {
-    (from..from + n)
-        .map(|step| {
-            let payload = serde_json::json!({
-                "ts": common::T0 + step as i64 * 1000,
-                "seq": step,
-                "temperature": if step % 2 == 0 { 35.0 } else { 20.0 },
-            });
-            (
-                common::telemetry_topic("plant-1", device),
-                payload.to_string().into_bytes(),
-            )
-        })
-        .collect()
-}
-
-async fn publish(broker: &Mosquitto, readings: &[(String, Vec<u8>)]) {
-    let mut publisher = Publisher::start(broker).await;
-    for (topic, payload) in readings {
-        publisher.publish(topic, payload.clone()).await;
-    }
 }
 
 async fn init(text: &str, broker: &Mosquitto) -> Vec<String> {
@@ -149,7 +117,7 @@ async fn events_reach_a_bound_queue_persistent_with_their_id_and_kind() {
     config.delivery.state_dir = Some(broker.scratch("state"));
     let weir = start_weir_with(config).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
-    publish(&broker, &crossings("dev-1", 6, 0)).await;
+    common::publish_all(&broker, &common::crossings("dev-1", 0, 6)).await;
     let expected: Vec<String> = alerts
         .take(6)
         .await
@@ -188,7 +156,7 @@ async fn an_unroutable_event_goes_to_the_dead_letter_topic() {
     config.delivery.state_dir = Some(broker.scratch("state"));
     let weir = start_weir_with(config).await;
     let mut dead = Subscriber::start(&broker, "weir/dead-letter/tasks/#").await;
-    publish(&broker, &crossings("dev-1", 1, 0)).await;
+    common::publish_all(&broker, &common::crossings("dev-1", 0, 1)).await;
     let letter = dead.take(1).await.remove(0);
     assert_eq!(letter.topic, "weir/dead-letter/tasks/unroutable");
     let letter = letter.json();
@@ -226,7 +194,7 @@ async fn rabbitmq_away_mid_stream_loses_no_event() {
     config.delivery.state_dir = Some(broker.scratch("state"));
     let weir = start_weir_with(config).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
-    publish(&broker, &crossings("dev-1", 4, 0)).await;
+    common::publish_all(&broker, &common::crossings("dev-1", 0, 4)).await;
     let mut expected: BTreeSet<String> = alerts
         .take(4)
         .await
@@ -244,7 +212,7 @@ async fn rabbitmq_away_mid_stream_loses_no_event() {
     );
 
     proxy.cut();
-    publish(&broker, &crossings("dev-1", 4, 4)).await;
+    common::publish_all(&broker, &common::crossings("dev-1", 4, 4)).await;
     expected.extend(
         alerts
             .take(4)
@@ -419,7 +387,7 @@ def handle(event):
     config.delivery.state_dir = Some(broker.scratch("state"));
     let weir = start_weir_with(config).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
-    publish(&broker, &crossings("dev-1", 4, 0)).await;
+    common::publish_all(&broker, &common::crossings("dev-1", 0, 4)).await;
     let expected: Vec<String> = alerts
         .take(4)
         .await

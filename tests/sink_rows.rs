@@ -7,7 +7,7 @@ mod common;
 
 use common::proxy::Proxy;
 use common::services::Database;
-use common::{config_from_text, start_weir_with, wait_until, Mosquitto, Publisher, Subscriber};
+use common::{config_from_text, start_weir_with, wait_until, Mosquitto, Subscriber};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -97,13 +97,6 @@ async fn start(
     start_weir_with(config).await
 }
 
-async fn publish(broker: &Mosquitto, readings: &[(String, Vec<u8>)]) {
-    let mut publisher = Publisher::start(broker).await;
-    for (topic, payload) in readings {
-        publisher.publish(topic, payload.clone()).await;
-    }
-}
-
 /// Ids of the events the broker got on `filter` (the broker copy of every event).
 async fn broker_ids(subscriber: &mut Subscriber, n: usize) -> BTreeSet<String> {
     subscriber
@@ -154,7 +147,7 @@ async fn every_event_is_a_row_once_with_its_columns_and_init_reports_what_it_did
     let mut rollups = Subscriber::start(&broker, "rollups/#").await;
     // 3 devices, 12 s: the first 10 s window of each device closes.
     let sent = readings(3, 12, 0);
-    publish(&broker, &sent).await;
+    common::publish_all(&broker, &sent).await;
     let expected = broker_ids(&mut alerts, transitions(&sent)).await;
     let windows = broker_ids(&mut rollups, 3).await;
     assert!(
@@ -203,7 +196,7 @@ async fn an_outage_and_a_restart_that_redelivers_leave_each_event_once() {
     let weir = start(&broker, &text, &state, &client_id).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
     let first = readings(2, 6, 0);
-    publish(&broker, &first).await;
+    common::publish_all(&broker, &first).await;
     let mut expected = broker_ids(&mut alerts, transitions(&first)).await;
     let stored = expected.len();
     assert!(wait_until(SETTLE, || ids(&db, "overheat").len() == stored).await);
@@ -211,7 +204,7 @@ async fn an_outage_and_a_restart_that_redelivers_leave_each_event_once() {
     // The database goes away mid-stream: events wait in the outbox, retried.
     proxy.cut();
     let all = readings(2, 12, 0);
-    publish(&broker, &all[first.len()..]).await;
+    common::publish_all(&broker, &all[first.len()..]).await;
     expected.extend(broker_ids(&mut alerts, transitions(&all) - stored).await);
     let metrics = weir.metrics.clone();
     assert!(
@@ -266,7 +259,7 @@ async fn a_row_the_database_rejects_is_dead_lettered_and_the_rest_of_its_batch_i
     let mut dead = Subscriber::start(&broker, "weir/dead-letter/rows/#").await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
     let sent = readings(3, 6, 0);
-    publish(&broker, &sent).await;
+    common::publish_all(&broker, &sent).await;
     let all = broker_ids(&mut alerts, transitions(&sent)).await;
     let of_dev_1 = transitions(
         &sent
@@ -383,7 +376,7 @@ async fn the_dashboards_queries_return_rows_from_what_weir_wrote() {
             ));
         }
     }
-    publish(&broker, &recent).await;
+    common::publish_all(&broker, &recent).await;
     assert!(
         wait_until(SETTLE, || !ids(&db, "climate_rollups").is_empty()
             && ids(&db, "overheat").len() >= 10)

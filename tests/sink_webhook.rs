@@ -7,7 +7,7 @@
 mod common;
 
 use common::services::Webhook;
-use common::{config_from_text, start_weir_with, wait_until, Mosquitto, Publisher, Subscriber};
+use common::{config_from_text, start_weir_with, wait_until, Mosquitto, Subscriber};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -15,48 +15,20 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 /// The example with the overheat rule's events going to the broker and to the webhook `hook`.
 fn webhook_config(url: &str, extra: &str) -> String {
-    let example = std::fs::read_to_string(common::EXAMPLE_CONFIG).expect("read example");
-    let single = "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
-    assert!(
-        example.contains(single),
-        "the example's overheat output changed"
-    );
-    example.replace(
-        single,
+    common::example_with_overheat_outputs(
         "[[rules.overheat.output]]\nsink = \"hook\"\n\n[[rules.overheat.output]]\ntopic = \"alerts/{site}/{device}/overheat\"",
-    ) + &format!(
-        "\n[sinks.hook]\nkind = \"http\"\nurl = \"{url}\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{extra}"
+        &format!("[sinks.hook]\nkind = \"http\"\nurl = \"{url}\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{extra}"),
     )
 }
 
-/// Readings of one device, each crossing the overheat threshold: `n` alerts.
 fn crossings(device: &str, n: usize) -> Vec<(String, Vec<u8>)> {
-    (0..n)
-        .map(|step| {
-            let payload = serde_json::json!({
-                "ts": common::T0 + step as i64 * 1000,
-                "seq": step,
-                "temperature": if step % 2 == 0 { 35.0 } else { 20.0 },
-            });
-            (
-                common::telemetry_topic("plant-1", device),
-                payload.to_string().into_bytes(),
-            )
-        })
-        .collect()
+    common::crossings(device, 0, n)
 }
 
 async fn start(broker: &Mosquitto, text: &str, tag: &str) -> weir::app::Running {
     let mut config = config_from_text(broker, text, tag);
     config.delivery.state_dir = Some(broker.scratch("state"));
     start_weir_with(config).await
-}
-
-async fn publish(broker: &Mosquitto, readings: &[(String, Vec<u8>)]) {
-    let mut publisher = Publisher::start(broker).await;
-    for (topic, payload) in readings {
-        publisher.publish(topic, payload.clone()).await;
-    }
 }
 
 /// The ids the webhook took (2xx), in arrival order, from single-event bodies.
@@ -90,7 +62,7 @@ async fn each_event_is_posted_once_with_its_id_as_idempotency_key_and_the_bearer
     )
     .await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
-    publish(&broker, &crossings("dev-1", 6)).await;
+    common::publish_all(&broker, &crossings("dev-1", 6)).await;
 
     let from_broker: Vec<String> = alerts
         .take(6)
@@ -126,7 +98,7 @@ async fn a_webhook_that_fails_five_times_gets_the_event_on_the_sixth_try() {
     let hook = Webhook::start();
     hook.answer(500);
     let weir = start(&broker, &webhook_config(&hook.url("/hook"), ""), "hook-500").await;
-    publish(&broker, &crossings("dev-1", 1)).await;
+    common::publish_all(&broker, &crossings("dev-1", 1)).await;
     assert!(
         wait_until(SETTLE, || hook.requests().len() >= 5).await,
         "five tries"
@@ -167,7 +139,7 @@ async fn a_400_sends_the_event_to_the_dead_letter_topic_and_the_next_ones_still_
     hook.answer(400);
     let weir = start(&broker, &webhook_config(&hook.url("/hook"), ""), "hook-400").await;
     let mut dead = Subscriber::start(&broker, "weir/dead-letter/hook/#").await;
-    publish(&broker, &crossings("dev-1", 1)).await;
+    common::publish_all(&broker, &crossings("dev-1", 1)).await;
     let letter = dead.take(1).await.remove(0);
     assert_eq!(letter.topic, "weir/dead-letter/hook/http_status");
     let letter = letter.json();
@@ -187,7 +159,7 @@ async fn a_400_sends_the_event_to_the_dead_letter_topic_and_the_next_ones_still_
         1
     );
     hook.answer(200);
-    publish(&broker, &crossings("dev-2", 2)).await;
+    common::publish_all(&broker, &crossings("dev-2", 2)).await;
     assert!(wait_until(SETTLE, || delivered(&hook).len() == 2).await);
     weir.stop().await.expect("weir stops");
 }
@@ -204,7 +176,7 @@ async fn a_webhook_that_never_answers_times_out_and_backs_off_then_gets_everythi
     )
     .await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
-    publish(&broker, &crossings("dev-1", 4)).await;
+    common::publish_all(&broker, &crossings("dev-1", 4)).await;
     let expected: Vec<String> = alerts
         .take(4)
         .await
@@ -239,7 +211,7 @@ async fn a_429_is_retried_after_its_retry_after() {
     let hook = Webhook::start();
     hook.answer(429);
     let weir = start(&broker, &webhook_config(&hook.url("/hook"), ""), "hook-429").await;
-    publish(&broker, &crossings("dev-1", 1)).await;
+    common::publish_all(&broker, &crossings("dev-1", 1)).await;
     assert!(wait_until(SETTLE, || !hook.requests().is_empty()).await);
     let first = Instant::now();
     hook.answer(200);
@@ -285,7 +257,7 @@ async fn events_the_webhook_did_not_confirm_survive_a_restart() {
     let client_id = config.broker.client_id.clone();
     let weir = start_weir_with(config).await;
     let mut alerts = Subscriber::start(&broker, "alerts/#").await;
-    publish(&broker, &crossings("dev-1", 4)).await;
+    common::publish_all(&broker, &crossings("dev-1", 4)).await;
     let expected: BTreeSet<String> = alerts
         .take(4)
         .await
@@ -336,7 +308,7 @@ async fn throughput_to_a_local_webhook_is_measured() {
         let readings: Vec<_> = (0..50)
             .flat_map(|d| crossings(&format!("dev-{d}"), 40))
             .collect();
-        publish(&broker, &readings).await;
+        common::publish_all(&broker, &readings).await;
         let metrics = weir.metrics.clone();
         let outbox = || metrics.sink_outbox.with_label_values(&["hook"]).get();
         assert!(

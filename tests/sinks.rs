@@ -11,16 +11,10 @@ use std::time::Duration;
 
 /// The example's overheat rule, delivering to the broker and to the sink `backup`.
 fn two_broker_config(backup_url: &str, backup_extra: &str) -> String {
-    let example = std::fs::read_to_string(common::EXAMPLE_CONFIG).expect("read example");
-    let single = "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
-    assert!(
-        example.contains(single),
-        "the example's overheat output changed"
-    );
-    example.replace(
-        single,
+    common::example_with_overheat_outputs(
         "[[rules.overheat.output]]\nsink = \"backup\"\ntopic = \"copies/{site}/{device}/overheat\"\n\n[[rules.overheat.output]]\ntopic = \"alerts/{site}/{device}/overheat\"",
-    ) + &format!("\n[sinks.backup]\nkind = \"mqtt\"\nurl = \"{backup_url}\"\n{backup_extra}")
+        &format!("[sinks.backup]\nkind = \"mqtt\"\nurl = \"{backup_url}\"\n{backup_extra}"),
+    )
 }
 
 /// Readings of `devices` devices that cross the overheat threshold on every second reading.

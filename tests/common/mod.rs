@@ -1012,3 +1012,42 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     Some(response)
 }
+
+/// `config/example.toml` with the overheat rule's output table (its first two lines) replaced
+/// by `outputs`, and `extra` (sink tables, ...) appended: the sink tests' configs.
+pub fn example_with_overheat_outputs(outputs: &str, extra: &str) -> String {
+    const OVERHEAT_OUTPUT: &str =
+        "[rules.overheat.output]\ntopic = \"alerts/{site}/{device}/overheat\"";
+    let example = std::fs::read_to_string(EXAMPLE_CONFIG).expect("read example");
+    assert!(
+        example.contains(OVERHEAT_OUTPUT),
+        "the example's overheat output changed"
+    );
+    format!("{}\n{extra}", example.replace(OVERHEAT_OUTPUT, outputs))
+}
+
+/// Readings of `device` at steps `from..from + n`, one a second, alternately 35.0 and 20.0:
+/// each crosses the overheat thresholds, so each makes one alert.
+pub fn crossings(device: &str, from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
+    (from..from + n)
+        .map(|step| {
+            let payload = serde_json::json!({
+                "ts": T0 + step as i64 * 1000,
+                "seq": step,
+                "temperature": if step % 2 == 0 { 35.0 } else { 20.0 },
+            });
+            (
+                telemetry_topic("plant-1", device),
+                payload.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// Publishes `readings` in order at QoS 1 through a publisher of its own.
+pub async fn publish_all(broker: &Mosquitto, readings: &[(String, Vec<u8>)]) {
+    let mut publisher = Publisher::start(broker).await;
+    for (topic, payload) in readings {
+        publisher.publish(topic, payload.clone()).await;
+    }
+}
