@@ -945,7 +945,7 @@ fn print_table(rows: &[Row]) {
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     println!();
     println!(
-        "| {:<62} | {:>11} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7} |",
+        "| {:<68} | {:>11} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7} |",
         "run",
         "readings/s",
         "ceiling",
@@ -960,7 +960,7 @@ fn print_table(rows: &[Row]) {
     for row in rows {
         let l = row.latency;
         println!(
-            "| {:<62} | {:>11} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7} |",
+            "| {:<68} | {:>11} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>7} |",
             row.label,
             row.rate.map_or("-".to_string(), |r| format!("{r:.0}")),
             row.ratio
@@ -991,7 +991,7 @@ fn target_line(
         ),
         None => ("-".to_string(), "not measured"),
     };
-    println!("| {what:<46} | {broker:<11} | {value:<32} | {target:<9} | {verdict:<12} |");
+    println!("| {what:<48} | {broker:<11} | {value:<38} | {target:<9} | {verdict:<12} |");
 }
 
 /// The ratios issue 15 asks for, at_most_once under each broker setting, then the binary's size
@@ -999,7 +999,7 @@ fn target_line(
 fn print_targets(measured: &[Measured]) {
     println!();
     println!(
-        "| {:<46} | {:<11} | {:<32} | {:<9} | {:<12} |",
+        "| {:<48} | {:<11} | {:<38} | {:<9} | {:<12} |",
         "issue 15 target", "broker", "measured", "target", "verdict"
     );
     println!("|{}|", ["-"; 5].map(|_| "---").join("|"));
