@@ -4,9 +4,12 @@
 # `process` is counted, not payload generation.
 #
 #   benches/callgrind.sh [case ...]    # default: all four cases
+#
+# Built in the `profiling` profile: the release build (same LTO and codegen units) with its
+# symbols, which --toggle-collect needs; the release profile itself is stripped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=$(cargo bench --bench pipeline --no-run --message-format=json 2>/dev/null |
+bin=$(cargo bench --profile profiling --bench pipeline --no-run --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*pipeline-[^"]*\)".*/\1/p' | tail -1)
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(decode/json decode/cbor engine/json_realistic_alert_rate engine/json_hysteresis_tumbling)
