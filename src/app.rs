@@ -11,6 +11,7 @@
 use crate::config::{AckAfterConfig, Config, DeliveryMode};
 use crate::engine::{Plan, RawMessage, Reload, Worker};
 use crate::metrics::Metrics;
+use crate::model::fence::Fence;
 use crate::route::Outgoing;
 use crate::sink::connect::Connected;
 use crate::sink::SinkOptions;
@@ -18,7 +19,7 @@ use crate::source::jetstream::JetStreamSource;
 use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
 use crate::store::writer::{spawn_log_writer, spawn_snapshot_writer, AckAfter};
-use crate::store::{snapshot, StateDir};
+use crate::store::{snapshot, Snapshot, StateDir};
 use crate::telemetry::http::{self, ReloadReport, RuleInfo, SharedRules};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +28,8 @@ use std::time::Duration;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+pub mod hub;
 
 /// How long the cluster's NATS servers may take to answer at start.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,14 +61,46 @@ impl Running {
     }
 }
 
+/// One term of a `[cluster]` instance's pipeline over a fixed set of partitions (see [`hub`]):
+/// the supervisor keeps the metrics and the HTTP endpoint across terms, and the leases.
+pub struct Epoch {
+    pub metrics: Arc<Metrics>,
+    /// Per partition: `None` where another instance owns it, else the first stream sequence
+    /// its restored state has not applied.
+    pub owned: Vec<Option<u64>>,
+    /// Holds while the leases do; sinks publish nothing once it lapses.
+    pub fence: Arc<Fence>,
+    /// Every snapshot the term writes, for the cluster's state store.
+    pub snapshots: mpsc::Sender<Snapshot>,
+}
+
 /// Starts the pipeline and returns once the HTTP endpoint is bound; connecting to the broker
 /// continues in the background (and retries with backoff until it succeeds).
 ///
 /// # Errors
 /// The plan cannot be built, the HTTP address cannot be bound, or the TLS setup is invalid.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, None).await
+}
+
+/// [`start`], or with `epoch`, a term of a cluster instance: its state dir holds the snapshot
+/// merged from its partitions', it reads only those partitions, and it serves no HTTP of its
+/// own (the supervisor does).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<Running> {
     let plan = Arc::new(Plan::build(&config)?);
-    let metrics = Arc::new(Metrics::new());
+    let (metrics, owned, fence, copies) = match epoch {
+        Some(epoch) => (
+            epoch.metrics,
+            Some(epoch.owned),
+            Some(epoch.fence),
+            Some(epoch.snapshots),
+        ),
+        None => (Arc::new(Metrics::new()), None, None, None),
+    };
+    let serve_http = owned.is_none();
     metrics.register_labels(
         plan.inputs.iter().map(|i| &*i.name),
         plan.rule_kinds(),
@@ -103,7 +138,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let stream_source = match &config.cluster {
         Some(cluster) => {
             let from = state_dir.as_ref().map(|_| recovery.next_lsn);
-            Some(JetStreamSource::start(cluster, from, STREAM_TIMEOUT, metrics.clone()).await?)
+            Some(
+                JetStreamSource::start(cluster, from, owned, STREAM_TIMEOUT, metrics.clone())
+                    .await?,
+            )
         }
         None => None,
     };
@@ -118,12 +156,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         token: config.http.api_token()?,
         reloads: config.file.is_some().then(|| reload_tx.clone()),
         last_reload: last_reload.clone(),
+        cluster: None,
     };
-    let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), api, async {
-        let _ = http_stop_rx.await;
-    })
-    .await?;
-    let server = tokio::spawn(server);
+    let (http_addr, server) = if serve_http {
+        let (addr, server) = http::bind(config.http.listen, metrics.clone(), api, async {
+            let _ = http_stop_rx.await;
+        })
+        .await?;
+        (addr, Some(tokio::spawn(server)))
+    } else {
+        (config.http.listen, None)
+    };
 
     let capacity = config.pipeline.queue_capacity;
     let capacity_gauge = |stage: &str, n: usize| {
@@ -160,6 +203,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 metrics.clone(),
                 log_tx.clone(),
                 plan.sinks.len(),
+                copies,
             );
             (Some(tx), Some(task))
         }
@@ -205,6 +249,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             snapshots: snapshot_tx.clone(),
             restored,
             dead_letters,
+            fence: fence.clone(),
         };
         sink_tasks.push(sink.spawn(options, plan.clone(), rx, metrics.clone()));
     }
@@ -259,7 +304,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         last: last_reload,
     };
-    let reloader = tokio::spawn(reloader.run(reload_rx, config.file.is_some()));
+    let reloader = tokio::spawn(reloader.run(reload_rx, serve_http && config.file.is_some()));
     drop(reload_tx);
     tracing::info!(
         http = %http_addr,
@@ -291,7 +336,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Live tap clients would keep the server's graceful shutdown waiting forever.
         tap_metrics.tap.close();
         let _ = http_stop_tx.send(());
-        let _ = server.await;
+        if let Some(server) = server {
+            let _ = server.await;
+        }
         tracing::info!("weir stopped");
     });
     Ok(Running {
@@ -577,6 +624,9 @@ fn changed_rules(saved: &[(String, u64)], plan: &Plan) -> Vec<String> {
 /// # Errors
 /// As [`start`] and [`Running::stop`].
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if config.cluster.is_some() {
+        return hub::run(config, shutdown).await;
+    }
     let running = start(config).await?;
     shutdown.await;
     tracing::info!("shutting down");

@@ -25,8 +25,10 @@
 //! - adapters: [`source`] (intake over the source port; `source::mqtt`, `source::jetstream`),
 //!   [`sink`] (an outbox per sink over the sink port; `sink::mqtt`, `sink::nats`), [`store`] (input log and snapshots in the state dir),
 //!   [`telemetry`] (HTTP endpoints: metrics, health, rules API, tap, reload; OTLP export),
-//!   [`cluster`] (the NATS streams several instances share; `weir cluster init`).
-//! - wiring: [`app`] (wires the stages), [`demo`] (embedded broker and device simulator),
+//!   [`cluster`] (the NATS streams several instances share, `weir cluster init`; membership and
+//!   partition claims; partition state in the object store).
+//! - wiring: [`app`] (wires the stages; `app::hub` runs them in terms over the partitions a
+//!   cluster instance holds), [`demo`] (embedded broker and device simulator),
 //!   [`replay`] (the engine over recorded readings on a virtual clock; `weir record`), [`top`]
 //!   (a terminal view of a running weir).
 

@@ -65,10 +65,15 @@ fn weir(args: &[&str], config: &Path) -> String {
 
 /// Readings of 6 devices crossing the overheat thresholds, one a second in event time.
 fn readings() -> Vec<(String, serde_json::Value)> {
+    fleet_readings(6, 12)
+}
+
+/// `steps` readings of each of `devices` devices, in rounds, crossing the overheat thresholds.
+fn fleet_readings(devices: usize, steps: usize) -> Vec<(String, serde_json::Value)> {
     const TEMPERATURES: [f64; 6] = [25.0, 31.0, 29.0, 27.0, 33.0, 24.0];
     let mut readings = Vec::new();
-    for step in 0..12 {
-        for device in 0..6 {
+    for step in 0..steps {
+        for device in 0..devices {
             readings.push((
                 common::telemetry_topic("plant-1", &format!("dev-{device}")),
                 serde_json::json!({
@@ -459,4 +464,220 @@ fn the_hub_example_passes_weir_check() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hub.toml");
     let out = weir(&["check", "--config"], &config);
     assert!(out.contains("valid (1 input, 2 rules, 2 sinks)"), "{out}");
+}
+
+/// A `weir run` process of a cluster, with its own config, state dir and HTTP port.
+struct Instance {
+    process: Option<common::KillOnDrop>,
+    http_port: u16,
+}
+
+impl Instance {
+    /// Writes `name`'s config (the cluster config, a 2 s lease, a snapshot a second) and starts
+    /// `weir run` on it.
+    fn start(server: &NatsServer, dir: &Path, name: &str) -> Self {
+        let http_port = common::free_port();
+        let state = dir.join(format!("state-{name}"));
+        let text = cluster_config(server, Some(&state))
+            .replace("snapshot_interval = \"30s\"", "snapshot_interval = \"1s\"")
+            .replace(
+                "[cluster]\n",
+                &format!("[cluster]\nmember = \"{name}\"\nlease_ttl = \"2s\"\n"),
+            );
+        let text = replace_listen(&text, http_port);
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text).expect("write config");
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "weir=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start weir run");
+        Self {
+            process: Some(common::KillOnDrop(child)),
+            http_port,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.0.kill();
+            let _ = process.0.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            self.signal_pid(process.0.id(), "TERM");
+            let _ = process.0.wait();
+        }
+    }
+
+    fn signal_pid(&self, pid: u32, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status();
+    }
+
+    /// A metric's value from `/metrics` (0 when absent).
+    fn metric(&self, line_prefix: &str) -> f64 {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.http_port));
+        let Some(body) = common::http_get_blocking(addr, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|line| line.starts_with(line_prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn replace_listen(text: &str, port: u16) -> String {
+    text.lines()
+        .map(|line| {
+            if line.starts_with("listen = ") {
+                format!("listen = \"127.0.0.1:{port}\"")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The owners bucket: partition key -> member.
+async fn owners(server: &NatsServer) -> BTreeMap<String, String> {
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let jetstream = async_nats::jetstream::new(client);
+    let bucket = jetstream
+        .get_key_value("weir_owners")
+        .await
+        .expect("owners");
+    let mut keys = bucket.keys().await.expect("keys");
+    let mut owners = BTreeMap::new();
+    while let Some(Ok(key)) = keys.next().await {
+        if let Ok(Some(value)) = bucket.get(&key).await {
+            owners.insert(key, String::from_utf8_lossy(&value).into_owned());
+        }
+    }
+    owners
+}
+
+/// Waits until the 16 partitions are claimed by exactly `members`.
+async fn wait_for_owners(
+    server: &NatsServer,
+    members: &[&str],
+    within: Duration,
+) -> BTreeMap<String, String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let owners = owners(server).await;
+        let holders: std::collections::BTreeSet<&str> =
+            owners.values().map(String::as_str).collect();
+        if owners.len() == 16 && holders == members.iter().copied().collect() {
+            return owners;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partitions did not settle on {members:?}: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the output stream holds `total` events (or the deadline), and returns them.
+async fn wait_for_output(
+    server: &NatsServer,
+    total: usize,
+    within: Duration,
+) -> Vec<(String, serde_json::Value)> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let events = output_stream(server).await;
+        if events.len() >= total || std::time::Instant::now() >= deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn publish_all(server: &NatsServer, readings: &[(String, serde_json::Value)]) {
+    let mut publisher = Publisher::start_on(server.mqtt_port).await;
+    for (topic, payload) in readings {
+        publisher
+            .publish(topic, payload.to_string().into_bytes())
+            .await;
+    }
+}
+
+fn logs(dir: &Path, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|name| {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            format!(
+                "--- {name} (last lines) ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Three instances share the 16 partitions; one is SIGKILLed mid-stream. Its partitions move to
+/// the other two within the lease TTL, which resume them from their saved state, and the output
+/// stream holds every event `weir replay` derives, exactly once, in per-device order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_stream_hands_its_partitions_over_and_no_event_is_lost_or_doubled() {
+    let server = server_for_example();
+    let dir = temp_dir("cluster-kill");
+    let names = ["hub-a", "hub-b", "hub-c"];
+    let init_config = dir.join("init.toml");
+    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &init_config);
+    let mut instances: Vec<Instance> = names
+        .iter()
+        .map(|name| Instance::start(&server, &dir, name))
+        .collect();
+    wait_for_owners(&server, &names, Duration::from_secs(30)).await;
+
+    let readings = fleet_readings(40, 12);
+    let expected = replayed(&init_config, &readings);
+    let total: usize = expected.values().map(Vec::len).sum();
+    let (first, second) = readings.split_at(readings.len() / 2);
+    publish_all(&server, first).await;
+    // Let the first half be processed and some state saved, then kill one owner.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = std::time::Instant::now();
+    instances[0].kill();
+    publish_all(&server, second).await;
+    let published_in = killed_at.elapsed();
+    wait_for_owners(&server, &names[1..], Duration::from_secs(30)).await;
+    let moved_within = killed_at.elapsed();
+
+    let events = wait_for_output(&server, total, Duration::from_secs(30)).await;
+    let handovers: f64 = instances[1..]
+        .iter()
+        .map(|i| i.metric("weir_cluster_handovers_total"))
+        .sum();
+    println!(
+        "partitions of the killed instance claimed again within {moved_within:?} (the second half published in {published_in:?}); {} events, {handovers} handovers",
+        events.len()
+    );
+    assert_eq!(
+        by_device(&events),
+        expected,
+        "every event once, in per-device order\n{}",
+        logs(&dir, &names)
+    );
+    assert_eq!(events.len(), total);
+    assert!(handovers >= 2.0, "both survivors took partitions over");
+    for instance in &mut instances[1..] {
+        instance.stop();
+    }
 }

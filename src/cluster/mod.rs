@@ -1,9 +1,11 @@
 //! Scale-out over NATS JetStream (`[cluster]`): `weir cluster init` creates or checks what the
 //! instances share — the stream of partitioned readings, sized from the rules, and the output
-//! stream with its duplicate window — and prints the server's partition mapping, which lives in
-//! the NATS server's config.
+//! stream with its duplicate window, the KV buckets of members and claims ([`ownership`]) and the
+//! object store of partition state ([`state`]) — and prints the server's partition mapping,
+//! which lives in the NATS server's config. `app::hub` runs an instance over them.
 
 pub mod ownership;
+pub mod state;
 
 use crate::config::cluster::state_horizon;
 use crate::config::{ClusterConfig, Config, SinkKind};
@@ -162,6 +164,20 @@ pub async fn init(config: &Config, config_text: &str) -> anyhow::Result<Vec<Stri
 
     for bucket in ownership::bucket_configs(cluster.lease_ttl, cluster.replicas) {
         lines.push(ensure_bucket(&jetstream, bucket).await?);
+    }
+    let bucket = state::STATE_BUCKET;
+    if jetstream.get_stream(format!("OBJ_{bucket}")).await.is_ok() {
+        lines.push(format!(
+            "found the object store {bucket}: state per partition"
+        ));
+    } else {
+        jetstream
+            .create_object_store(state::bucket_config(cluster.replicas))
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot create the object store {bucket}: {err}"))?;
+        lines.push(format!(
+            "created the object store {bucket}: state per partition"
+        ));
     }
 
     lines.push(format!(

@@ -44,6 +44,9 @@ pub struct ClusterConfig {
     /// is dropped by the server.
     #[serde(default = "default_dedup_window", deserialize_with = "duration")]
     pub dedup_window: Duration,
+    /// This instance's name among the members (letters, digits, `-`, `_`); by default the host
+    /// name and the process id, so a restarted process joins as a new member.
+    pub member: Option<String>,
 }
 
 fn default_stream() -> String {
@@ -72,6 +75,31 @@ impl ClusterConfig {
     /// The subjects the readings stream captures: every partition's.
     pub fn stream_subject(&self) -> String {
         format!("{}.*.>", self.subject_prefix)
+    }
+
+    /// This instance's member name: `member`, or `<host name>-<pid>`.
+    pub fn member_name(&self) -> String {
+        if let Some(member) = &self.member {
+            return member.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let host = if host.is_empty() {
+            "weir".to_owned()
+        } else {
+            host
+        };
+        format!("{host}-{}", std::process::id())
     }
 
     /// The subject filter of partition `partition`.
@@ -200,6 +228,19 @@ pub(super) fn check_cluster(cluster: &ClusterConfig, problems: &mut Problems) {
     }
     if !matches!(cluster.replicas, 1 | 3 | 5) {
         problems.add("cluster.replicas", "must be 1, 3 or 5");
+    }
+    if let Some(member) = &cluster.member {
+        let ok = !member.is_empty()
+            && member.len() <= 64
+            && member
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            problems.add(
+                "cluster.member",
+                "must be 1 to 64 letters, digits, `-` or `_`, e.g. \"hub-a\"",
+            );
+        }
     }
 }
 

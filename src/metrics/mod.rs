@@ -112,6 +112,8 @@ pub struct Metrics {
     pub spans: crate::metrics::spans::Spans,
     pub otlp_spans_exported: IntCounter,
     pub otlp_spans_dropped: IntCounterVec,
+    /// `[cluster]`: partitions, handovers, replay, lag and leases.
+    pub cluster: ClusterMetrics,
     build_info: IntGaugeVec,
     subscribed: AtomicBool,
     /// Why the input log cannot be written right now (what `/readyz` says), if it cannot.
@@ -119,6 +121,50 @@ pub struct Metrics {
     /// Input and rule names by index, for the per-worker state gauges.
     names: RwLock<(Vec<String>, Vec<String>)>,
     workers: Mutex<Vec<Arc<WorkerStats>>>,
+}
+
+/// What a `[cluster]` instance reports about its share of the partitions.
+pub struct ClusterMetrics {
+    pub partitions_owned: IntGauge,
+    /// Times this instance took up a new set of partitions (a join, a leave or a death moved
+    /// some), after its first.
+    pub handovers: IntCounter,
+    /// Time from taking up a set of partitions to having read the stream up to its end.
+    pub replay_seconds: prometheus::Gauge,
+    /// Readings read in that time.
+    pub replayed_readings: IntGauge,
+    /// Readings of the stream not yet delivered to this instance (its consumer's pending count).
+    pub lag_messages: IntGauge,
+    pub lease_renew_failures: IntCounter,
+    /// Stream messages of partitions this instance does not own, or already applied by the
+    /// snapshot it resumed from, passed over.
+    pub readings_skipped: IntCounter,
+    /// Partition snapshots saved to the cluster's state store, and their total size.
+    pub state_saved: IntCounter,
+    pub state_bytes: IntGauge,
+}
+
+impl ClusterMetrics {
+    fn new(r: &Registry) -> Self {
+        Self {
+            partitions_owned: gauge(r, "weir_cluster_partitions_owned", "Partitions this instance owns and reads."),
+            handovers: counter(r, "weir_cluster_handovers_total", "Times this instance took up a changed set of partitions (join, leave or death of a member)."),
+            replay_seconds: register(
+                r,
+                prometheus::Gauge::new(
+                    "weir_cluster_replay_seconds",
+                    "Time from taking up its partitions to having read their readings up to the stream's end, at the last handover.",
+                )
+                .unwrap_or_else(|err| panic!("replay seconds: {err}")),
+            ),
+            replayed_readings: gauge(r, "weir_cluster_replayed_readings", "Readings read to catch up at the last handover."),
+            lag_messages: gauge(r, "weir_cluster_lag_messages", "Readings in the stream not yet delivered to this instance."),
+            lease_renew_failures: counter(r, "weir_cluster_lease_renew_failures_total", "Renewals of partition claims or of the member heartbeat that failed."),
+            readings_skipped: counter(r, "weir_cluster_readings_skipped_total", "Stream messages of partitions not owned here, or already applied, passed over."),
+            state_saved: counter(r, "weir_cluster_state_saved_total", "Partition snapshots saved to the cluster's state store."),
+            state_bytes: gauge(r, "weir_cluster_state_bytes", "Size of this instance's last saved partition snapshots, together."),
+        }
+    }
 }
 
 /// What one worker reports about its state. Each worker writes only its own (about once a
@@ -492,6 +538,7 @@ impl Metrics {
                 "Spans of derived events not exported, by reason (queue_full: the newest are dropped while the queue is full; export_failed: the collector refused or was unreachable).",
                 &["reason"],
             ),
+            cluster: ClusterMetrics::new(r),
             build_info: gauge_vec(
                 r,
                 "weir_build_info",

@@ -2,6 +2,7 @@
 //! importing nothing of the runtime.
 
 pub mod event;
+pub mod fence;
 pub mod message;
 pub mod port;
 pub mod reading;

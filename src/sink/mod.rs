@@ -30,6 +30,7 @@ use crate::config::OutboxPolicy;
 use crate::engine::snapshot::{DeviceSnapshot, Snapshot, SnapshotCommand, StoredMessage};
 use crate::engine::{Plan, SinkInput};
 use crate::metrics::{LatencyRecorder, Metrics, WarnLimit};
+use crate::model::fence::Fence;
 use crate::model::message::{ContentType, Headers};
 use crate::model::trace::TraceContext;
 use crate::route::Outgoing;
@@ -98,6 +99,9 @@ pub struct SinkOptions {
     /// dead-letter topic (`{input}` is the sink's name, `{reason}` the reason). `None` for the
     /// broker's own sink, or without `dead_letter.topic` (they are then counted and logged).
     pub dead_letters: Option<(mpsc::Sender<SinkInput>, String)>,
+    /// `[cluster]`: events are handed to the sink only while the instance's leases hold; once
+    /// they lapse, it publishes nothing more (the partitions' next owner derives them again).
+    pub fence: Option<Arc<Fence>>,
 }
 
 /// Events handed to the sink that it must confirm, oldest first, with the count of
@@ -280,6 +284,7 @@ struct Handover<'a, S> {
     counters: Vec<RuleCounters>,
     processing_latency: LatencyRecorder,
     refused_warnings: WarnLimit,
+    fence: Option<Arc<Fence>>,
 }
 
 impl<S: Sink> Handover<'_, S> {
@@ -351,12 +356,17 @@ impl<S: Sink> Handover<'_, S> {
         false
     }
 
+    /// Whether the instance may publish: always, outside a cluster.
+    fn fenced_in(&self) -> bool {
+        self.fence.as_ref().is_none_or(|fence| fence.holds())
+    }
+
     /// Hands queued events to the sink while it is ready, until it takes no more.
     fn run(&mut self, queue: &mut VecDeque<Outgoing>) {
         self.update();
         let ready = self.sink.is_ready();
         self.sink_counters.up.set(i64::from(ready));
-        if !ready {
+        if !ready || !self.fenced_in() {
             return;
         }
         while let Some(message) = queue.pop_front() {
@@ -428,6 +438,7 @@ pub async fn run<S: Sink>(
         counters,
         processing_latency: metrics.processing_latency.recorder(""),
         refused_warnings: WarnLimit::new(crate::mqtt::RECONNECT_WARN_INTERVAL),
+        fence: options.fence.clone(),
     };
     let dropped = |policy: &str| metrics.outbox_dropped.with_label_values(&[&name, policy]);
 
@@ -507,7 +518,9 @@ pub async fn run<S: Sink>(
         loop {
             handover.run(&mut queue);
             handover.dead_letter(dead_letters).await;
-            if queue.is_empty() && handover.unconfirmed.events.is_empty() {
+            // Fenced out, nothing more may go: the partitions' next owner derives it again.
+            if (queue.is_empty() && handover.unconfirmed.events.is_empty()) || !handover.fenced_in()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

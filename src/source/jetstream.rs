@@ -32,6 +32,14 @@ pub struct JetStreamSource {
     foreign: WarnLimit,
     /// Stream errors in a row, for backoff while the server is away.
     failures: u32,
+    /// With several instances: per partition, `None` where another instance owns it, else the
+    /// first sequence not yet applied (the partition's snapshot covers those before it).
+    owned: Option<Vec<Option<u64>>>,
+    /// When reading started, and readings read since, until the consumer first had nothing
+    /// pending: the catch-up after taking partitions over.
+    started: Instant,
+    caught_up: bool,
+    read: u64,
 }
 
 impl JetStreamSource {
@@ -41,9 +49,13 @@ impl JetStreamSource {
     /// # Errors
     /// The servers cannot be reached, or the stream does not exist (the message says to run
     /// `weir cluster init`).
+    ///
+    /// With `owned` (several instances), only the partitions it lists are read, each from its
+    /// own first unapplied sequence; `from` is then the lowest of those.
     pub async fn start(
         cluster: &ClusterConfig,
         from: Option<u64>,
+        owned: Option<Vec<Option<u64>>>,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -85,6 +97,10 @@ impl JetStreamSource {
             metrics,
             foreign: WarnLimit::new(Duration::from_secs(60)),
             failures: 0,
+            owned,
+            started: Instant::now(),
+            caught_up: false,
+            read: 0,
         })
     }
 
@@ -111,10 +127,13 @@ impl JetStreamSource {
             self.metrics.set_subscribed(1);
         }
         let (position, received_ms) = match message.info() {
-            Ok(info) => (
-                Some(info.stream_sequence),
-                Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64),
-            ),
+            Ok(info) => {
+                self.caught_up(info.pending);
+                (
+                    Some(info.stream_sequence),
+                    Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64),
+                )
+            }
             Err(_) => (None, None),
         };
         let Some((partition, topic)) = split_subject(&self.prefix, &message.subject) else {
@@ -127,6 +146,16 @@ impl JetStreamSource {
                 "its partition is not below cluster.partitions",
             );
             return Delivery::Other;
+        }
+        if let Some(owned) = &self.owned {
+            let applied = match owned.get(partition as usize) {
+                Some(Some(first_unapplied)) => position.is_some_and(|p| p < *first_unapplied),
+                _ => true,
+            };
+            if applied {
+                self.metrics.cluster.readings_skipped.inc();
+                return Delivery::Other;
+            }
         }
         let trace = match message.headers.as_ref().and_then(|h| h.get("traceparent")) {
             None => trace::Incoming::Absent,
@@ -150,6 +179,28 @@ impl JetStreamSource {
             position,
             received_ms,
         })
+    }
+
+    /// Records the consumer's lag, and the catch-up's time and size once it first has none.
+    fn caught_up(&mut self, pending: u64) {
+        self.read += 1;
+        let cluster = &self.metrics.cluster;
+        cluster
+            .lag_messages
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        if pending == 0 && !self.caught_up {
+            self.caught_up = true;
+            let took = self.started.elapsed();
+            cluster.replay_seconds.set(took.as_secs_f64());
+            cluster
+                .replayed_readings
+                .set(i64::try_from(self.read).unwrap_or(i64::MAX));
+            tracing::info!(
+                readings = self.read,
+                ?took,
+                "caught up with the cluster stream"
+            );
+        }
     }
 
     fn skip_foreign(&mut self, subject: &str, why: &str) {

@@ -290,12 +290,14 @@ impl LogWriter<'_> {
 
 /// Starts the snapshot writer: once all `parts` of a snapshot (one per sink) have come, writes
 /// it atomically, then tells the log writer (if any) so it can drop the segments the snapshot
-/// before it covered.
+/// before it covered. With `copies` (`[cluster]`), every snapshot written, and the last one
+/// again once its outbox was brought up to date, also goes there, for the cluster's state store.
 pub fn spawn_snapshot_writer(
     dir: StateDir,
     metrics: Arc<Metrics>,
     log: Option<mpsc::Sender<LogCommand>>,
     parts: usize,
+    copies: Option<mpsc::Sender<Snapshot>>,
 ) -> (mpsc::Sender<SnapshotCommand>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<SnapshotCommand>(2 * parts.max(1));
     let task = tokio::spawn(async move {
@@ -334,16 +336,19 @@ pub fn spawn_snapshot_writer(
                         }
                         current.outbox.retain(|message| message.sink != sink);
                         current.outbox.extend(outbox);
-                        Some(snapshot::write(&path, &current))
+                        Some(snapshot::write(&path, &current).map(|()| current))
                     })
                     .await;
                     match replaced {
-                        Ok(Some(Ok(()))) => {
+                        Ok(Some(Ok(current))) => {
                             tracing::debug!(
                                 lsn,
                                 outbox = left,
                                 "snapshot outbox brought up to date"
-                            )
+                            );
+                            if let Some(copies) = &copies {
+                                let _ = copies.send(current).await;
+                            }
                         }
                         Ok(Some(Err(err))) => {
                             tracing::warn!(%err, "cannot update the last snapshot's outbox; its events are published again at the next start")
@@ -356,10 +361,14 @@ pub fn spawn_snapshot_writer(
             let lsn = snapshot.lsn;
             let devices = snapshot.devices.len();
             let outbox = snapshot.outbox.len();
+            let copy = copies.as_ref().map(|_| snapshot.clone());
             let written =
                 tokio::task::spawn_blocking(move || snapshot::write(&path, &snapshot)).await;
             match written {
                 Ok(Ok(())) => {
+                    if let (Some(copies), Some(copy)) = (&copies, copy) {
+                        let _ = copies.send(copy).await;
+                    }
                     metrics.snapshots_written.inc();
                     tracing::debug!(lsn, devices, outbox, "snapshot written");
                     if let Some(log) = &log {
@@ -405,7 +414,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("weir-writer-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         let dir = StateDir::open(&path).unwrap();
-        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None, 1);
+        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None, 1, None);
         let snapshot = Snapshot {
             lsn: 7,
             outbox: vec![message("a"), message("b")],
@@ -441,7 +450,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("weir-parts-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         let dir = StateDir::open(&path).unwrap();
-        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None, 2);
+        let (tx, task) = spawn_snapshot_writer(dir, Arc::new(Metrics::new()), None, 2, None);
         let hook = |topic: &str| StoredMessage {
             sink: "hook".into(),
             ..message(topic)

@@ -50,7 +50,13 @@ pub struct ApiSetup {
     /// `None` when weir runs without a config file (the demo's built-in example).
     pub reloads: Option<ReloadRequests>,
     pub last_reload: Arc<Mutex<Option<ReloadReport>>>,
+    /// `[cluster]`: what `/api/cluster` shows (members and who owns which partition), kept up
+    /// to date by the cluster supervisor.
+    pub cluster: Option<SharedCluster>,
 }
+
+/// The cluster view `/api/cluster` serves.
+pub type SharedCluster = Arc<RwLock<serde_json::Value>>;
 
 /// What `/api/rules` says about a rule besides its live numbers; fixed until a reload.
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +77,7 @@ struct Api {
     token: Option<crate::config::Secret>,
     reloads: Option<ReloadRequests>,
     last_reload: Arc<Mutex<Option<ReloadReport>>>,
+    cluster: Option<SharedCluster>,
 }
 
 impl Api {
@@ -125,12 +132,14 @@ pub async fn bind(
         .route("/api/rules", get(list_rules))
         .route("/api/events", get(events))
         .route("/api/reload", get(last_reload).post(reload))
+        .route("/api/cluster", get(cluster))
         .with_state(Arc::new(Api {
             metrics,
             rules: api.rules,
             token: api.token,
             reloads: api.reloads,
             last_reload: api.last_reload,
+            cluster: api.cluster,
         }));
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
@@ -183,6 +192,28 @@ struct RuleStateReport {
     /// Exact recent quantiles of event time to publish, seconds (null before any event).
     event_latency_p50_seconds: Option<f64>,
     event_latency_p99_seconds: Option<f64>,
+}
+
+/// `GET /api/cluster`: the members, the partition assignment and what this instance holds.
+async fn cluster(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(denied) = api.authorize(&headers) {
+        return denied;
+    }
+    match &api.cluster {
+        Some(view) => {
+            let view = view.read().unwrap_or_else(PoisonError::into_inner).clone();
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                serde_json::to_string_pretty(&view).unwrap_or_default() + "\n",
+            )
+                .into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            "this weir has no [cluster] section: it reads MQTT on its own\n",
+        )
+            .into_response(),
+    }
 }
 
 async fn list_rules(State(api): State<Arc<Api>>, headers: axum::http::HeaderMap) -> Response {
