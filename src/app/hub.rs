@@ -14,7 +14,7 @@
 //! off from NATS) stops publishing at once, before the server expires its claims for anyone else.
 
 use super::{rule_infos, start_with, Epoch, Running};
-use crate::cluster::ownership::{assignment, ClaimError, Lease, Membership};
+use crate::cluster::ownership::{assignment, ClaimError, Lease, Liveness, Membership};
 use crate::cluster::state::{self, StateStore};
 use crate::config::{ClusterConfig, Config};
 use crate::engine::Plan;
@@ -105,6 +105,9 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
         terms: 0,
         work_dir: work_dir.clone(),
         waiting_since: None,
+        members: Vec::new(),
+        member_liveness: Liveness::new(tick * 4),
+        claim_liveness: Liveness::new(tick * 4),
     };
     tokio::pin!(shutdown);
     loop {
@@ -138,6 +141,12 @@ struct Supervisor {
     /// Since when partitions assigned here are still held by others (a join: they are being
     /// released); a new term waits for them up to a lease TTL, so that a join restarts it once.
     waiting_since: Option<Instant>,
+    /// The live members of the last round, to log joins and leaves.
+    members: Vec<String>,
+    /// Member keys and partition claims by the revisions seen, to tell a silent holder without
+    /// waiting for the server to expire its keys.
+    member_liveness: Liveness<String>,
+    claim_liveness: Liveness<u32>,
 }
 
 impl Supervisor {
@@ -150,14 +159,33 @@ impl Supervisor {
         }
         self.renew().await;
 
-        let members = match self.membership.live_members().await {
-            Ok(members) => members,
+        let revisions = match self.membership.member_revisions().await {
+            Ok(revisions) => revisions,
             Err(err) => {
                 tracing::warn!(%err, "cannot list the members");
                 return;
             }
         };
+        let now = Instant::now();
+        self.member_liveness
+            .retain(|member| revisions.iter().any(|(m, _)| m == member));
+        let members: Vec<String> = revisions
+            .into_iter()
+            .filter(|(member, revision)| self.member_liveness.observe(member, *revision, now))
+            .map(|(member, _)| member)
+            .collect();
+        if members != self.members {
+            tracing::info!(?members, was = ?self.members, "the members changed");
+            self.members.clone_from(&members);
+        }
         let partitions = self.cluster.partitions;
+        // Every claim held elsewhere is watched from now on, so a dead member's claims are
+        // known stale a TTL after its last renewal, as soon as its key is.
+        for partition in (0..partitions).filter(|p| !self.leases.contains_key(p)) {
+            if let Ok(Some(revision)) = self.membership.claim_revision(partition).await {
+                self.claim_liveness.observe(&partition, revision, now);
+            }
+        }
         let me = self.membership.name().to_owned();
         let assigned = assignment(&members, partitions);
         let mine: BTreeSet<u32> = (0..partitions)
@@ -180,7 +208,12 @@ impl Supervisor {
                 Ok(lease) => {
                     self.leases.insert(partition, lease);
                 }
-                Err(ClaimError::Taken(_)) => waiting += 1,
+                Err(ClaimError::Taken(_)) => match self.take_over_silent(partition).await {
+                    Some(lease) => {
+                        self.leases.insert(partition, lease);
+                    }
+                    None => waiting += 1,
+                },
                 Err(ClaimError::Nats(err)) => {
                     waiting += 1;
                     tracing::warn!(partition, %err, "claim failed");
@@ -281,6 +314,28 @@ impl Supervisor {
         }
         self.leases.clear();
         self.metrics.cluster.partitions_owned.set(0);
+    }
+
+    /// Takes `partition` over if its holder's claim has not been renewed for a whole TTL, as
+    /// this instance saw it.
+    async fn take_over_silent(&mut self, partition: u32) -> Option<Lease> {
+        let revision = self.membership.claim_revision(partition).await.ok()??;
+        if self
+            .claim_liveness
+            .observe(&partition, revision, Instant::now())
+        {
+            return None;
+        }
+        match self.membership.take_over(partition, revision).await {
+            Ok(lease) => {
+                tracing::info!(
+                    partition,
+                    "took over a partition whose holder stopped renewing"
+                );
+                Some(lease)
+            }
+            Err(_) => None,
+        }
     }
 
     /// The fence holds until the earliest lease lapses (closed without leases).

@@ -174,6 +174,54 @@ impl Membership {
         Ok(members)
     }
 
+    /// Every member key with its revision (which changes at each heartbeat). The server expires
+    /// a silent member's key only after the TTL, and nats-server 2.9 seen here was late by
+    /// several seconds: callers judge liveness by [`Liveness`] instead.
+    ///
+    /// # Errors
+    /// NATS could not be read.
+    pub async fn member_revisions(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut revisions = Vec::new();
+        for member in self.live_members().await? {
+            if let Ok(Some(entry)) = self.members.entry(&member).await {
+                if entry.operation == kv::Operation::Put {
+                    revisions.push((member, entry.revision));
+                }
+            }
+        }
+        Ok(revisions)
+    }
+
+    /// The revision of `partition`'s claim, if someone holds it.
+    ///
+    /// # Errors
+    /// NATS could not be read.
+    pub async fn claim_revision(&self, partition: u32) -> anyhow::Result<Option<u64>> {
+        let entry = self
+            .owners
+            .entry(key(partition))
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot read the owners: {err}"))?;
+        Ok(entry
+            .filter(|entry| entry.operation == kv::Operation::Put)
+            .map(|entry| entry.revision))
+    }
+
+    /// Takes over `partition` from a holder that stopped renewing: compare-and-set on the
+    /// `revision` seen unchanged for a whole TTL (see [`Liveness`]).
+    ///
+    /// # Errors
+    /// [`ClaimError::Taken`] when it changed since (renewed, or taken by another).
+    pub async fn take_over(&self, partition: u32, revision: u64) -> Result<Lease, ClaimError> {
+        let stale = Lease {
+            partition,
+            revision,
+            renewed: Instant::now(),
+            ttl: self.ttl,
+        };
+        self.renew(&stale).await
+    }
+
     /// The owner each partition's key names now (`None` where nobody holds it).
     ///
     /// # Errors
@@ -274,6 +322,40 @@ fn key(partition: u32) -> String {
     format!("p{partition}")
 }
 
+/// Which keys are alive, judged by this instance alone: a key whose revision it has seen
+/// unchanged for a whole TTL, on its own monotonic clock, belongs to a holder that stopped
+/// renewing. The holder itself stopped trusting it at 3/4 of the TTL after its last renewal,
+/// which was before this instance first saw that revision, so a take-over never overlaps a
+/// trusted lease, and no two clocks are compared.
+pub struct Liveness<K> {
+    ttl: Duration,
+    seen: std::collections::HashMap<K, (u64, Instant)>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Liveness<K> {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Records `revision` of `key` as seen `now`; true while it is alive (its revision changed
+    /// less than a TTL ago, as far as this instance has seen).
+    pub fn observe(&mut self, key: &K, revision: u64, now: Instant) -> bool {
+        let entry = self.seen.entry(key.clone()).or_insert((revision, now));
+        if entry.0 != revision {
+            *entry = (revision, now);
+        }
+        now.duration_since(entry.1) < self.ttl
+    }
+
+    /// Forgets keys not in `present` (deleted or expired).
+    pub fn retain(&mut self, present: impl Fn(&K) -> bool) {
+        self.seen.retain(|key, _| present(key));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +394,20 @@ mod tests {
         let mut reversed = names(3);
         reversed.reverse();
         assert_eq!(assignment(&reversed, 64), three);
+    }
+
+    #[test]
+    fn a_key_is_dead_after_a_ttl_without_a_new_revision() {
+        let ttl = Duration::from_secs(2);
+        let mut liveness = Liveness::new(ttl);
+        let t0 = Instant::now();
+        let a = "a".to_owned();
+        assert!(liveness.observe(&a, 5, t0));
+        assert!(liveness.observe(&a, 5, t0 + Duration::from_millis(1900)));
+        assert!(!liveness.observe(&a, 5, t0 + ttl));
+        // A new revision (a heartbeat) makes it alive again, for a TTL from then.
+        assert!(liveness.observe(&a, 6, t0 + ttl));
+        assert!(!liveness.observe(&a, 6, t0 + ttl * 2));
     }
 
     #[test]
