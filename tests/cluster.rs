@@ -502,6 +502,11 @@ impl Instance {
         }
     }
 
+    fn signal(&self, signal: &str) {
+        let pid = self.process.as_ref().expect("running").0.id();
+        self.signal_pid(pid, signal);
+    }
+
     fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
             let _ = process.0.kill();
@@ -680,4 +685,146 @@ async fn an_instance_killed_mid_stream_hands_its_partitions_over_and_no_event_is
     for instance in &mut instances[1..] {
         instance.stop();
     }
+}
+
+/// Who owns which partition, once the owners settled on `members`; and the partitions whose
+/// owner differs between two such maps.
+fn moved(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+    before
+        .iter()
+        .filter(|(partition, owner)| after.get(*partition) != Some(owner))
+        .map(|(partition, _)| partition.clone())
+        .collect()
+}
+
+/// Rescale 2 -> 3 -> 2 while readings keep coming: a join moves only the partitions the
+/// newcomer wins, all to it, and its leave moves exactly those back; the output stream equals
+/// `weir replay`, each event once, in per-device order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescaling_two_three_two_moves_about_a_third_and_loses_nothing() {
+    let server = server_for_example();
+    let dir = temp_dir("cluster-rescale");
+    let init_config = dir.join("init.toml");
+    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &init_config);
+    let mut a = Instance::start(&server, &dir, "hub-a");
+    let mut b = Instance::start(&server, &dir, "hub-b");
+    let two = wait_for_owners(&server, &["hub-a", "hub-b"], Duration::from_secs(30)).await;
+
+    let readings = fleet_readings(40, 16);
+    let expected = replayed(&init_config, &readings);
+    let total: usize = expected.values().map(Vec::len).sum();
+    let chunks: Vec<_> = readings.chunks(readings.len() / 4 + 1).collect();
+    publish_all(&server, chunks[0]).await;
+    let mut c = Instance::start(&server, &dir, "hub-c");
+    publish_all(&server, chunks[1]).await;
+    let three = wait_for_owners(
+        &server,
+        &["hub-a", "hub-b", "hub-c"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let joined = moved(&two, &three);
+    assert!(
+        joined.iter().all(|p| three[p] == "hub-c"),
+        "a join moves partitions only to the newcomer: {two:?} -> {three:?}"
+    );
+    publish_all(&server, chunks[2]).await;
+    c.stop();
+    publish_all(&server, chunks[3]).await;
+    let back = wait_for_owners(&server, &["hub-a", "hub-b"], Duration::from_secs(30)).await;
+    let left = moved(&three, &back);
+    println!(
+        "2 -> 3 moved {} of 16 partitions ({joined:?}); 3 -> 2 moved {} ({left:?})",
+        joined.len(),
+        left.len()
+    );
+    assert!(
+        (2..=10).contains(&joined.len()),
+        "about a third moves on a join, not all: {}",
+        joined.len()
+    );
+    let mut left_sorted = left.clone();
+    left_sorted.sort();
+    let mut joined_sorted = joined.clone();
+    joined_sorted.sort();
+    assert_eq!(
+        left_sorted, joined_sorted,
+        "the leaver's partitions, and only those, move back"
+    );
+    assert_eq!(
+        back, two,
+        "the assignment over the same members is the same"
+    );
+
+    let events = wait_for_output(&server, total, Duration::from_secs(30)).await;
+    assert_eq!(
+        by_device(&events),
+        expected,
+        "every event once, in per-device order\n{}",
+        logs(&dir, &["hub-a", "hub-b", "hub-c"])
+    );
+    assert_eq!(events.len(), total);
+    a.stop();
+    b.stop();
+}
+
+/// An owner paused past its lease (SIGSTOP) loses its partitions to the other instance; when it
+/// runs again (SIGCONT) it publishes nothing for them: its fence closed while it was stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_resumed_after_its_lease_publishes_nothing_for_the_partitions_it_lost() {
+    let server = server_for_example();
+    let dir = temp_dir("cluster-stale");
+    let init_config = dir.join("init.toml");
+    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &init_config);
+    let mut a = Instance::start(&server, &dir, "hub-a");
+    let mut b = Instance::start(&server, &dir, "hub-b");
+    wait_for_owners(&server, &["hub-a", "hub-b"], Duration::from_secs(30)).await;
+
+    let readings = fleet_readings(40, 12);
+    let expected = replayed(&init_config, &readings);
+    let total: usize = expected.values().map(Vec::len).sum();
+    let (first, second) = readings.split_at(readings.len() / 2);
+    publish_all(&server, first).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = r#"weir_sink_sent_total{sink="hub"}"#;
+    let sent_before = a.metric(sent);
+    assert!(
+        sent_before > 0.0,
+        "hub-a published its share before the pause"
+    );
+    a.signal("STOP");
+    wait_for_owners(&server, &["hub-b"], Duration::from_secs(30)).await;
+    // hub-a's old partitions' readings arrive while it is stopped: hub-b derives their events.
+    publish_all(&server, second).await;
+    let events = wait_for_output(&server, total, Duration::from_secs(30)).await;
+    assert_eq!(events.len(), total, "hub-b published every event");
+    a.signal("CONT");
+    // hub-a wakes with the readings of its old partitions queued and its leases lapsed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent_after = a.metric(sent);
+    assert_eq!(
+        sent_after,
+        sent_before,
+        "hub-a published nothing once its leases lapsed\n{}",
+        logs(&dir, &["hub-a"])
+    );
+    let resumed = a.metric("weir_cluster_partitions_owned");
+    // It rejoins and gets its share back, with the state hub-b saved.
+    wait_for_owners(&server, &["hub-a", "hub-b"], Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(dir.join("hub-a.log")).unwrap_or_default();
+    assert!(
+        log.contains("leases lost"),
+        "hub-a saw its leases lost:\n{log}"
+    );
+    println!("hub-a after SIGCONT: {resumed} partitions owned at +300 ms; sent {sent_before} -> {sent_after}");
+    let events = output_stream(&server).await;
+    assert_eq!(
+        by_device(&events),
+        expected,
+        "every event once, in per-device order"
+    );
+    a.stop();
+    b.stop();
 }
