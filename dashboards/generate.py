@@ -109,6 +109,19 @@ PANELS = [
          (f"sum by (rule) ({sel('weir_rule_devices')})", "devices: {{rule}}"),
          (f"sum by (rule) ({sel('weir_windows_open')})", "open windows: {{rule}}"),
      ]),
+    ("Cluster (NATS JetStream)", None, None, None),
+    ("Partitions and handovers", "short",
+     "[cluster]: partitions each instance serves, handovers it took part in, and failed lease renewals (an instance that misses them for 3/4 of lease_ttl stops publishing).", [
+         (f"max by (instance) ({sel('weir_cluster_partitions_owned')})", "owned: {{instance}}"),
+         (f"sum by (instance) (increase({sel('weir_cluster_handovers_total')}[{RATE}]))", "handovers: {{instance}}"),
+         (f"sum by (instance) (increase({sel('weir_cluster_lease_renew_failures_total')}[{RATE}]))", "renew failures: {{instance}}"),
+     ]),
+    ("Lag and catch-up", "short",
+     "Readings of the stream not yet delivered to each instance, and what its last handover replayed (readings, seconds).", [
+         (f"max by (instance) ({sel('weir_cluster_lag_messages')})", "lag: {{instance}}"),
+         (f"max by (instance) ({sel('weir_cluster_replayed_readings')})", "replayed readings: {{instance}}"),
+         (f"max by (instance) ({sel('weir_cluster_replay_seconds')})", "replay seconds: {{instance}}"),
+     ]),
     ("Process", None, None, None),
     ("Memory", "bytes", "Resident memory of the weir process.", [
         (f"sum by (instance) ({sel('process_resident_memory_bytes')})", "resident {{instance}}"),
