@@ -232,60 +232,6 @@ async fn cluster_init_creates_the_streams_sized_from_the_rules_and_is_idempotent
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_instance_derives_what_replay_derives_from_readings_published_over_mqtt() {
-    let server = server_for_example();
-    let dir = temp_dir("cluster-one");
-    let config_path = dir.join("weir.toml");
-    std::fs::write(&config_path, cluster_config(&server, None)).expect("write config");
-    weir(&["cluster", "init", "--config"], &config_path);
-    let mut config = weir::config::load(&config_path, &Default::default()).expect("config");
-    config.http.listen = "127.0.0.1:0".parse().expect("addr");
-    let running = common::start_weir_with(config).await;
-
-    let readings = readings();
-    let mut publisher = Publisher::start_on(server.mqtt_port).await;
-    for (topic, payload) in &readings {
-        publisher
-            .publish(topic, payload.to_string().into_bytes())
-            .await;
-    }
-    let expected = replayed(&config_path, &readings);
-    let total: usize = expected.values().map(Vec::len).sum();
-    assert!(
-        total >= 12,
-        "the readings cross the thresholds ({total} events)"
-    );
-    let metrics = running.metrics.clone();
-    assert!(
-        wait_until(DEADLINE, || metrics
-            .sink_confirmed
-            .with_label_values(&["hub"])
-            .get()
-            >= total as u64)
-        .await,
-        "the hub sink had {} of {total} events acknowledged; received {}, decoded {}\n{}",
-        metrics.sink_confirmed.with_label_values(&["hub"]).get(),
-        metrics.readings_total(),
-        metrics
-            .render()
-            .lines()
-            .filter(|l| l.starts_with("weir_readings_decoded_total")
-                || l.starts_with("weir_sink")
-                || l.starts_with("weir_events"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        server.log()
-    );
-    let events = output_stream(&server).await;
-    assert_eq!(
-        by_device(&events),
-        expected,
-        "the output stream equals replay, per device and in order"
-    );
-    running.stop().await.expect("weir stops");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_derived_again_after_a_lost_snapshot_are_stored_once() {
     let server = server_for_example();
     let dir = temp_dir("cluster-again");
@@ -827,4 +773,41 @@ async fn a_stale_owner_resumed_after_its_lease_publishes_nothing_for_the_partiti
     );
     a.stop();
     b.stop();
+}
+
+/// The same readings through one `weir run` and through three, each cluster on its own server:
+/// both output streams hold exactly the events `weir replay` derives, by id and per-device order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_and_three_derive_what_replay_derives() {
+    let readings = fleet_readings(30, 12);
+    let mut expected = None;
+    for names in [&["hub-solo"][..], &["hub-a", "hub-b", "hub-c"][..]] {
+        let server = server_for_example();
+        let dir = temp_dir("cluster-n");
+        let init_config = dir.join("init.toml");
+        std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+        weir(&["cluster", "init", "--config"], &init_config);
+        let want = expected
+            .get_or_insert_with(|| replayed(&init_config, &readings))
+            .clone();
+        let total: usize = want.values().map(Vec::len).sum();
+        let mut instances: Vec<Instance> = names
+            .iter()
+            .map(|name| Instance::start(&server, &dir, name))
+            .collect();
+        wait_for_owners(&server, names, Duration::from_secs(30)).await;
+        publish_all(&server, &readings).await;
+        let events = wait_for_output(&server, total, Duration::from_secs(30)).await;
+        assert_eq!(
+            by_device(&events),
+            want,
+            "{} instance(s): the output stream equals replay\n{}",
+            names.len(),
+            logs(&dir, names)
+        );
+        assert_eq!(events.len(), total);
+        for instance in &mut instances {
+            instance.stop();
+        }
+    }
 }
