@@ -17,24 +17,15 @@ fn two_broker_config(backup_url: &str, backup_extra: &str) -> String {
     )
 }
 
-/// Readings of `devices` devices that cross the overheat threshold on every second reading.
+/// Readings of `devices` devices that cross the overheat threshold on every second reading,
+/// step by step across the devices: [`common::crossings`] interleaved.
 fn crossings(devices: usize, steps: usize) -> Vec<(String, Vec<u8>)> {
-    let mut readings = Vec::new();
-    for step in 0..steps {
-        for device in 0..devices {
-            let temperature = if step % 2 == 0 { 35.0 } else { 20.0 };
-            let payload = serde_json::json!({
-                "ts": common::T0 + step as i64 * 1000,
-                "seq": step,
-                "temperature": temperature,
-            });
-            readings.push((
-                common::telemetry_topic("plant-1", &format!("dev-{device}")),
-                payload.to_string().into_bytes(),
-            ));
-        }
-    }
-    readings
+    (0..steps)
+        .flat_map(|step| {
+            (0..devices)
+                .flat_map(move |device| common::crossings(&format!("dev-{device}"), step, 1))
+        })
+        .collect()
 }
 
 async fn ids(subscriber: &mut Subscriber, n: usize) -> BTreeSet<String> {
