@@ -159,36 +159,33 @@ impl Membership {
     /// # Errors
     /// NATS could not list them.
     pub async fn live_members(&self) -> anyhow::Result<Vec<String>> {
-        use futures_util::TryStreamExt as _;
-        let keys = self
-            .members
-            .keys()
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot list the members: {err}"))?;
-        let mut members: Vec<String> = keys
-            .try_collect()
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot list the members: {err}"))?;
-        members.sort();
-        members.dedup();
-        Ok(members)
+        Ok(self
+            .member_revisions()
+            .await?
+            .into_iter()
+            .map(|(member, _)| member)
+            .collect())
     }
 
-    /// Every member key with its revision (which changes at each heartbeat). The server expires
-    /// a silent member's key only after the TTL, and nats-server 2.9 seen here was late by
-    /// several seconds: callers judge liveness by [`Liveness`] instead.
+    /// Every member key with its revision (which changes at each heartbeat), sorted. The server
+    /// expires a silent member's key only after the TTL, and nats-server 2.9 seen here was late
+    /// by several seconds: callers judge liveness by [`Liveness`] instead.
     ///
     /// # Errors
     /// NATS could not be read.
     pub async fn member_revisions(&self) -> anyhow::Result<Vec<(String, u64)>> {
         let mut revisions = Vec::new();
-        for member in self.live_members().await? {
-            if let Ok(Some(entry)) = self.members.entry(&member).await {
-                if entry.operation == kv::Operation::Put {
-                    revisions.push((member, entry.revision));
-                }
+        for member in bucket_keys(&self.members).await? {
+            let entry = self
+                .members
+                .entry(&member)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot read the members: {err}"))?;
+            if let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) {
+                revisions.push((member, entry.revision));
             }
         }
+        revisions.sort();
         Ok(revisions)
     }
 
@@ -320,6 +317,29 @@ impl Membership {
 
 fn key(partition: u32) -> String {
     format!("p{partition}")
+}
+
+/// The keys `bucket` has a message for (deleted ones included: their last message is the
+/// delete marker), from one stream info request.
+///
+/// Not `kv::Store::keys`: it reads through an ephemeral R1 consumer, and nats-server releases
+/// before nats-io/nats-server#7165 (2025; Debian's 2.9.10 among them) may place that on a dead
+/// peer of a replicated bucket, where its creation never answers. With one server of three
+/// down, a third of the listings failed and the instances kept standing down.
+async fn bucket_keys(bucket: &kv::Store) -> anyhow::Result<Vec<String>> {
+    use futures_util::TryStreamExt as _;
+    let subjects: Vec<(String, usize)> = bucket
+        .stream
+        .info_with_subjects(format!("{}>", bucket.prefix))
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot list the keys of {}: {err}", bucket.name))?
+        .try_collect()
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot list the keys of {}: {err}", bucket.name))?;
+    Ok(subjects
+        .into_iter()
+        .filter_map(|(subject, _)| subject.strip_prefix(&bucket.prefix).map(str::to_owned))
+        .collect())
 }
 
 /// Which keys are alive, judged by this instance alone: a key whose revision it has seen

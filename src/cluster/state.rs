@@ -14,7 +14,6 @@ use crate::model::fence::Fence;
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use std::sync::Arc;
-use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 
 /// The object store bucket of partition snapshots.
@@ -35,6 +34,8 @@ pub fn bucket_config(replicas: usize) -> object_store::Config {
 #[derive(Clone)]
 pub struct StateStore {
     store: ObjectStore,
+    /// The bucket's stream, to read an object's chunks by message get.
+    stream: async_nats::jetstream::stream::Stream,
 }
 
 impl StateStore {
@@ -46,7 +47,11 @@ impl StateStore {
         let store = jetstream.get_object_store(STATE_BUCKET).await.map_err(|err| {
             anyhow::anyhow!("cannot open the object store {STATE_BUCKET} ({err}); run `weir cluster init --config FILE`")
         })?;
-        Ok(Self { store })
+        let stream = jetstream
+            .get_stream(format!("OBJ_{STATE_BUCKET}"))
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot open the object store {STATE_BUCKET}: {err}"))?;
+        Ok(Self { store, stream })
     }
 
     /// Saves `snapshot` as partition `partition`'s; returns its size in bytes.
@@ -66,19 +71,44 @@ impl StateStore {
 
     /// Partition `partition`'s last saved snapshot, if it has one.
     ///
+    /// The chunks are read one message get at a time, not with `ObjectStore::get`: that reads
+    /// through an ephemeral R1 consumer, and nats-server releases before nats-io/nats-server#7165
+    /// (2025; Debian's 2.9.10 among them) may place it on a dead peer of a replicated bucket,
+    /// where its creation never answers. With one server of three down, a third of the loads
+    /// timed out, and a start that loads ten partitions almost never succeeded.
+    ///
     /// # Errors
-    /// NATS failed, or the object is not a snapshot.
+    /// NATS failed, or the object is incomplete or not a snapshot.
     pub async fn load(&self, partition: u32) -> anyhow::Result<Option<Snapshot>> {
-        let mut object = match self.store.get(key(partition)).await {
-            Ok(object) => object,
-            Err(err) if err.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+        let info = match self.store.info(key(partition)).await {
+            Ok(info) if info.deleted => return Ok(None),
+            Ok(info) => info,
+            Err(err) if err.kind() == object_store::InfoErrorKind::NotFound => return Ok(None),
             Err(err) => anyhow::bail!("cannot load partition {partition}'s state: {err}"),
         };
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot load partition {partition}'s state: {err}"))?;
+        let subject = format!("$O.{STATE_BUCKET}.C.{}", info.nuid);
+        let mut bytes = Vec::with_capacity(info.size);
+        let mut sequence = 1;
+        for _ in 0..info.chunks {
+            let chunk = self
+                .stream
+                .raw_message_builder()
+                .sequence(sequence)
+                .next_by_subject(subject.clone())
+                .send()
+                .await
+                .map_err(|err| {
+                    anyhow::anyhow!("cannot load partition {partition}'s state: {err}")
+                })?;
+            bytes.extend_from_slice(&chunk.payload);
+            sequence = chunk.sequence + 1;
+        }
+        anyhow::ensure!(
+            bytes.len() == info.size,
+            "partition {partition}'s state is incomplete: {} of {} bytes",
+            bytes.len(),
+            info.size
+        );
         let snapshot = ciborium::from_reader(bytes.as_slice())
             .map_err(|err| anyhow::anyhow!("partition {partition}'s state is unreadable: {err}"))?;
         Ok(Some(snapshot))

@@ -29,8 +29,14 @@ pub async fn connect(
     settings: &SinkConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<QueuedSink> {
+    // Several servers of one NATS cluster are listed as NATS clients take them: "a,b,c".
+    let servers: Vec<String> = settings
+        .url
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .collect();
     let client = crate::nats::connect(
-        std::slice::from_ref(&settings.url),
+        &servers,
         None,
         settings.ca_file.as_deref(),
         &format!("weir-sink-{name}"),

@@ -7,24 +7,116 @@
 //! The subject carries the partition the server mapped the device to
 //! (`weir.28.sensors.plant-1.dev-7.telemetry`); the topic the rules see is the MQTT topic the
 //! device published (`sensors/plant-1/dev-7/telemetry`). The source reads every partition in
-//! stream order through one ordered consumer, which the client recreates after a gap or a
-//! reconnect from the last sequence it delivered.
+//! stream order through one ephemeral consumer with as many replicas as the stream, which it
+//! recreates after a gap or an error, from the sequence after the last one it delivered.
 
 use crate::config::cluster::split_subject;
 use crate::config::ClusterConfig;
 use crate::metrics::{Connection, Metrics, WarnLimit};
 use crate::model::port::{AckToken, Acked, Acker, Closed, Delivery, Incoming, Source};
 use crate::model::trace::{self, TraceContext};
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures_util::{FutureExt as _, StreamExt as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type Messages = async_nats::jetstream::consumer::pull::Ordered;
+/// The stream, read in order from a sequence on, surviving the loss of a server.
+///
+/// Not async-nats' ordered consumer: that one is always R1, and nats-server releases before
+/// nats-io/nats-server#7165 (2025; Debian's 2.9.10 among them) may place an R1 ephemeral of
+/// a replicated stream on a dead peer, where its creation never answers. An ephemeral with
+/// the stream's replica count lives on every peer and elects its leader among the live ones
+/// (measured on a 3-server 2.9.10 cluster with one server killed: R1 creations timed out 1 in 2
+/// times, R3 ones all succeeded, in 0.2-6.8 s).
+struct Reader {
+    stream: async_nats::jetstream::stream::Stream,
+    filter: String,
+    replicas: usize,
+    /// Where the next consumer starts: after the last message delivered.
+    resume: DeliverPolicy,
+    /// The consumer sequence the next message must carry; another means a delivery was lost
+    /// or repeated (a consumer leader change), and the consumer is made again from `resume`.
+    expected: u64,
+    messages: Option<pull::Stream>,
+}
+
+impl Reader {
+    async fn create(&mut self) -> Result<(), String> {
+        let consumer = self
+            .stream
+            .create_consumer(pull::Config {
+                filter_subject: self.filter.clone(),
+                deliver_policy: self.resume,
+                ack_policy: AckPolicy::None,
+                max_deliver: 1,
+                num_replicas: self.replicas,
+                memory_storage: self.replicas == 1,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| format!("cannot create a consumer: {err}"))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .heartbeat(Duration::from_secs(2))
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await
+            .map_err(|err| format!("cannot read from the consumer: {err}"))?;
+        self.messages = Some(messages);
+        self.expected = 1;
+        Ok(())
+    }
+
+    /// The next message; an error after which the next call makes a new consumer.
+    async fn next(&mut self) -> Result<async_nats::jetstream::Message, String> {
+        loop {
+            if self.messages.is_none() {
+                self.create().await?;
+            }
+            let messages = self.messages.as_mut().expect("created above");
+            let message = match messages.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    self.messages = None;
+                    return Err(err.to_string());
+                }
+                None => {
+                    self.messages = None;
+                    return Err("the consumer ended".to_owned());
+                }
+            };
+            let Ok(info) = message.info() else {
+                return Ok(message);
+            };
+            if info.consumer_sequence != self.expected {
+                tracing::warn!(
+                    expected = self.expected,
+                    got = info.consumer_sequence,
+                    "the cluster stream's consumer skipped or repeated a delivery; reading again from the last one applied"
+                );
+                self.messages = None;
+                continue;
+            }
+            self.expected += 1;
+            self.resume = DeliverPolicy::ByStartSequence {
+                start_sequence: info.stream_sequence + 1,
+            };
+            return Ok(message);
+        }
+    }
+
+    /// The next message if one is ready now; `None` while none is, or the consumer is gone.
+    fn try_next(&mut self) -> Option<Result<async_nats::jetstream::Message, String>> {
+        self.messages.as_ref()?;
+        self.next().now_or_never()
+    }
+}
 
 /// Reads the `[cluster]` stream.
 pub struct JetStreamSource {
-    messages: Messages,
+    reader: Reader,
     client: async_nats::Client,
     prefix: String,
     partitions: u32,
@@ -60,7 +152,10 @@ impl JetStreamSource {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let client = crate::nats::connect_cluster(cluster, "weir-source", timeout).await?;
-        let jetstream = async_nats::jetstream::new(client.clone());
+        let mut jetstream = async_nats::jetstream::new(client.clone());
+        // A replicated consumer's creation waits for its leader election: seconds, not the
+        // default 5 s bound, while a server of the cluster is down.
+        jetstream.set_timeout(Duration::from_secs(15));
         let stream = jetstream.get_stream(&cluster.stream).await.map_err(|err| {
             anyhow::anyhow!(
                 "cannot read the stream {}: {err}; create it with `weir cluster init --config FILE`",
@@ -74,23 +169,23 @@ impl JetStreamSource {
             Some(_) => DeliverPolicy::All,
             None => DeliverPolicy::New,
         };
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: cluster.stream_subject(),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot read the stream {}: {err}", cluster.stream))?;
-        let messages = consumer
-            .messages()
+        let mut reader = Reader {
+            stream,
+            filter: cluster.stream_subject(),
+            replicas: cluster.replicas,
+            resume: deliver_policy,
+            expected: 1,
+            messages: None,
+        };
+        reader
+            .create()
             .await
             .map_err(|err| anyhow::anyhow!("cannot read the stream {}: {err}", cluster.stream))?;
         metrics.set_connected(Connection::Source, true);
         metrics.set_subscribed(1);
         tracing::info!(stream = %cluster.stream, ?deliver_policy, "reading the cluster stream");
         Ok(Self {
-            messages,
+            reader,
             client,
             prefix: cluster.subject_prefix.clone(),
             partitions: cluster.partitions,
@@ -104,20 +199,13 @@ impl JetStreamSource {
         })
     }
 
-    fn delivery(
-        &mut self,
-        item: Option<Result<async_nats::jetstream::Message, impl std::fmt::Display>>,
-    ) -> Delivery {
+    fn delivery(&mut self, item: Result<async_nats::jetstream::Message, String>) -> Delivery {
         let message = match item {
-            Some(Ok(message)) => message,
-            Some(Err(err)) => {
+            Ok(message) => message,
+            Err(err) => {
                 self.failures += 1;
                 self.metrics.set_connected(Connection::Source, false);
-                tracing::warn!(%err, "reading the cluster stream failed; the consumer resumes where it stopped");
-                return Delivery::Lost;
-            }
-            None => {
-                self.failures += 1;
+                tracing::warn!(%err, "reading the cluster stream failed; a new consumer resumes where it stopped");
                 return Delivery::Lost;
             }
         };
@@ -225,7 +313,7 @@ impl Source for JetStreamSource {
     type Acker = StreamAcker;
 
     fn try_next(&mut self) -> Option<Delivery> {
-        let item = self.messages.next().now_or_never()?;
+        let item = self.reader.try_next()?;
         Some(self.delivery(item))
     }
 
@@ -235,7 +323,7 @@ impl Source for JetStreamSource {
             let delay = Duration::from_millis(100 * u64::from(self.failures.min(50)));
             tokio::time::sleep(delay).await;
         }
-        let item = self.messages.next().await;
+        let item = self.reader.next().await;
         self.delivery(item)
     }
 
@@ -244,7 +332,7 @@ impl Source for JetStreamSource {
     }
 
     async fn close(self, _acks_sent: Option<tokio::sync::oneshot::Receiver<()>>) {
-        drop(self.messages);
+        drop(self.reader);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.drain()).await;
         self.metrics.set_connected(Connection::Source, false);
     }

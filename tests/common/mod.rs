@@ -5,6 +5,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod nats;
 pub mod proxy;
 pub mod services;
@@ -532,6 +533,26 @@ impl Publisher {
             .await
             .unwrap_or_else(|_| panic!("no PubAck for a publish to {topic} within {DEADLINE:?}"))
             .expect("publisher task ended");
+    }
+
+    /// Publishes at QoS 1 and waits up to `within` for its PubAck; false if none came (the
+    /// publisher should then be dropped: later acks would be counted against later publishes).
+    pub async fn try_publish(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        within: Duration,
+    ) -> bool {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("queue the publish request");
+        self.sent += 1;
+        let sent = self.sent;
+        matches!(
+            tokio::time::timeout(within, self.acks.wait_for(|acked| *acked >= sent)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Publishes at QoS 1 with up to `in_flight` publishes not yet acknowledged, for replaying

@@ -21,13 +21,62 @@ impl NatsServer {
     /// Starts a server whose account maps readings to partitions with `mappings` (lines as
     /// `weir cluster init` prints them: `"src": "dest"`).
     pub fn start(mappings: &[String]) -> Self {
+        let server = Self::spawn(mappings, None);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts three servers routed into one NATS cluster on loopback ports, each with
+    /// JetStream and an MQTT listener (MQTT's own streams replicated 3 times), and waits until
+    /// all three listen and JetStream has a meta leader.
+    pub fn start_cluster(mappings: &[String]) -> Vec<Self> {
+        let name = super::unique("weir-test");
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let servers: Vec<Self> = routes
+            .iter()
+            .map(|&route| {
+                Self::spawn(
+                    mappings,
+                    Some(Route {
+                        name: name.clone(),
+                        port: route,
+                        peers: routes.clone(),
+                    }),
+                )
+            })
+            .collect();
+        // Not before every server runs: a lone server waits for its peers to elect a leader.
+        for server in &servers {
+            server.wait_ready();
+        }
+        servers
+    }
+
+    fn spawn(mappings: &[String], route: Option<Route>) -> Self {
         let binary = nats_binary();
         let dir = temp_dir("nats");
         let (port, mqtt_port) = (free_port(), free_port());
         let config = dir.join("nats.conf");
         let store = dir.join("js");
+        let (cluster, mqtt_replicas) = match &route {
+            None => (String::new(), ""),
+            Some(route) => (
+                format!(
+                    "cluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    route.name,
+                    route.port,
+                    route
+                        .peers
+                        .iter()
+                        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                ", stream_replicas: 3",
+            ),
+        };
         let text = format!(
-            "listen: 127.0.0.1:{port}\nserver_name: weir-test-{port}\njetstream {{ store_dir: {store:?} }}\nmqtt {{ listen: 127.0.0.1:{mqtt_port} }}\naccounts {{\n  WEIR {{\n    jetstream: enabled\n    users: [{{user: weir, password: weir}}]\n    mappings: {{\n      {}\n    }}\n  }}\n}}\nno_auth_user: weir\n",
+            "listen: 127.0.0.1:{port}\nserver_name: weir-test-{port}\njetstream {{ store_dir: {store:?} }}\nmqtt {{ listen: 127.0.0.1:{mqtt_port}{mqtt_replicas} }}\n{cluster}accounts {{\n  WEIR {{\n    jetstream: enabled\n    users: [{{user: weir, password: weir}}]\n    mappings: {{\n      {}\n    }}\n  }}\n}}\nno_auth_user: weir\n",
             mappings.join("\n      ")
         );
         std::fs::write(&config, text).expect("write nats.conf");
@@ -39,15 +88,13 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .expect("start nats-server");
-        let server = Self {
+        Self {
             port,
             mqtt_port,
             dir,
             child: Some(KillOnDrop(child)),
             config,
-        };
-        server.wait_ready();
-        server
+        }
     }
 
     fn wait_ready(&self) {
@@ -81,6 +128,25 @@ impl NatsServer {
     /// The config file the server runs with.
     pub fn config(&self) -> &PathBuf {
         &self.config
+    }
+}
+
+/// A member's place in a routed NATS cluster.
+struct Route {
+    name: String,
+    port: u16,
+    peers: Vec<u16>,
+}
+
+impl NatsServer {
+    /// SIGKILL: the server is gone at once, as in a power cut (its store dir stays until drop).
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    /// The server's name in the cluster (`server_name`), as stream info reports leaders.
+    pub fn name(&self) -> String {
+        format!("weir-test-{}", self.port)
     }
 }
 
