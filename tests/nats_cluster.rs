@@ -36,20 +36,19 @@ fn init_when_ready(config: &Path) -> String {
     }
 }
 
-/// The leader of each stream weir uses, by server name.
+/// The leader of each stream weir uses, by server name ("" while it has none).
 async fn leaders(hub: &impl Hub) -> Vec<(String, String)> {
     let client = common::cluster::connect(hub).await;
     let jetstream = async_nats::jetstream::new(client);
     let mut leaders = Vec::new();
     for stream in STREAMS {
-        let info = jetstream
-            .get_stream(stream)
-            .await
-            .expect("stream")
-            .get_info()
-            .await
-            .expect("info");
-        let leader = info.cluster.and_then(|c| c.leader).unwrap_or_default();
+        let leader = match jetstream.get_stream(stream).await {
+            Ok(stream) => match stream.get_info().await {
+                Ok(info) => info.cluster.and_then(|c| c.leader).unwrap_or_default(),
+                Err(_) => String::new(),
+            },
+            Err(_) => String::new(),
+        };
         leaders.push((stream.to_owned(), leader));
     }
     leaders
@@ -132,9 +131,28 @@ async fn killing_one_server_of_three_loses_no_event() {
         mqtt_via: 0,
     };
     let (_, second) = readings.split_at(readings.len() / 2);
-    // As a device would: its first reading after the kill is sent again, on a new connection,
-    // until the server's MQTT layer takes it (its own streams elect leaders too); the rest
-    // then follow as usual.
+    // Not before the readings stream has a leader again: until then nats-server 2.9's MQTT
+    // listener acknowledges QoS 1 publishes (PUBACK) that no stream stores. Seen here: the 240
+    // readings of the second half, published 10-30 ms after the kill, were all acknowledged
+    // and none reached the stream. That is the server's, and no client of it can see it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = leaders(&hub).await;
+        if now
+            .iter()
+            .all(|(_, leader)| !leader.is_empty() && *leader != victim)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "weir's streams had no leader a minute after the kill: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elected_after = killed_at.elapsed();
+    // Then as a device would: its first reading is sent again, on a new connection, until the
+    // server's MQTT layer takes it (its own streams elect leaders too); the rest follow.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut attempts = 0;
     loop {
@@ -156,13 +174,19 @@ async fn killing_one_server_of_three_loses_no_event() {
     let accepting_after = killed_at.elapsed();
     publish_all(&hub, &second[1..]).await;
     let published_in = killed_at.elapsed();
-    let events = wait_for_output(&hub, total, Duration::from_secs(90)).await;
+    let events = wait_for_output(&hub, total, Duration::from_secs(150)).await;
     let complete_in = killed_at.elapsed();
     println!(
-        "after the kill: leaders {:?}; MQTT took readings again after {accepting_after:?} ({attempts} attempts); second half published in {published_in:?}; {} of {total} events in the output stream after {complete_in:?}",
+        "after the kill: leaders {:?}, all elected after {elected_after:?}; MQTT took readings again after {accepting_after:?} ({attempts} attempts); second half published in {published_in:?}; {} of {total} events in the output stream after {complete_in:?}",
         leaders(&hub).await,
         events.len()
     );
+    if complete_in > Duration::from_secs(40) {
+        println!(
+            "the output was complete only {complete_in:?} after the kill; the instances' logs:\n{}",
+            logs(&dir, &names)
+        );
+    }
     assert_eq!(
         by_device(&events),
         expected,
