@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use weir::config::{self, Overrides, Secret};
 
-/// `weir --version`: the crate version and what build.rs found (git commit, target, profile).
+/// `weir --version`: the crate version and what build.rs found (git commit, target, profile,
+/// optional features).
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
