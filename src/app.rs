@@ -15,6 +15,7 @@ use crate::model::fence::Fence;
 use crate::route::Outgoing;
 use crate::sink::connect::Connected;
 use crate::sink::SinkOptions;
+#[cfg(feature = "cluster")]
 use crate::source::jetstream::JetStreamSource;
 use crate::source::mqtt::MqttSource;
 use crate::source::SourceOptions;
@@ -29,9 +30,11 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+#[cfg(feature = "cluster")]
 pub mod hub;
 
 /// How long the cluster's NATS servers may take to answer at start.
+#[cfg(feature = "cluster")]
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound on the whole shutdown sequence.
@@ -135,6 +138,7 @@ pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<
 
     // With a state dir, reading resumes where the snapshot ends (the whole stream without a
     // snapshot yet); without one, at new readings.
+    #[cfg(feature = "cluster")]
     let stream_source = match &config.cluster {
         Some(cluster) => {
             let from = state_dir.as_ref().map(|_| recovery.next_lsn);
@@ -143,6 +147,13 @@ pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<
                     .await?,
             )
         }
+        None => None,
+    };
+    // A build without the `cluster` feature has no stream source: `None`, of a type with no
+    // values. Validation refuses [cluster] in it first; a config built in code stops here.
+    #[cfg(not(feature = "cluster"))]
+    let stream_source: Option<std::convert::Infallible> = match &config.cluster {
+        Some(_) => anyhow::bail!(crate::config::features::CLUSTER.missing_or("remove [cluster]")),
         None => None,
     };
 
@@ -280,6 +291,7 @@ pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<
         let _ = stop_rx.await;
     };
     let source: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match stream_source {
+        #[cfg(feature = "cluster")]
         Some(stream) => Box::pin(crate::source::run(
             stream,
             source_setup,
@@ -625,7 +637,10 @@ fn changed_rules(saved: &[(String, u64)], plan: &Plan) -> Vec<String> {
 /// As [`start`] and [`Running::stop`].
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     if config.cluster.is_some() {
+        #[cfg(feature = "cluster")]
         return hub::run(config, shutdown).await;
+        #[cfg(not(feature = "cluster"))]
+        anyhow::bail!(crate::config::features::CLUSTER.missing_or("remove [cluster]"));
     }
     let running = start(config).await?;
     shutdown.await;

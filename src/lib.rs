@@ -31,8 +31,14 @@
 //!   cluster instance holds), [`demo`] (embedded broker and device simulator),
 //!   [`replay`] (the engine over recorded readings on a virtual clock; `weir record`), [`top`]
 //!   (a terminal view of a running weir).
+//!
+//! Cargo features leave out what a gateway may not use (`config::features` lists them): the
+//! webhook, AMQP and PostgreSQL sinks (`http-sink`, `amqp-sink`, `postgres-sink`), [`nats`],
+//! [`cluster`], `source::jetstream`, `sink::nats` and `app::hub` (`cluster`), and the demo's
+//! embedded broker (`demo`). All but OTLP export (`otlp`) are in the default.
 
 pub mod app;
+#[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod config;
 pub mod decode;
@@ -41,6 +47,7 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
+#[cfg(feature = "cluster")]
 pub mod nats;
 pub mod operators;
 pub mod replay;

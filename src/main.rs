@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use weir::config::{self, Overrides, Secret};
 
-/// `weir --version`: the crate version and what build.rs found (git commit, target, profile).
+/// `weir --version`: the crate version and what build.rs found (git commit, target, profile,
+/// optional features).
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
@@ -597,11 +598,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             action: ClusterAction::Init { config },
         } => {
             let loaded = config::load(&config, &Overrides::default())?;
-            let text = std::fs::read_to_string(&config)?;
-            for line in weir::cluster::init(&loaded, &text).await? {
-                println!("{line}");
+            #[cfg(feature = "cluster")]
+            {
+                let text = std::fs::read_to_string(&config)?;
+                for line in weir::cluster::init(&loaded, &text).await? {
+                    println!("{line}");
+                }
+                Ok(())
             }
-            Ok(())
+            // A config with [cluster] has failed to load above, naming the feature.
+            #[cfg(not(feature = "cluster"))]
+            {
+                drop(loaded);
+                anyhow::bail!(config::features::CLUSTER.missing())
+            }
         }
         Command::Sinks {
             action: SinksAction::Init { config },

@@ -3,6 +3,9 @@
 //! the readings stream under its partition, weir reads the stream and publishes events to the
 //! output stream with `Nats-Msg-Id`. The oracle is `weir replay` of the same readings.
 
+// The whole file needs the NATS client (`cluster` feature, in the default features).
+#![cfg(feature = "cluster")]
+
 mod common;
 
 use common::cluster::{

@@ -2,6 +2,9 @@
 //! streams are replicated on all three servers (R3), and one server is SIGKILLed mid-stream.
 //! Its own binary, so that the three servers and two weirs have this machine to themselves.
 
+// The whole file needs the NATS client (`cluster` feature, in the default features).
+#![cfg(feature = "cluster")]
+
 mod common;
 
 use common::cluster::{

@@ -109,4 +109,21 @@ fn version_names_the_crate_version_and_the_build() {
     if in_checkout {
         assert!(!text.contains("commit unknown"), "{text}");
     }
+    // The optional features this binary has, as the library's own cfg sees them.
+    let built: Vec<&str> = weir::config::features::ALL
+        .iter()
+        .filter(|feature| feature.built)
+        .map(|feature| feature.name)
+        .collect();
+    let listed = text
+        .trim_end()
+        .strip_suffix(')')
+        .and_then(|rest| rest.split("; features: ").nth(1))
+        .unwrap_or_else(|| panic!("no features in {text}"));
+    let expected = if built.is_empty() {
+        "none".to_owned()
+    } else {
+        built.join(" ")
+    };
+    assert_eq!(listed, expected, "{text}");
 }

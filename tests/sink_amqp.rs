@@ -3,6 +3,9 @@
 //! event dead-lettered, an outage through a TCP proxy the test cuts, fail-fast at start, and a
 //! real Celery worker running a task per alert.
 
+// The whole file talks to RabbitMQ through lapin (`amqp-sink` feature, in the default features).
+#![cfg(feature = "amqp-sink")]
+
 mod common;
 
 use common::proxy::Proxy;

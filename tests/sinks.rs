@@ -222,6 +222,12 @@ async fn a_sink_that_cannot_be_reached_at_start_stops_weir_with_its_name() {
 /// and PostgreSQL are unreachable (through proxies the test cuts; the machine's services are
 /// never stopped). After a restart with everything back, every expected event has reached each
 /// sink, copies carry the same id and body, and the table holds each event exactly once.
+// Checks RabbitMQ's queues with lapin; needs every sink kind's feature (the default features).
+#[cfg(all(
+    feature = "http-sink",
+    feature = "amqp-sink",
+    feature = "postgres-sink"
+))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_killed_while_every_sink_is_away_delivers_everything_after_the_restart() {
     use common::proxy::Proxy;
@@ -449,12 +455,24 @@ async fn weir_killed_while_every_sink_is_away_delivers_everything_after_the_rest
     std::mem::drop(connection);
 }
 
+/// How long the two tests above and below wait for every sink to settle.
+#[cfg(all(
+    feature = "http-sink",
+    feature = "amqp-sink",
+    feature = "postgres-sink"
+))]
 const SETTLE_ALL: Duration = Duration::from_secs(60);
 
 /// Events per second each sink kind delivers on this machine: 2,000 events wait in the sink's
 /// outbox while its service is away, then the time from its return to the last confirmation.
 /// Printed (`cargo test --test sinks throughput -- --nocapture`, or with `--release`), never
 /// asserted: the machine is shared.
+// Checks RabbitMQ's queues with lapin; needs every sink kind's feature (the default features).
+#[cfg(all(
+    feature = "http-sink",
+    feature = "amqp-sink",
+    feature = "postgres-sink"
+))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throughput_per_sink_is_measured() {
     use common::proxy::Proxy;

@@ -20,6 +20,8 @@
 //!   when several instances share a fleet, and the partition function.
 //! - `sinks.rs`: `[sinks.NAME]`, webhooks, AMQP exchanges, PostgreSQL and other brokers that
 //!   rule outputs name.
+//! - `features.rs`: which sinks and sections are cargo features, and the problem a config
+//!   reports when it uses one this build was made without.
 //!
 //! Around them: `validate.rs` walks the sections and holds the checks that span several (what
 //! `at_least_once` asks of the others; one type per payload field across rules); `error.rs`
@@ -35,6 +37,7 @@ pub mod condition;
 mod delivery;
 pub mod endpoint;
 mod error;
+pub mod features;
 mod http;
 mod inputs;
 mod observability;

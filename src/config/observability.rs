@@ -16,12 +16,6 @@ pub(super) fn check_observability(observability: &ObservabilityConfig, problems:
     let Some(endpoint) = &observability.otlp_endpoint else {
         return;
     };
-    if !cfg!(feature = "otlp") {
-        problems.add(
-            "observability.otlp_endpoint",
-            "this weir was built without OTLP export; rebuild it with `cargo build --release --features otlp`, or remove the key",
-        );
-    }
     if let Err(message) = super::endpoint::OtlpEndpoint::parse(endpoint) {
         problems.add("observability.otlp_endpoint", message);
     }

@@ -43,6 +43,19 @@ impl SinkKind {
         }
     }
 
+    /// The cargo feature that brings this kind's client; `None` for MQTT, which every build has.
+    pub fn feature(self) -> Option<super::features::Feature> {
+        use super::features::{AMQP_SINK, CLUSTER, HTTP_SINK, POSTGRES_SINK};
+        match self {
+            SinkKind::Mqtt => None,
+            SinkKind::Http => Some(HTTP_SINK),
+            SinkKind::Amqp => Some(AMQP_SINK),
+            SinkKind::Postgres => Some(POSTGRES_SINK),
+            // The NATS sink publishes into the [cluster] output stream, with the same client.
+            SinkKind::Nats => Some(CLUSTER),
+        }
+    }
+
     /// Whether an output to this kind needs a topic (MQTT: the topic; AMQP: the routing key).
     pub fn needs_topic(self) -> bool {
         matches!(self, SinkKind::Mqtt | SinkKind::Amqp | SinkKind::Nats)

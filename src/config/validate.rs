@@ -45,6 +45,10 @@ impl Problems {
             offset: Some(offset),
         });
     }
+
+    pub(super) fn into_vec(self) -> Vec<Problem> {
+        self.0
+    }
 }
 
 /// Checks what serde cannot: ranges, cross-references, and values a dependency would panic on.
@@ -52,6 +56,8 @@ impl Problems {
 /// Problems come out in the order of these calls; `weir check` output and tests rely on it.
 pub fn validate(config: &Config) -> Vec<Problem> {
     let mut problems = Problems::default();
+    // First: a section this build cannot run matters more than how it is filled in.
+    super::features::check_features(config, |feature| feature.built, &mut problems);
     check_broker(&config.broker, &mut problems);
     check_pipeline(&config.pipeline, &mut problems);
     check_at_least_once(config, &mut problems);
@@ -69,7 +75,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     }
     check_field_types(config, &mut problems);
     check_observability(&config.observability, &mut problems);
-    problems.0
+    problems.into_vec()
 }
 
 /// What `at_least_once` asks of the other sections: a state dir to log inputs to, a broker

@@ -2,7 +2,33 @@
 //! ([`broker`]), simulated devices ([`simulator`]) and the pipeline running the given config —
 //! with a live line of throughput until ctrl-c or `--duration`.
 
+#[cfg(feature = "demo")]
 pub mod broker;
+#[cfg(not(feature = "demo"))]
+pub mod broker {
+    //! A build without the `demo` feature has no embedded broker (rumqttd): starting one, the
+    //! first thing `weir demo` does, fails and names the feature. `weir simulate` needs none.
+
+    /// Stands in for the embedded broker; never started.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct EmbeddedBroker {
+        pub port: u16,
+    }
+
+    impl EmbeddedBroker {
+        /// # Errors
+        /// Always: this build has no broker to start.
+        pub fn start() -> anyhow::Result<EmbeddedBroker> {
+            anyhow::bail!(crate::config::features::DEMO
+                .missing_or("run `weir simulate --broker URL` against a broker of your own"))
+        }
+
+        /// `mqtt://127.0.0.1:PORT`, as the real broker's.
+        pub fn url(&self) -> String {
+            format!("mqtt://127.0.0.1:{}", self.port)
+        }
+    }
+}
 pub mod simulator;
 
 use crate::config::Overrides;

@@ -18,11 +18,16 @@
 //! derived before the barrier that the sink has not confirmed. Each sink sends its part; the
 //! snapshot writer joins them.
 
+// A sink kind whose client a build leaves out has no module; `connect` says which feature.
+#[cfg(feature = "amqp-sink")]
 pub mod amqp;
 pub mod connect;
+#[cfg(feature = "http-sink")]
 pub mod http;
 pub mod mqtt;
+#[cfg(feature = "cluster")]
 pub mod nats;
+#[cfg(feature = "postgres-sink")]
 pub mod postgres;
 pub mod queued;
 

@@ -9,6 +9,7 @@
 //! `weir_queue_depth`. Acknowledgements are sent by a separate task, only for inputs the log has
 //! made durable, in receive order, through the source's acker.
 
+#[cfg(feature = "cluster")]
 pub mod jetstream;
 pub mod mqtt;
 

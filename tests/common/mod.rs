@@ -5,6 +5,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+// Reads NATS streams and buckets with async-nats (`cluster` feature).
+#[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod nats;
 pub mod proxy;
