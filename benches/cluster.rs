@@ -60,6 +60,9 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 #[path = "common/http.rs"]
 mod http;
 use http::http_get;
+#[path = "common/proc.rs"]
+mod proc;
+use proc::proc_stat;
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
@@ -145,28 +148,8 @@ impl Process {
 
     /// CPU time (user + system) so far, from /proc/PID/stat.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .expect("the process is running");
-        // Fields 14 and 15 of stat(5), counted from after the command name.
-        let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..]
-            .split(' ')
-            .collect();
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        Duration::from_millis(ticks * 1000 / clock_ticks())
+        proc_stat(self.pid()).expect("the process is running").1
     }
-}
-
-fn clock_ticks() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-            .unwrap_or(100)
-    })
 }
 
 fn free_port() -> u16 {

@@ -9,8 +9,9 @@
 mod common;
 
 use common::cluster::{
-    by_device, cluster_config, fleet_readings, logs, output_stream, publish_all, readings,
-    replayed, server_for_example, wait_for_output, wait_for_owners, weir, Instance,
+    assert_equals_replay, by_device, cluster_config, fleet_readings, logs, output_stream,
+    publish_all, readings, replayed, server_for_example, wait_for_output, wait_for_owners, weir,
+    Instance,
 };
 use common::nats::NatsServer;
 use common::{temp_dir, wait_until, Publisher, DEADLINE};
@@ -268,13 +269,7 @@ async fn an_instance_killed_mid_stream_hands_its_partitions_over_and_no_event_is
         "partitions of the killed instance claimed again within {moved_within:?} (the second half published in {published_in:?}); {} events, {handovers} handovers",
         events.len()
     );
-    assert_eq!(
-        by_device(&events),
-        expected,
-        "every event once, in per-device order\n{}",
-        logs(&dir, &names)
-    );
-    assert_eq!(events.len(), total);
+    assert_equals_replay(&events, &expected, &dir, &names);
     assert!(handovers >= 2.0, "both survivors took partitions over");
     for instance in &mut instances[1..] {
         instance.stop();
@@ -352,13 +347,7 @@ async fn rescaling_two_three_two_moves_about_a_third_and_loses_nothing() {
     );
 
     let events = wait_for_output(&server, total, Duration::from_secs(30)).await;
-    assert_eq!(
-        by_device(&events),
-        expected,
-        "every event once, in per-device order\n{}",
-        logs(&dir, &["hub-a", "hub-b", "hub-c"])
-    );
-    assert_eq!(events.len(), total);
+    assert_equals_replay(&events, &expected, &dir, &["hub-a", "hub-b", "hub-c"]);
     a.stop();
     b.stop();
 }

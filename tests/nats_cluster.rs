@@ -8,8 +8,8 @@
 mod common;
 
 use common::cluster::{
-    by_device, cluster_config, example_mappings, fleet_readings, logs, publish_all, replayed,
-    wait_for_output, wait_for_owners, Hub, Instance, Routed,
+    assert_equals_replay, cluster_config, example_mappings, fleet_readings, logs, publish_all,
+    replayed, wait_for_output, wait_for_owners, Hub, Instance, Routed,
 };
 use common::nats::NatsServer;
 use common::{temp_dir, Publisher};
@@ -190,13 +190,7 @@ async fn killing_one_server_of_three_loses_no_event() {
             logs(&dir, &names)
         );
     }
-    assert_eq!(
-        by_device(&events),
-        expected,
-        "every event once, in per-device order\n{}",
-        logs(&dir, &names)
-    );
-    assert_eq!(events.len(), total);
+    assert_equals_replay(&events, &expected, &dir, &names);
     for instance in &mut instances {
         instance.stop();
     }

@@ -219,6 +219,24 @@ pub async fn try_output_stream(
     Ok(out)
 }
 
+/// Asserts that the output stream holds exactly the `expected` events (per device, in order,
+/// each once); on a mismatch the failure shows the instances' logs in `dir`.
+pub fn assert_equals_replay(
+    events: &[(String, serde_json::Value)],
+    expected: &BTreeMap<String, Vec<String>>,
+    dir: &Path,
+    names: &[&str],
+) {
+    assert_eq!(
+        &by_device(events),
+        expected,
+        "every event once, in per-device order\n{}",
+        logs(dir, names)
+    );
+    let total: usize = expected.values().map(Vec::len).sum();
+    assert_eq!(events.len(), total);
+}
+
 /// Per device, the event ids in the output stream, in stream order.
 pub fn by_device(events: &[(String, serde_json::Value)]) -> BTreeMap<String, Vec<String>> {
     let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -525,16 +525,10 @@ impl Publisher {
 
     /// Publishes at QoS 1 and waits for the broker's PubAck.
     pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.into())
-            .await
-            .expect("queue the publish request");
-        self.sent += 1;
-        let sent = self.sent;
-        tokio::time::timeout(DEADLINE, self.acks.wait_for(|acked| *acked >= sent))
-            .await
-            .unwrap_or_else(|_| panic!("no PubAck for a publish to {topic} within {DEADLINE:?}"))
-            .expect("publisher task ended");
+        assert!(
+            self.try_publish(topic, payload, DEADLINE).await,
+            "no PubAck for a publish to {topic} within {DEADLINE:?}"
+        );
     }
 
     /// Publishes at QoS 1 and waits up to `within` for its PubAck; false if none came (the
