@@ -126,6 +126,67 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
     Ok(())
 }
 
+/// What a term starts from, cloned out of the supervisor so that the start runs while the
+/// supervisor keeps its leases alive.
+struct TermSetup {
+    config: Config,
+    partitions: u32,
+    store: StateStore,
+    metrics: Arc<Metrics>,
+    fence: Arc<Fence>,
+    work_dir: PathBuf,
+}
+
+impl TermSetup {
+    /// Loads the partitions' snapshots, merges them into the term's state dir and starts the
+    /// pipeline over them.
+    async fn start(self, owned: BTreeSet<u32>) -> anyhow::Result<Term> {
+        let started = Instant::now();
+        let partitions = self.partitions;
+        let mut parts = Vec::with_capacity(owned.len());
+        for &partition in &owned {
+            parts.push((partition, self.store.load(partition).await?));
+        }
+        let (merged, first_unapplied) = state::merge(parts, partitions);
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+        let dir = StateDir::open(&self.work_dir)?;
+        let devices = merged.devices.len();
+        if merged.lsn > 0 || devices > 0 {
+            snapshot::write(dir.path(), &merged)?;
+        }
+        let mut config = self.config;
+        config.delivery.state_dir = Some(self.work_dir.clone());
+        let (snapshots_tx, snapshots_rx) = mpsc::channel(4);
+        let epoch = Epoch {
+            metrics: self.metrics.clone(),
+            owned: first_unapplied.clone(),
+            fence: self.fence.clone(),
+            snapshots: snapshots_tx,
+        };
+        let running = start_with(config, Some(epoch)).await?;
+        let saver = tokio::spawn(state::save_clean(
+            snapshots_rx,
+            self.store.clone(),
+            first_unapplied,
+            partitions,
+            self.fence.clone(),
+            self.metrics.clone(),
+        ));
+        tracing::info!(
+            partitions = ?owned,
+            devices,
+            from = merged.lsn,
+            took = ?started.elapsed(),
+            "serving partitions"
+        );
+        Ok(Term {
+            running,
+            saver,
+            owned,
+        })
+    }
+}
+
 struct Supervisor {
     config: Config,
     cluster: ClusterConfig,
@@ -153,11 +214,7 @@ impl Supervisor {
     /// One round, every TTL / 4: heartbeat, renew, compare the assignment with the leases,
     /// and start a new term where they differ.
     async fn round(&mut self) {
-        if let Err(err) = self.membership.heartbeat().await {
-            self.metrics.cluster.lease_renew_failures.inc();
-            tracing::warn!(%err, "member heartbeat failed");
-        }
-        self.renew().await;
+        self.keep_alive().await;
 
         let revisions = match self.membership.member_revisions().await {
             Ok(revisions) => revisions,
@@ -251,7 +308,7 @@ impl Supervisor {
             return;
         }
         if let Some(term) = self.term.take() {
-            term.stop().await;
+            self.renewing(term.stop()).await;
         }
         for partition in release {
             if let Some(lease) = self.leases.remove(&partition) {
@@ -269,7 +326,19 @@ impl Supervisor {
         if owned.is_empty() {
             return;
         }
-        match self.start_term(owned).await {
+        let setup = TermSetup {
+            config: self.config.clone(),
+            partitions: self.cluster.partitions,
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            fence: self.fence.clone(),
+            work_dir: self.work_dir.clone(),
+        };
+        match self.renewing(setup.start(owned.clone())).await {
+            Ok(term) if self.leases.keys().copied().collect::<BTreeSet<u32>>() != owned => {
+                tracing::warn!("leases lost while the term started; stopping it");
+                self.renewing(term.stop()).await;
+            }
             Ok(term) => {
                 if self.terms > 0 {
                     self.metrics.cluster.handovers.inc();
@@ -278,6 +347,32 @@ impl Supervisor {
                 self.term = Some(term);
             }
             Err(err) => tracing::error!(%err, "cannot start serving the partitions; retrying"),
+        }
+    }
+
+    /// Heartbeats the member key and renews every lease.
+    async fn keep_alive(&mut self) {
+        if let Err(err) = self.membership.heartbeat().await {
+            self.metrics.cluster.lease_renew_failures.inc();
+            tracing::warn!(%err, "member heartbeat failed");
+        }
+        self.renew().await;
+    }
+
+    /// Runs `work` (a term's start or stop) while keeping the member key and the leases alive
+    /// every tick. Loading snapshots, creating consumers or saving the last snapshot can take
+    /// seconds on a loaded machine: longer than the fence trusts a lease renewed before it
+    /// (3/4 of a 2 s TTL), after which the new term would find its leases lapsed and the
+    /// cluster would never settle. `work` is not polled while a renewal is under way; the
+    /// pipeline's own tasks run on meanwhile.
+    async fn renewing<T>(&mut self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let tick = self.cluster.lease_ttl / 4;
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                () = tokio::time::sleep(tick) => self.keep_alive().await,
+            }
         }
     }
 
@@ -310,6 +405,7 @@ impl Supervisor {
         );
         self.fence.close();
         if let Some(term) = self.term.take() {
+            // Fenced: it publishes and saves nothing more, so its stop needs no renewals.
             term.stop().await;
         }
         self.leases.clear();
@@ -344,54 +440,6 @@ impl Supervisor {
             Some(until) => self.fence.set(until),
             None => self.fence.close(),
         }
-    }
-
-    /// Loads the partitions' snapshots, merges them into the term's state dir and starts the
-    /// pipeline over them.
-    async fn start_term(&self, owned: BTreeSet<u32>) -> anyhow::Result<Term> {
-        let started = Instant::now();
-        let partitions = self.cluster.partitions;
-        let mut parts = Vec::with_capacity(owned.len());
-        for &partition in &owned {
-            parts.push((partition, self.store.load(partition).await?));
-        }
-        let (merged, first_unapplied) = state::merge(parts, partitions);
-        let _ = std::fs::remove_dir_all(&self.work_dir);
-        let dir = StateDir::open(&self.work_dir)?;
-        let devices = merged.devices.len();
-        if merged.lsn > 0 || devices > 0 {
-            snapshot::write(dir.path(), &merged)?;
-        }
-        let mut config = self.config.clone();
-        config.delivery.state_dir = Some(self.work_dir.clone());
-        let (snapshots_tx, snapshots_rx) = mpsc::channel(4);
-        let epoch = Epoch {
-            metrics: self.metrics.clone(),
-            owned: first_unapplied.clone(),
-            fence: self.fence.clone(),
-            snapshots: snapshots_tx,
-        };
-        let running = start_with(config, Some(epoch)).await?;
-        let saver = tokio::spawn(state::save_clean(
-            snapshots_rx,
-            self.store.clone(),
-            first_unapplied,
-            partitions,
-            self.fence.clone(),
-            self.metrics.clone(),
-        ));
-        tracing::info!(
-            partitions = ?owned,
-            devices,
-            from = merged.lsn,
-            took = ?started.elapsed(),
-            "serving partitions"
-        );
-        Ok(Term {
-            running,
-            saver,
-            owned,
-        })
     }
 
     fn publish_view(&self, members: &[String], assigned: &[Option<String>], waiting: usize) {
