@@ -75,6 +75,9 @@ pub struct Epoch {
     pub fence: Arc<Fence>,
     /// Every snapshot the term writes, for the cluster's state store.
     pub snapshots: mpsc::Sender<Snapshot>,
+    /// Where each owned partition stood at each snapshot barrier, for the state store.
+    #[cfg(feature = "cluster")]
+    pub checkpoints: Arc<crate::cluster::state::Checkpoints>,
 }
 
 /// Starts the pipeline and returns once the HTTP endpoint is bound; connecting to the broker
@@ -95,9 +98,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<Running> {
     let plan = Arc::new(Plan::build(&config)?);
     let (metrics, owned, fence, copies) = match epoch {
+        #[cfg(feature = "cluster")]
         Some(epoch) => (
             epoch.metrics,
-            Some(epoch.owned),
+            Some((epoch.owned, epoch.checkpoints)),
+            Some(epoch.fence),
+            Some(epoch.snapshots),
+        ),
+        #[cfg(not(feature = "cluster"))]
+        Some(epoch) => (
+            epoch.metrics,
+            Some((epoch.owned, ())),
             Some(epoch.fence),
             Some(epoch.snapshots),
         ),

@@ -412,6 +412,56 @@ async fn a_stale_owner_resumed_after_its_lease_publishes_nothing_for_the_partiti
     b.stop();
 }
 
+/// Stopped (SIGTERM) while its NATS server is gone, an instance exits within its lease TTL
+/// after its pipeline stops, rather than waiting out every save's and release's timeout: its
+/// claims expire by themselves by then, and its partitions' previous snapshots stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stopped_while_nats_is_away_exits_within_its_lease() {
+    let mut server = server_for_example();
+    let dir = temp_dir("cluster-away");
+    let init_config = dir.join("init.toml");
+    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &init_config);
+    let lease = Duration::from_secs(4);
+    let mut a = Instance::start_with(&server, &dir, "hub-a", lease);
+    wait_for_owners(&server, &["hub-a"], Duration::from_secs(30)).await;
+    publish_all(&server, &fleet_readings(20, 4)).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            a.metric("weir_cluster_state_saved_total") > 0.0
+        })
+        .await,
+        "hub-a saved its partitions' state"
+    );
+    server.kill();
+    let mut process = a.process.take().expect("running");
+    a.signal_pid(process.0.id(), "TERM");
+    let stopped = std::time::Instant::now();
+    // The pipeline's own bound (10 s) plus the lease, with room for a loaded machine.
+    let bound = Duration::from_secs(10) + lease + Duration::from_secs(6);
+    let status = loop {
+        if let Some(status) = process.0.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if stopped.elapsed() > bound {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = stopped.elapsed();
+    assert!(
+        status.is_some(),
+        "hub-a had not exited {took:?} after SIGTERM with NATS gone\n{}",
+        logs(&dir, &["hub-a"])
+    );
+    let log = std::fs::read_to_string(dir.join("hub-a.log")).unwrap_or_default();
+    assert!(
+        log.contains("expire by themselves"),
+        "hub-a said its claims expire by themselves:\n{log}"
+    );
+    println!("hub-a exited {took:?} after SIGTERM with NATS gone (lease {lease:?})");
+}
+
 /// The same readings through one `weir run` and through three, each cluster on its own server:
 /// both output streams hold exactly the events `weir replay` derives, by id and per-device order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,13 +41,22 @@ struct Term {
 }
 
 impl Term {
-    /// Stops the pipeline (a last snapshot, its outbox drained) and waits for the saver to
-    /// store what is clean. With the fence closed, nothing more is published or saved.
-    async fn stop(self) {
+    /// Stops the pipeline (a last snapshot, its outbox drained) and waits until `deadline`
+    /// for the saver to store what is clean. With the fence closed, nothing more is published
+    /// or saved; with NATS away, each save would wait for its own timeout, so the saver is
+    /// given up at the deadline (the partitions' previous snapshots stay).
+    async fn stop(self, deadline: Instant) {
         if let Err(err) = self.running.stop().await {
             tracing::warn!(%err, "the term did not stop in time");
         }
-        let _ = self.saver.await;
+        let mut saver = self.saver;
+        if tokio::time::timeout_at(deadline.into(), &mut saver)
+            .await
+            .is_err()
+        {
+            saver.abort();
+            tracing::warn!("the term's last snapshots were not all saved in time");
+        }
     }
 }
 
@@ -157,17 +166,19 @@ impl TermSetup {
         let mut config = self.config;
         config.delivery.state_dir = Some(self.work_dir.clone());
         let (snapshots_tx, snapshots_rx) = mpsc::channel(4);
+        let checkpoints = Arc::new(state::Checkpoints::default());
         let epoch = Epoch {
             metrics: self.metrics.clone(),
-            owned: first_unapplied.clone(),
+            owned: first_unapplied,
             fence: self.fence.clone(),
             snapshots: snapshots_tx,
+            checkpoints: checkpoints.clone(),
         };
         let running = start_with(config, Some(epoch)).await?;
         let saver = tokio::spawn(state::save_clean(
             snapshots_rx,
             self.store.clone(),
-            first_unapplied,
+            checkpoints,
             partitions,
             self.fence.clone(),
             self.metrics.clone(),
@@ -308,7 +319,8 @@ impl Supervisor {
             return;
         }
         if let Some(term) = self.term.take() {
-            self.renewing(term.stop()).await;
+            self.renewing(term.stop(Instant::now() + self.cluster.lease_ttl))
+                .await;
         }
         for partition in release {
             if let Some(lease) = self.leases.remove(&partition) {
@@ -337,7 +349,8 @@ impl Supervisor {
         match self.renewing(setup.start(owned.clone())).await {
             Ok(term) if self.leases.keys().copied().collect::<BTreeSet<u32>>() != owned => {
                 tracing::warn!("leases lost while the term started; stopping it");
-                self.renewing(term.stop()).await;
+                self.renewing(term.stop(Instant::now() + self.cluster.lease_ttl))
+                    .await;
             }
             Ok(term) => {
                 if self.terms > 0 {
@@ -406,7 +419,7 @@ impl Supervisor {
         self.fence.close();
         if let Some(term) = self.term.take() {
             // Fenced: it publishes and saves nothing more, so its stop needs no renewals.
-            term.stop().await;
+            term.stop(Instant::now() + self.cluster.lease_ttl).await;
         }
         self.leases.clear();
         self.metrics.cluster.partitions_owned.set(0);
@@ -468,16 +481,33 @@ impl Supervisor {
     }
 
     /// Stops the term (its state saved), releases every partition and removes the member key.
+    ///
+    /// Saving and releasing are bounded by a lease TTL together: with NATS away, every request
+    /// would wait for its own timeout, and the claims and the key expire by themselves within
+    /// a TTL anyway.
     async fn leave(&mut self) {
+        let deadline = Instant::now() + self.cluster.lease_ttl;
         if let Some(term) = self.term.take() {
-            term.stop().await;
-        }
-        for lease in std::mem::take(&mut self.leases).into_values() {
-            let _ = self.membership.release(&lease).await;
+            term.stop(deadline).await;
         }
         self.fence.close();
-        if let Err(err) = self.membership.leave().await {
-            tracing::warn!(%err, "cannot remove the member key; it expires by itself");
+        let leases = std::mem::take(&mut self.leases);
+        let membership = &self.membership;
+        let released = tokio::time::timeout_at(deadline.into(), async {
+            for lease in leases.into_values() {
+                let _ = membership.release(&lease).await;
+            }
+            membership.leave().await
+        })
+        .await;
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "cannot remove the member key; it expires by itself")
+            }
+            Err(_) => tracing::warn!(
+                "NATS did not answer in time; the claims and the member key expire by themselves"
+            ),
         }
     }
 }

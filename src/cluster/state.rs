@@ -141,9 +141,9 @@ pub fn merge(parts: Vec<(u32, Option<Snapshot>)>, partitions: u32) -> (Snapshot,
     (merged, owned)
 }
 
-/// Partition `partition`'s part of an instance's snapshot: its devices, and the later of the
-/// snapshot's sequence and the partition's own starting point (readings before that were
-/// skipped, being applied already). No outbox: only clean snapshots are split.
+/// Partition `partition`'s part of an instance's snapshot: its devices, and `first_unapplied`,
+/// the partition's own position in the stream as the snapshot's barrier found it (the term's
+/// LSNs count deliveries, not stream sequences). No outbox: only clean snapshots are split.
 pub fn split(
     snapshot: &Snapshot,
     partition: u32,
@@ -151,7 +151,7 @@ pub fn split(
     partitions: u32,
 ) -> Snapshot {
     Snapshot {
-        lsn: snapshot.lsn.max(first_unapplied),
+        lsn: first_unapplied,
         devices: snapshot
             .devices
             .iter()
@@ -162,6 +162,56 @@ pub fn split(
             .collect(),
         outbox: Vec::new(),
         rules: snapshot.rules.clone(),
+    }
+}
+
+/// Where each owned partition stood at every snapshot barrier of a term: the source notes it
+/// ([`Checkpoints::mark`]) as it sends the barrier, and the saver looks up the snapshot's LSN
+/// ([`Checkpoints::at`]) to split it. Snapshots reach the saver in barrier order, so marks
+/// before the one looked up are dropped; at most [`Checkpoints::CAP`] wait (a barrier every
+/// snapshot interval, taken off as soon as the snapshot is saved), the oldest dropped beyond,
+/// whose snapshot is then not saved (a warning; the next one is).
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    marks: std::sync::Mutex<std::collections::VecDeque<(u64, Positions)>>,
+}
+
+/// Per owned partition, the first stream sequence not yet delivered.
+pub type Positions = Arc<[(u32, u64)]>;
+
+impl Checkpoints {
+    pub const CAP: usize = 64;
+
+    /// At barrier `lsn`, each owned partition's first stream sequence not yet delivered.
+    pub fn mark(&self, lsn: u64, positions: Positions) {
+        let mut marks = self
+            .marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if marks.back().is_some_and(|(last, _)| *last == lsn) {
+            // No delivery since the last barrier: the same positions.
+            return;
+        }
+        if marks.len() == Self::CAP {
+            marks.pop_front();
+        }
+        marks.push_back((lsn, positions));
+    }
+
+    /// The positions marked at barrier `lsn`, forgetting earlier ones; kept for a second look
+    /// (the last snapshot comes again once its outbox is up to date).
+    pub fn at(&self, lsn: u64) -> Option<Positions> {
+        let mut marks = self
+            .marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while marks.front().is_some_and(|(marked, _)| *marked < lsn) {
+            marks.pop_front();
+        }
+        marks
+            .front()
+            .filter(|(marked, _)| *marked == lsn)
+            .map(|(_, positions)| positions.clone())
     }
 }
 
@@ -182,7 +232,7 @@ pub fn acknowledged_since(earlier: &Snapshot, later: &Snapshot) -> bool {
 pub async fn save_clean(
     mut snapshots: mpsc::Receiver<Snapshot>,
     store: StateStore,
-    owned: Vec<Option<u64>>,
+    checkpoints: Arc<Checkpoints>,
     partitions: u32,
     fence: Arc<Fence>,
     metrics: Arc<Metrics>,
@@ -193,11 +243,11 @@ pub async fn save_clean(
             // The same LSN again is the last snapshot with its outbox brought up to date at
             // shutdown: it replaces the candidate.
             if earlier.lsn != next.lsn && acknowledged_since(&earlier, &next) {
-                save(&store, &earlier, &owned, partitions, &fence, &metrics).await;
+                save(&store, &earlier, &checkpoints, partitions, &fence, &metrics).await;
             }
         }
         if next.outbox.is_empty() {
-            save(&store, &next, &owned, partitions, &fence, &metrics).await;
+            save(&store, &next, &checkpoints, partitions, &fence, &metrics).await;
         } else {
             candidate = Some(next);
         }
@@ -214,16 +264,20 @@ pub async fn save_clean(
 async fn save(
     store: &StateStore,
     snapshot: &Snapshot,
-    owned: &[Option<u64>],
+    checkpoints: &Checkpoints,
     partitions: u32,
     fence: &Fence,
     metrics: &Metrics,
 ) {
+    let Some(positions) = checkpoints.at(snapshot.lsn) else {
+        tracing::warn!(
+            lsn = snapshot.lsn,
+            "no stream positions were noted for this snapshot; the partitions keep their previous state until the next one"
+        );
+        return;
+    };
     let mut bytes = 0;
-    for (partition, first_unapplied) in owned.iter().enumerate() {
-        let Some(first_unapplied) = first_unapplied else {
-            continue;
-        };
+    for &(partition, first_unapplied) in positions.iter() {
         // A lapsed lease may already be another instance's: its state must not be overwritten.
         if !fence.holds() {
             tracing::warn!(
@@ -231,8 +285,7 @@ async fn save(
             );
             return;
         }
-        let partition = partition as u32;
-        let part = split(snapshot, partition, *first_unapplied, partitions);
+        let part = split(snapshot, partition, first_unapplied, partitions);
         match store.save(partition, &part).await {
             Ok(size) => {
                 bytes += size;
@@ -287,12 +340,13 @@ mod tests {
             outbox: vec![],
             rules: vec![("overheat".into(), 7)],
         };
-        // Partition 2 was taken up at 120 (its readings up to 119 were applied by its snapshot).
+        // Each partition read on its own: partition 2 had reached 120 at the barrier, the
+        // others 100.
         let parts: Vec<(u32, Option<Snapshot>)> = (0..partitions)
             .map(|p| {
                 (
                     p,
-                    Some(split(&whole, p, if p == 2 { 120 } else { 0 }, partitions)),
+                    Some(split(&whole, p, if p == 2 { 120 } else { 100 }, partitions)),
                 )
             })
             .collect();
@@ -318,6 +372,34 @@ mod tests {
             "a partition without a snapshot is read from the start"
         );
         assert_eq!(merged.rules, vec![("overheat".to_owned(), 7)]);
+    }
+
+    #[test]
+    fn checkpoints_give_each_barrier_its_positions_and_forget_earlier_ones() {
+        let checkpoints = Checkpoints::default();
+        let at = |positions: &[(u32, u64)]| -> Arc<[(u32, u64)]> { positions.into() };
+        checkpoints.mark(10, at(&[(1, 50), (3, 7)]));
+        checkpoints.mark(10, at(&[(1, 99)]));
+        checkpoints.mark(20, at(&[(1, 60), (3, 7)]));
+        checkpoints.mark(30, at(&[(1, 61), (3, 90)]));
+        assert_eq!(checkpoints.at(20).as_deref(), Some(&[(1, 60), (3, 7)][..]));
+        assert_eq!(
+            checkpoints.at(20).as_deref(),
+            Some(&[(1, 60), (3, 7)][..]),
+            "the last snapshot comes again with its outbox up to date"
+        );
+        assert_eq!(checkpoints.at(10), None, "earlier marks are gone");
+        assert_eq!(checkpoints.at(25), None, "no barrier at 25");
+        assert_eq!(checkpoints.at(30).as_deref(), Some(&[(1, 61), (3, 90)][..]));
+        for lsn in 0..(Checkpoints::CAP as u64 + 5) {
+            checkpoints.mark(100 + lsn, at(&[(0, lsn)]));
+        }
+        assert_eq!(
+            checkpoints.at(100),
+            None,
+            "the oldest beyond the cap is dropped"
+        );
+        assert_eq!(checkpoints.at(105).as_deref(), Some(&[(0, 5)][..]));
     }
 
     #[test]

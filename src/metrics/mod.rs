@@ -133,12 +133,10 @@ pub struct ClusterMetrics {
     pub replay_seconds: prometheus::Gauge,
     /// Readings read in that time.
     pub replayed_readings: IntGauge,
-    /// Readings of the stream not yet delivered to this instance (its consumer's pending count).
+    /// Readings of its partitions not yet delivered to this instance (its consumers' pending
+    /// counts together).
     pub lag_messages: IntGauge,
     pub lease_renew_failures: IntCounter,
-    /// Stream messages of partitions this instance does not own, or already applied by the
-    /// snapshot it resumed from, passed over.
-    pub readings_skipped: IntCounter,
     /// Partition snapshots saved to the cluster's state store, and their total size.
     pub state_saved: IntCounter,
     pub state_bytes: IntGauge,
@@ -158,9 +156,8 @@ impl ClusterMetrics {
                 .unwrap_or_else(|err| panic!("replay seconds: {err}")),
             ),
             replayed_readings: gauge(r, "weir_cluster_replayed_readings", "Readings read to catch up at the last handover."),
-            lag_messages: gauge(r, "weir_cluster_lag_messages", "Readings in the stream not yet delivered to this instance."),
+            lag_messages: gauge(r, "weir_cluster_lag_messages", "Readings of its partitions in the stream not yet delivered to this instance."),
             lease_renew_failures: counter(r, "weir_cluster_lease_renew_failures_total", "Renewals of partition claims or of the member heartbeat that failed."),
-            readings_skipped: counter(r, "weir_cluster_readings_skipped_total", "Stream messages of partitions not owned here, or already applied, passed over."),
             state_saved: counter(r, "weir_cluster_state_saved_total", "Partition snapshots saved to the cluster's state store."),
             state_bytes: gauge(r, "weir_cluster_state_bytes", "Size of this instance's last saved partition snapshots, together."),
         }

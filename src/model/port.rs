@@ -64,6 +64,10 @@ pub trait Source: Send + 'static {
     /// The handle that acknowledges this source's messages.
     fn acker(&self) -> Self::Acker;
 
+    /// A snapshot barrier at `lsn` follows every delivery so far: a source that resumes from
+    /// positions of its own (a cluster stream read partition by partition) notes them here.
+    fn checkpoint(&mut self, _lsn: u64) {}
+
     /// Ends the source: keeps its connection served until `acks_sent` resolves (the last
     /// acknowledgements are out), within a bound of its own, then disconnects.
     fn close(

@@ -6,16 +6,25 @@
 //!
 //! The subject carries the partition the server mapped the device to
 //! (`weir.28.sensors.plant-1.dev-7.telemetry`); the topic the rules see is the MQTT topic the
-//! device published (`sensors/plant-1/dev-7/telemetry`). The source reads every partition in
-//! stream order through one ephemeral consumer with as many replicas as the stream, which it
-//! recreates after a gap or an error, from the sequence after the last one it delivered.
+//! device published (`sensors/plant-1/dev-7/telemetry`). A term of a cluster instance reads
+//! only the partitions it owns, each through an ephemeral consumer of its own filtered to
+//! `weir.<partition>.>` (nats-server 2.9 gives a consumer one filter subject), from that
+//! partition's first unapplied sequence; each consumer has as many replicas as the stream and
+//! is made again after a gap or an error, from the sequence after the last one it delivered.
+//! Readings of one device stay in stream order (one partition, one consumer); partitions
+//! interleave as their consumers deliver. So the term's LSNs count deliveries, and at every
+//! snapshot barrier the source notes each partition's position for the state store
+//! ([`Checkpoints`]). Without owned partitions (a single `weir run` over the whole stream),
+//! one consumer reads every partition and the stream sequence is the LSN.
 
+use crate::cluster::state::Checkpoints;
 use crate::config::cluster::split_subject;
 use crate::config::ClusterConfig;
 use crate::metrics::{Connection, Metrics, WarnLimit};
 use crate::model::port::{AckToken, Acked, Acker, Closed, Delivery, Incoming, Source};
 use crate::model::trace::{self, TraceContext};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use futures_util::stream::{BoxStream, SelectAll};
 use futures_util::{FutureExt as _, StreamExt as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +39,8 @@ use std::time::{Duration, Instant};
 /// times, R3 ones all succeeded, in 0.2-6.8 s).
 struct Reader {
     stream: async_nats::jetstream::stream::Stream,
+    /// The partition read, or `None` for all of them.
+    partition: Option<u32>,
     filter: String,
     replicas: usize,
     /// Where the next consumer starts: after the last message delivered.
@@ -38,6 +49,8 @@ struct Reader {
     /// or repeated (a consumer leader change), and the consumer is made again from `resume`.
     expected: u64,
     messages: Option<pull::Stream>,
+    /// Messages the consumer had to deliver when it was made.
+    pending_at_start: u64,
 }
 
 impl Reader {
@@ -56,6 +69,7 @@ impl Reader {
             })
             .await
             .map_err(|err| format!("cannot create a consumer: {err}"))?;
+        self.pending_at_start = consumer.cached_info().num_pending;
         let messages = consumer
             .stream()
             .max_messages_per_batch(1000)
@@ -107,16 +121,31 @@ impl Reader {
         }
     }
 
-    /// The next message if one is ready now; `None` while none is, or the consumer is gone.
-    fn try_next(&mut self) -> Option<Result<async_nats::jetstream::Message, String>> {
-        self.messages.as_ref()?;
-        self.next().now_or_never()
+    /// The reader as a stream of its messages, each with the partition read.
+    fn into_stream(self) -> BoxStream<'static, Read> {
+        futures_util::stream::unfold(self, |mut reader| async move {
+            let item = reader.next().await;
+            Some(((reader.partition, item), reader))
+        })
+        .boxed()
     }
+}
+
+/// A message (or an error) of the consumer reading a partition (`None`: all of them).
+type Read = (Option<u32>, Result<async_nats::jetstream::Message, String>);
+
+/// The partitions this term owns, and where each stands in the stream.
+struct Owned {
+    /// Per owned partition, the first stream sequence not yet delivered.
+    next: std::collections::BTreeMap<u32, u64>,
+    /// Per owned partition, messages its consumer still has to deliver.
+    pending: std::collections::BTreeMap<u32, u64>,
+    checkpoints: Arc<Checkpoints>,
 }
 
 /// Reads the `[cluster]` stream.
 pub struct JetStreamSource {
-    reader: Reader,
+    readers: SelectAll<BoxStream<'static, Read>>,
     client: async_nats::Client,
     prefix: String,
     partitions: u32,
@@ -124,9 +153,8 @@ pub struct JetStreamSource {
     foreign: WarnLimit,
     /// Stream errors in a row, for backoff while the server is away.
     failures: u32,
-    /// With several instances: per partition, `None` where another instance owns it, else the
-    /// first sequence not yet applied (the partition's snapshot covers those before it).
-    owned: Option<Vec<Option<u64>>>,
+    /// A term's partitions; `None` when reading the whole stream.
+    owned: Option<Owned>,
     /// When reading started, and readings read since, until the consumer first had nothing
     /// pending: the catch-up after taking partitions over.
     started: Instant,
@@ -135,19 +163,22 @@ pub struct JetStreamSource {
 }
 
 impl JetStreamSource {
-    /// Connects and starts reading at stream sequence `from` (the first one a snapshot does
-    /// not cover), or at new messages only when `from` is `None`.
+    /// Connects and starts reading.
+    ///
+    /// With `owned` (a term of a cluster instance: per partition, `None` where another
+    /// instance owns it, else the first sequence its restored state has not applied), each
+    /// owned partition is read from there by a consumer of its own, and every snapshot barrier
+    /// notes their positions in `checkpoints`. Without, the whole stream is read from `from`
+    /// (the first sequence a snapshot does not cover), or new messages only when `from` is
+    /// `None`.
     ///
     /// # Errors
-    /// The servers cannot be reached, or the stream does not exist (the message says to run
-    /// `weir cluster init`).
-    ///
-    /// With `owned` (several instances), only the partitions it lists are read, each from its
-    /// own first unapplied sequence; `from` is then the lowest of those.
+    /// The servers cannot be reached, the stream does not exist (the message says to run
+    /// `weir cluster init`), or no consumer could be made.
     pub async fn start(
         cluster: &ClusterConfig,
         from: Option<u64>,
-        owned: Option<Vec<Option<u64>>>,
+        owned: Option<(Vec<Option<u64>>, Arc<Checkpoints>)>,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -162,30 +193,85 @@ impl JetStreamSource {
                 cluster.stream
             )
         })?;
-        let deliver_policy = match from {
-            Some(start_sequence) if start_sequence > 0 => {
-                DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            Some(_) => DeliverPolicy::All,
-            None => DeliverPolicy::New,
+        let from_sequence = |first_unapplied: u64| match first_unapplied {
+            0 => DeliverPolicy::All,
+            start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
         };
-        let mut reader = Reader {
-            stream,
-            filter: cluster.stream_subject(),
+        let reader = |partition: Option<u32>, resume: DeliverPolicy| Reader {
+            stream: stream.clone(),
+            partition,
+            filter: match partition {
+                Some(partition) => cluster.partition_subject(partition),
+                None => cluster.stream_subject(),
+            },
             replicas: cluster.replicas,
-            resume: deliver_policy,
+            resume,
             expected: 1,
             messages: None,
+            pending_at_start: 0,
         };
-        reader
-            .create()
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot read the stream {}: {err}", cluster.stream))?;
+        let (mut readers, owned) = match owned {
+            Some((first_unapplied, checkpoints)) => {
+                let next: std::collections::BTreeMap<u32, u64> = first_unapplied
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(partition, first)| Some((partition as u32, (*first)?)))
+                    .collect();
+                let readers: Vec<Reader> = next
+                    .iter()
+                    .map(|(&partition, &first)| reader(Some(partition), from_sequence(first)))
+                    .collect();
+                let owned = Owned {
+                    next,
+                    pending: std::collections::BTreeMap::new(),
+                    checkpoints,
+                };
+                (readers, Some(owned))
+            }
+            None => {
+                let resume = match from {
+                    Some(first) => from_sequence(first),
+                    None => DeliverPolicy::New,
+                };
+                (vec![reader(None, resume)], None)
+            }
+        };
+        // Made together: each replicated consumer waits for its own leader election.
+        let made = futures_util::future::join_all(readers.iter_mut().map(Reader::create)).await;
+        let failed: Vec<String> = made.into_iter().filter_map(Result::err).collect();
+        if failed.len() == readers.len() {
+            let first = failed.into_iter().next().unwrap_or_default();
+            anyhow::bail!("cannot read the stream {}: {first}", cluster.stream);
+        }
+        if let Some(err) = failed.first() {
+            tracing::warn!(
+                failed = failed.len(),
+                %err,
+                "some partitions' consumers could not be made yet; they are tried again as they are read"
+            );
+        }
+        let mut owned = owned;
+        if let Some(owned) = &mut owned {
+            owned.pending = readers
+                .iter()
+                .filter_map(|reader| Some((reader.partition?, reader.pending_at_start)))
+                .collect();
+        }
+        let pending: u64 = readers.iter().map(|reader| reader.pending_at_start).sum();
+        metrics
+            .cluster
+            .lag_messages
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
         metrics.set_connected(Connection::Source, true);
-        metrics.set_subscribed(1);
-        tracing::info!(stream = %cluster.stream, ?deliver_policy, "reading the cluster stream");
-        Ok(Self {
-            reader,
+        metrics.set_subscribed(readers.len());
+        tracing::info!(
+            stream = %cluster.stream,
+            consumers = readers.len(),
+            pending,
+            "reading the cluster stream"
+        );
+        let mut source = Self {
+            readers: readers.into_iter().map(Reader::into_stream).collect(),
             client,
             prefix: cluster.subject_prefix.clone(),
             partitions: cluster.partitions,
@@ -196,33 +282,46 @@ impl JetStreamSource {
             started: Instant::now(),
             caught_up: false,
             read: 0,
-        })
+        };
+        if pending == 0 {
+            source.caught_up(None, 0);
+        }
+        Ok(source)
     }
 
-    fn delivery(&mut self, item: Result<async_nats::jetstream::Message, String>) -> Delivery {
+    fn delivery(&mut self, (read, item): Read) -> Delivery {
         let message = match item {
             Ok(message) => message,
             Err(err) => {
                 self.failures += 1;
                 self.metrics.set_connected(Connection::Source, false);
-                tracing::warn!(%err, "reading the cluster stream failed; a new consumer resumes where it stopped");
+                tracing::warn!(partition = ?read, %err, "reading the cluster stream failed; a new consumer resumes where it stopped");
                 return Delivery::Lost;
             }
         };
         if self.failures > 0 {
             self.failures = 0;
             self.metrics.set_connected(Connection::Source, true);
-            self.metrics.set_subscribed(1);
         }
-        let (position, received_ms) = match message.info() {
+        let (sequence, received_ms) = match message.info() {
             Ok(info) => {
-                self.caught_up(info.pending);
+                self.caught_up(read, info.pending);
                 (
                     Some(info.stream_sequence),
                     Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64),
                 )
             }
             Err(_) => (None, None),
+        };
+        // Read partition by partition, the term counts deliveries (positions are noted at each
+        // barrier); the whole stream is read in order, and its sequence is the LSN.
+        let position = match (&mut self.owned, read, sequence) {
+            (Some(owned), Some(partition), Some(sequence)) => {
+                owned.next.insert(partition, sequence + 1);
+                None
+            }
+            (Some(_), _, _) => None,
+            (None, _, sequence) => sequence,
         };
         let Some((partition, topic)) = split_subject(&self.prefix, &message.subject) else {
             self.skip_foreign(&message.subject, "it is not <prefix>.<partition>.<topic>");
@@ -234,16 +333,6 @@ impl JetStreamSource {
                 "its partition is not below cluster.partitions",
             );
             return Delivery::Other;
-        }
-        if let Some(owned) = &self.owned {
-            let applied = match owned.get(partition as usize) {
-                Some(Some(first_unapplied)) => position.is_some_and(|p| p < *first_unapplied),
-                _ => true,
-            };
-            if applied {
-                self.metrics.cluster.readings_skipped.inc();
-                return Delivery::Other;
-            }
         }
         let trace = match message.headers.as_ref().and_then(|h| h.get("traceparent")) {
             None => trace::Incoming::Absent,
@@ -269,14 +358,24 @@ impl JetStreamSource {
         })
     }
 
-    /// Records the consumer's lag, and the catch-up's time and size once it first has none.
-    fn caught_up(&mut self, pending: u64) {
-        self.read += 1;
+    /// Records the consumers' lag (`pending`: what the consumer of `partition` still has to
+    /// deliver), and the catch-up's time and size once none has any.
+    fn caught_up(&mut self, partition: Option<u32>, pending: u64) {
+        let lag = match (&mut self.owned, partition) {
+            (Some(owned), Some(partition)) => {
+                owned.pending.insert(partition, pending);
+                owned.pending.values().sum()
+            }
+            _ => pending,
+        };
         let cluster = &self.metrics.cluster;
         cluster
             .lag_messages
-            .set(i64::try_from(pending).unwrap_or(i64::MAX));
-        if pending == 0 && !self.caught_up {
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        if partition.is_some() || self.owned.is_none() {
+            self.read += 1;
+        }
+        if lag == 0 && !self.caught_up {
             self.caught_up = true;
             let took = self.started.elapsed();
             cluster.replay_seconds.set(took.as_secs_f64());
@@ -313,8 +412,8 @@ impl Source for JetStreamSource {
     type Acker = StreamAcker;
 
     fn try_next(&mut self) -> Option<Delivery> {
-        let item = self.reader.try_next()?;
-        Some(self.delivery(item))
+        let read = self.readers.next().now_or_never()??;
+        Some(self.delivery(read))
     }
 
     async fn next(&mut self) -> Delivery {
@@ -323,8 +422,18 @@ impl Source for JetStreamSource {
             let delay = Duration::from_millis(100 * u64::from(self.failures.min(50)));
             tokio::time::sleep(delay).await;
         }
-        let item = self.reader.next().await;
-        self.delivery(item)
+        match self.readers.next().await {
+            Some(read) => self.delivery(read),
+            // Never: a reader's stream makes a new consumer rather than end.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn checkpoint(&mut self, lsn: u64) {
+        if let Some(owned) = &self.owned {
+            let positions: Arc<[(u32, u64)]> = owned.next.iter().map(|(&p, &n)| (p, n)).collect();
+            owned.checkpoints.mark(lsn, positions);
+        }
     }
 
     fn acker(&self) -> StreamAcker {
@@ -332,7 +441,7 @@ impl Source for JetStreamSource {
     }
 
     async fn close(self, _acks_sent: Option<tokio::sync::oneshot::Receiver<()>>) {
-        drop(self.reader);
+        drop(self.readers);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.drain()).await;
         self.metrics.set_connected(Connection::Source, false);
     }

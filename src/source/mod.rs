@@ -102,6 +102,7 @@ pub async fn run<S: Source>(
                     biased;
                     () = &mut shutdown => break,
                     () = next_snapshot(&mut snapshots) => {
+                        source.checkpoint(next_lsn);
                         if !barrier(next_lsn, &log, &workers).await {
                             break;
                         }
@@ -109,6 +110,9 @@ pub async fn run<S: Source>(
                     }
                     Some((reload, done)) = reloads.recv() => {
                         let snapshot_at = snapshots.is_some().then_some((next_lsn, &log));
+                        if snapshot_at.is_some() {
+                            source.checkpoint(next_lsn);
+                        }
                         if !pass_reload(reload, done, &workers, snapshot_at).await {
                             break;
                         }
@@ -183,6 +187,7 @@ pub async fn run<S: Source>(
     // source closes.
     hand_over(&mut pending, &workers).await;
     if snapshots.is_some() {
+        source.checkpoint(next_lsn);
         barrier(next_lsn, &log, &workers).await;
     }
     drop(workers);
