@@ -271,9 +271,49 @@ async fn an_instance_killed_mid_stream_hands_its_partitions_over_and_no_event_is
     );
     assert_equals_replay(&events, &expected, &dir, &names);
     assert!(handovers >= 2.0, "both survivors took partitions over");
+    // Each survivor reads its own partitions only, one consumer each, and has caught up.
+    for instance in &instances[1..] {
+        let caught_up = wait_until(Duration::from_secs(10), || {
+            let (serving, lags) = partition_lags(instance);
+            !serving.is_empty()
+                && lags.keys().copied().collect::<Vec<_>>() == serving
+                && lags.values().all(|lag| *lag == 0)
+        })
+        .await;
+        assert!(
+            caught_up,
+            "a lag series per partition served, all at 0: {:?}",
+            partition_lags(instance)
+        );
+    }
     for instance in &mut instances[1..] {
         instance.stop();
     }
+}
+
+/// The partitions `instance` serves (`/api/cluster`), and its
+/// `weir_cluster_partition_lag_messages` by partition.
+fn partition_lags(instance: &Instance) -> (Vec<u64>, BTreeMap<u64, u64>) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], instance.http_port));
+    let body = |path| common::http_get_blocking(addr, path).unwrap_or_default();
+    let view = body("/api/cluster");
+    let view: serde_json::Value = view
+        .split_once("\r\n\r\n")
+        .and_then(|(_, json)| serde_json::from_str(json).ok())
+        .unwrap_or_default();
+    let serving = view["serving"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    let lags = body("/metrics")
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("weir_cluster_partition_lag_messages{partition=\"")?;
+            let (partition, value) = rest.split_once("\"} ")?;
+            Some((partition.parse().ok()?, value.parse().ok()?))
+        })
+        .collect();
+    (serving, lags)
 }
 
 /// Who owns which partition, once the owners settled on `members`; and the partitions whose
@@ -434,6 +474,8 @@ async fn an_instance_stopped_while_nats_is_away_exits_within_its_lease() {
         "hub-a saved its partitions' state"
     );
     server.kill();
+    // Past a round's start (every lease_ttl / 4), so the stop finds one waiting on NATS.
+    tokio::time::sleep(lease / 4 + Duration::from_millis(500)).await;
     let mut process = a.process.take().expect("running");
     a.signal_pid(process.0.id(), "TERM");
     let stopped = std::time::Instant::now();

@@ -120,7 +120,13 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
     };
     tokio::pin!(shutdown);
     loop {
-        supervisor.round().await;
+        // A round is given up at shutdown: with NATS away, each of its requests waits for its
+        // own timeout (seconds, for every partition). What it left half done is what a kill
+        // leaves: claims expire, and a term begun but not yet kept is stopped with the process.
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = supervisor.round() => {}
+        }
         tokio::select! {
             () = &mut shutdown => break,
             () = tokio::time::sleep(tick) => {}

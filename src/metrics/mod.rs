@@ -136,6 +136,9 @@ pub struct ClusterMetrics {
     /// Readings of its partitions not yet delivered to this instance (its consumers' pending
     /// counts together).
     pub lag_messages: IntGauge,
+    /// The same per owned partition (its consumer's pending count); partitions not owned
+    /// have no series.
+    pub partition_lag_messages: IntGaugeVec,
     pub lease_renew_failures: IntCounter,
     /// Partition snapshots saved to the cluster's state store, and their total size.
     pub state_saved: IntCounter,
@@ -157,6 +160,7 @@ impl ClusterMetrics {
             ),
             replayed_readings: gauge(r, "weir_cluster_replayed_readings", "Readings read to catch up at the last handover."),
             lag_messages: gauge(r, "weir_cluster_lag_messages", "Readings of its partitions in the stream not yet delivered to this instance."),
+            partition_lag_messages: gauge_vec(r, "weir_cluster_partition_lag_messages", "Readings of a partition this instance owns in the stream not yet delivered to it.", &["partition"]),
             lease_renew_failures: counter(r, "weir_cluster_lease_renew_failures_total", "Renewals of partition claims or of the member heartbeat that failed."),
             state_saved: counter(r, "weir_cluster_state_saved_total", "Partition snapshots saved to the cluster's state store."),
             state_bytes: gauge(r, "weir_cluster_state_bytes", "Size of this instance's last saved partition snapshots, together."),

@@ -51,7 +51,14 @@ struct Reader {
     messages: Option<pull::Stream>,
     /// Messages the consumer had to deliver when it was made.
     pending_at_start: u64,
+    /// Heartbeats missed in a row (each within a few heartbeats of the last), and the last.
+    missed: Option<(u32, Instant)>,
 }
+
+/// How often an idle consumer's server sends a heartbeat; two missed make an error.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Missed-heartbeat errors in a row after which the consumer is made again.
+const MISSES_BEFORE_REMAKE: u32 = 3;
 
 impl Reader {
     async fn create(&mut self) -> Result<(), String> {
@@ -73,7 +80,7 @@ impl Reader {
         let messages = consumer
             .stream()
             .max_messages_per_batch(1000)
-            .heartbeat(Duration::from_secs(2))
+            .heartbeat(HEARTBEAT)
             .expires(Duration::from_secs(10))
             .messages()
             .await
@@ -92,6 +99,28 @@ impl Reader {
             let messages = self.messages.as_mut().expect("created above");
             let message = match messages.next().await {
                 Some(Ok(message)) => message,
+                Some(Err(err)) if err.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+                    // Also seen at a resume from SIGSTOP, when the timer fires before the
+                    // connection has read what the server sent meanwhile: the consumer is
+                    // made again only after misses in a row, not for every process pause.
+                    let now = Instant::now();
+                    let recent = self
+                        .missed
+                        .is_some_and(|(_, last)| now.duration_since(last) < HEARTBEAT * 5);
+                    let misses = if recent {
+                        self.missed.map_or(1, |(n, _)| n + 1)
+                    } else {
+                        1
+                    };
+                    self.missed = Some((misses, now));
+                    if misses >= MISSES_BEFORE_REMAKE {
+                        self.messages = None;
+                        self.missed = None;
+                        return Err(err.to_string());
+                    }
+                    tracing::debug!(partition = ?self.partition, misses, "a consumer heartbeat was missed");
+                    continue;
+                }
                 Some(Err(err)) => {
                     self.messages = None;
                     return Err(err.to_string());
@@ -114,6 +143,7 @@ impl Reader {
                 continue;
             }
             self.expected += 1;
+            self.missed = None;
             self.resume = DeliverPolicy::ByStartSequence {
                 start_sequence: info.stream_sequence + 1,
             };
@@ -138,8 +168,9 @@ type Read = (Option<u32>, Result<async_nats::jetstream::Message, String>);
 struct Owned {
     /// Per owned partition, the first stream sequence not yet delivered.
     next: std::collections::BTreeMap<u32, u64>,
-    /// Per owned partition, messages its consumer still has to deliver.
+    /// Per owned partition, messages its consumer still has to deliver, and their sum.
     pending: std::collections::BTreeMap<u32, u64>,
+    lag: u64,
     checkpoints: Arc<Checkpoints>,
 }
 
@@ -209,6 +240,7 @@ impl JetStreamSource {
             expected: 1,
             messages: None,
             pending_at_start: 0,
+            missed: None,
         };
         let (mut readers, owned) = match owned {
             Some((first_unapplied, checkpoints)) => {
@@ -224,6 +256,7 @@ impl JetStreamSource {
                 let owned = Owned {
                     next,
                     pending: std::collections::BTreeMap::new(),
+                    lag: 0,
                     checkpoints,
                 };
                 (readers, Some(owned))
@@ -256,12 +289,18 @@ impl JetStreamSource {
                 .iter()
                 .filter_map(|reader| Some((reader.partition?, reader.pending_at_start)))
                 .collect();
+            owned.lag = owned.pending.values().sum();
         }
         let pending: u64 = readers.iter().map(|reader| reader.pending_at_start).sum();
         metrics
             .cluster
             .lag_messages
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        // The last term's partitions lose their series; this term's get theirs.
+        metrics.cluster.partition_lag_messages.reset();
+        for (partition, pending) in owned.iter().flat_map(|owned| &owned.pending) {
+            partition_lag(&metrics, *partition, *pending);
+        }
         metrics.set_connected(Connection::Source, true);
         metrics.set_subscribed(readers.len());
         tracing::info!(
@@ -363,8 +402,12 @@ impl JetStreamSource {
     fn caught_up(&mut self, partition: Option<u32>, pending: u64) {
         let lag = match (&mut self.owned, partition) {
             (Some(owned), Some(partition)) => {
-                owned.pending.insert(partition, pending);
-                owned.pending.values().sum()
+                let before = owned.pending.insert(partition, pending).unwrap_or(0);
+                if before != pending {
+                    partition_lag(&self.metrics, partition, pending);
+                    owned.lag = owned.lag + pending - before;
+                }
+                owned.lag
             }
             _ => pending,
         };
@@ -396,6 +439,15 @@ impl JetStreamSource {
             tracing::warn!(subject, suppressed, "skipped a message of the cluster stream: {why}; check the server's partition mapping");
         }
     }
+}
+
+/// Sets `weir_cluster_partition_lag_messages{partition}`.
+fn partition_lag(metrics: &Metrics, partition: u32, pending: u64) {
+    metrics
+        .cluster
+        .partition_lag_messages
+        .with_label_values(&[&partition.to_string()])
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
 }
 
 /// The stream keeps every reading and a restart resumes from the snapshot's sequence, so there
