@@ -51,12 +51,17 @@ struct Reader {
     messages: Option<pull::Stream>,
     /// Messages the consumer had to deliver when it was made.
     pending_at_start: u64,
+    /// What the consumer last said it still had to deliver.
+    last_pending: u64,
     /// Heartbeats missed in a row (each within a few heartbeats of the last), and the last.
     missed: Option<(u32, Instant)>,
 }
 
 /// How often an idle consumer's server sends a heartbeat; two missed make an error.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a consumer that said it had messages pending may deliver none before it is taken
+/// to have none.
+const IDLE: Duration = Duration::from_secs(1);
 /// Missed-heartbeat errors in a row after which the consumer is made again.
 const MISSES_BEFORE_REMAKE: u32 = 3;
 
@@ -90,14 +95,32 @@ impl Reader {
         Ok(())
     }
 
-    /// The next message; an error after which the next call makes a new consumer.
-    async fn next(&mut self) -> Result<async_nats::jetstream::Message, String> {
+    /// The next message, or `None` when the consumer said messages were pending but delivered
+    /// none for [`IDLE`]; an error after which the next call makes a new consumer.
+    ///
+    /// A pull consumer with a request outstanding delivers what it has at once, so a quiet
+    /// consumer has nothing pending, whatever the last message said: nats-server 2.9's count
+    /// on a filtered consumer can stay above 0 after its last message (seen in the cluster
+    /// bench: a survivor's lag never came down to 0 although it had read everything).
+    async fn next(&mut self) -> Result<Option<async_nats::jetstream::Message>, String> {
         loop {
             if self.messages.is_none() {
                 self.create().await?;
+                self.last_pending = self.pending_at_start;
             }
             let messages = self.messages.as_mut().expect("created above");
-            let message = match messages.next().await {
+            let next = if self.last_pending > 0 {
+                match tokio::time::timeout(IDLE, messages.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.last_pending = 0;
+                        return Ok(None);
+                    }
+                }
+            } else {
+                messages.next().await
+            };
+            let message = match next {
                 Some(Ok(message)) => message,
                 Some(Err(err)) if err.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
                     // Also seen at a resume from SIGSTOP, when the timer fires before the
@@ -131,8 +154,9 @@ impl Reader {
                 }
             };
             let Ok(info) = message.info() else {
-                return Ok(message);
+                return Ok(Some(message));
             };
+            self.last_pending = info.pending;
             if info.consumer_sequence != self.expected {
                 tracing::warn!(
                     expected = self.expected,
@@ -147,7 +171,7 @@ impl Reader {
             self.resume = DeliverPolicy::ByStartSequence {
                 start_sequence: info.stream_sequence + 1,
             };
-            return Ok(message);
+            return Ok(Some(message));
         }
     }
 
@@ -162,7 +186,10 @@ impl Reader {
 }
 
 /// A message (or an error) of the consumer reading a partition (`None`: all of them).
-type Read = (Option<u32>, Result<async_nats::jetstream::Message, String>);
+type Read = (
+    Option<u32>,
+    Result<Option<async_nats::jetstream::Message>, String>,
+);
 
 /// The partitions this term owns, and where each stands in the stream.
 struct Owned {
@@ -191,6 +218,7 @@ pub struct JetStreamSource {
     started: Instant,
     caught_up: bool,
     read: u64,
+    last_read: Instant,
 }
 
 impl JetStreamSource {
@@ -240,6 +268,7 @@ impl JetStreamSource {
             expected: 1,
             messages: None,
             pending_at_start: 0,
+            last_pending: 0,
             missed: None,
         };
         let (mut readers, owned) = match owned {
@@ -321,16 +350,21 @@ impl JetStreamSource {
             started: Instant::now(),
             caught_up: false,
             read: 0,
+            last_read: Instant::now(),
         };
         if pending == 0 {
-            source.caught_up(None, 0);
+            source.caught_up(None, 0, false);
         }
         Ok(source)
     }
 
     fn delivery(&mut self, (read, item): Read) -> Delivery {
         let message = match item {
-            Ok(message) => message,
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                self.caught_up(read, 0, false);
+                return Delivery::Other;
+            }
             Err(err) => {
                 self.failures += 1;
                 self.metrics.set_connected(Connection::Source, false);
@@ -344,7 +378,7 @@ impl JetStreamSource {
         }
         let (sequence, received_ms) = match message.info() {
             Ok(info) => {
-                self.caught_up(read, info.pending);
+                self.caught_up(read, info.pending, true);
                 (
                     Some(info.stream_sequence),
                     Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64),
@@ -398,8 +432,9 @@ impl JetStreamSource {
     }
 
     /// Records the consumers' lag (`pending`: what the consumer of `partition` still has to
-    /// deliver), and the catch-up's time and size once none has any.
-    fn caught_up(&mut self, partition: Option<u32>, pending: u64) {
+    /// deliver, after a message if `delivered`), and the catch-up's time and size once none
+    /// has any.
+    fn caught_up(&mut self, partition: Option<u32>, pending: u64, delivered: bool) {
         let lag = match (&mut self.owned, partition) {
             (Some(owned), Some(partition)) => {
                 let before = owned.pending.insert(partition, pending).unwrap_or(0);
@@ -415,12 +450,14 @@ impl JetStreamSource {
         cluster
             .lag_messages
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
-        if partition.is_some() || self.owned.is_none() {
+        if delivered {
             self.read += 1;
+            self.last_read = Instant::now();
         }
         if lag == 0 && !self.caught_up {
             self.caught_up = true;
-            let took = self.started.elapsed();
+            // Found quiet after its last message: the catch-up ended with that message.
+            let took = self.last_read.duration_since(self.started);
             cluster.replay_seconds.set(took.as_secs_f64());
             cluster
                 .replayed_readings
