@@ -443,70 +443,18 @@ impl Reloader {
     /// pipeline to its rules. Either way the outcome is logged, counted and kept for
     /// `GET /api/reload`.
     async fn reload(&mut self) -> ReloadReport {
-        let mut report = match self.apply().await {
+        let report = match self.apply().await {
             Ok(report) => report,
             Err(error) => ReloadReport {
                 error: Some(error),
                 ..ReloadReport::default()
             },
         };
-        report.at_ms = crate::model::time::wall_clock_ms();
-        let result = if report.ok { "applied" } else { "refused" };
-        self.metrics
-            .config_reloads
-            .with_label_values(&[result])
-            .inc();
-        self.metrics
-            .config_last_reload_successful
-            .set(i64::from(report.ok));
-        match &report.error {
-            None => tracing::info!(
-                kept = ?report.kept,
-                started = ?report.started,
-                removed = ?report.removed,
-                "reloaded the rules"
-            ),
-            Some(error) => {
-                tracing::error!("reload refused; the running rules are unchanged: {error}")
-            }
-        }
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
-        report
+        record_reload(report, &self.metrics, &self.last)
     }
 
     async fn apply(&mut self) -> Result<ReloadReport, String> {
-        let Some(file) = self.config.file.clone() else {
-            return Err("weir runs without a config file; there is nothing to reload".into());
-        };
-        let new =
-            crate::config::load(&file, &self.config.overrides).map_err(|err| err.to_string())?;
-        let changed = self.config.fingerprints.changed_sections(&new.fingerprints);
-        if !changed.is_empty() {
-            let sections: Vec<String> = changed.iter().map(|s| format!("[{s}]")).collect();
-            return Err(format!(
-                "{}: {} changed, and only [rules] can change while weir runs; restart weir to apply the change (systemctl restart weir)",
-                file.display(),
-                sections.join(", ")
-            ));
-        }
-        let plan = Arc::new(Plan::build(&new).map_err(|err| format!("{}: {err}", file.display()))?);
-        let (old, now) = (&self.config.fingerprints.rules, &new.fingerprints.rules);
-        let kept: Vec<String> = now
-            .iter()
-            .filter(|(name, print)| old.get(*name) == Some(*print))
-            .map(|(name, _)| name.clone())
-            .collect();
-        let report = ReloadReport {
-            ok: true,
-            started: now.keys().filter(|n| !kept.contains(n)).cloned().collect(),
-            removed: old
-                .keys()
-                .filter(|n| !now.contains_key(*n))
-                .cloned()
-                .collect(),
-            kept,
-            ..ReloadReport::default()
-        };
+        let (new, plan, report) = reread(&self.config)?;
         let reload = Arc::new(Reload {
             kept: report
                 .kept
@@ -528,6 +476,73 @@ impl Reloader {
         self.config = new;
         Ok(report)
     }
+}
+
+/// Reads `config`'s file again and checks that only `[rules]` changed: the new config, its
+/// plan, and what the change does to each rule (kept with its state, started, removed).
+///
+/// # Errors
+/// No config file, the new one is invalid, or it changes more than `[rules]`.
+pub(crate) fn reread(config: &Config) -> Result<(Config, Arc<Plan>, ReloadReport), String> {
+    let Some(file) = config.file.clone() else {
+        return Err("weir runs without a config file; there is nothing to reload".into());
+    };
+    let new = crate::config::load(&file, &config.overrides).map_err(|err| err.to_string())?;
+    let changed = config.fingerprints.changed_sections(&new.fingerprints);
+    if !changed.is_empty() {
+        let sections: Vec<String> = changed.iter().map(|s| format!("[{s}]")).collect();
+        return Err(format!(
+            "{}: {} changed, and only [rules] can change while weir runs; restart weir to apply the change (systemctl restart weir)",
+            file.display(),
+            sections.join(", ")
+        ));
+    }
+    let plan = Arc::new(Plan::build(&new).map_err(|err| format!("{}: {err}", file.display()))?);
+    let (old, now) = (&config.fingerprints.rules, &new.fingerprints.rules);
+    let kept: Vec<String> = now
+        .iter()
+        .filter(|(name, print)| old.get(*name) == Some(*print))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let report = ReloadReport {
+        ok: true,
+        started: now.keys().filter(|n| !kept.contains(n)).cloned().collect(),
+        removed: old
+            .keys()
+            .filter(|n| !now.contains_key(*n))
+            .cloned()
+            .collect(),
+        kept,
+        ..ReloadReport::default()
+    };
+    Ok((new, plan, report))
+}
+
+/// Stamps a reload's outcome, counts and logs it, and keeps it for `GET /api/reload`.
+pub(crate) fn record_reload(
+    mut report: ReloadReport,
+    metrics: &Metrics,
+    last: &Mutex<Option<ReloadReport>>,
+) -> ReloadReport {
+    report.at_ms = crate::model::time::wall_clock_ms();
+    let result = if report.ok { "applied" } else { "refused" };
+    metrics.config_reloads.with_label_values(&[result]).inc();
+    metrics
+        .config_last_reload_successful
+        .set(i64::from(report.ok));
+    match &report.error {
+        None => tracing::info!(
+            kept = ?report.kept,
+            started = ?report.started,
+            removed = ?report.removed,
+            "reloaded the rules"
+        ),
+        Some(error) => {
+            tracing::error!("reload refused; the running rules are unchanged: {error}")
+        }
+    }
+    *last.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
+    report
 }
 
 /// What recovery hands to the running pipeline.

@@ -504,6 +504,98 @@ async fn an_instance_stopped_while_nats_is_away_exits_within_its_lease() {
     println!("hub-a exited {took:?} after SIGTERM with NATS gone (lease {lease:?})");
 }
 
+/// `POST /api/reload` in cluster mode: a changed rule restarts the instance's term on the new
+/// rules (the changed rule from no state), so the output holds what the old rules derive from
+/// the readings before the reload and what the new ones derive from those after; a change
+/// outside `[rules]` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_switches_the_cluster_to_the_new_rules_and_refuses_other_changes() {
+    let server = server_for_example();
+    let dir = temp_dir("cluster-reload");
+    let init_config = dir.join("init.toml");
+    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &init_config);
+    let mut a = Instance::start(&server, &dir, "hub-a");
+    wait_for_owners(&server, &["hub-a"], Duration::from_secs(30)).await;
+
+    let readings = fleet_readings(10, 12);
+    let (before, after) = readings.split_at(readings.len() / 2);
+    let mut expected = replayed(&init_config, before);
+    let old_total: usize = expected.values().map(Vec::len).sum();
+    publish_all(&server, before).await;
+    wait_for_output(&server, old_total, Duration::from_secs(30)).await;
+
+    let config = dir.join("hub-a.toml");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let hotter = text.replace("enter_above = 30.0", "enter_above = 32.0");
+    assert_ne!(hotter, text, "the overheat threshold is in the config");
+    std::fs::write(&config, &hotter).expect("write config");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.http_port));
+    let (status, body) = common::http_post(addr, "/api/reload").await;
+    let report: serde_json::Value = serde_json::from_str(&body).expect("a JSON report");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["started"],
+        serde_json::json!(["overheat"]),
+        "{report}"
+    );
+    assert_eq!(report["kept"], serde_json::json!(["climate"]), "{report}");
+
+    // The new rules, from no overheat state: what `weir replay` derives with them.
+    let new_config = dir.join("new.toml");
+    std::fs::write(
+        &new_config,
+        std::fs::read_to_string(&init_config)
+            .expect("read config")
+            .replace("enter_above = 30.0", "enter_above = 32.0"),
+    )
+    .expect("write config");
+    let with_new_rules = replayed(&new_config, after);
+    assert_ne!(
+        with_new_rules,
+        replayed(&init_config, after),
+        "the change makes a difference to the second half"
+    );
+    for (device, ids) in with_new_rules {
+        expected.entry(device).or_default().extend(ids);
+    }
+    let total: usize = expected.values().map(Vec::len).sum();
+    assert!(
+        total > old_total,
+        "the new rules derive events from the second half"
+    );
+    println!(
+        "{old_total} events before the reload, {} after",
+        total - old_total
+    );
+    publish_all(&server, after).await;
+    let events = wait_for_output(&server, total, Duration::from_secs(30)).await;
+    assert_eq!(
+        by_device(&events),
+        expected,
+        "old rules before the reload, new ones after\n{}",
+        logs(&dir, &["hub-a"])
+    );
+
+    std::fs::write(
+        &config,
+        hotter.replace("partitions = 16", "partitions = 32"),
+    )
+    .expect("write config");
+    let (status, body) = common::http_post(addr, "/api/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("[cluster]"),
+        "the refusal names the section: {body}"
+    );
+    assert_eq!(
+        a.metric("weir_cluster_handovers_total"),
+        0.0,
+        "a reload is not a handover"
+    );
+    a.stop();
+}
+
 /// The same readings through one `weir run` and through three, each cluster on its own server:
 /// both output streams hold exactly the events `weir replay` derives, by id and per-device order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

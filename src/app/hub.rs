@@ -21,7 +21,7 @@ use crate::engine::Plan;
 use crate::metrics::Metrics;
 use crate::model::fence::Fence;
 use crate::store::{snapshot, StateDir};
-use crate::telemetry::http::{self, SharedCluster};
+use crate::telemetry::http::{self, ReloadReport, SharedCluster, SharedRules};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
@@ -81,12 +81,21 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
     let plan = Plan::build(&config)?;
     let metrics = Arc::new(Metrics::new());
     let view: SharedCluster = Arc::new(RwLock::new(serde_json::json!({ "member": member })));
+    let rules: SharedRules = Arc::new(RwLock::new(rule_infos(&plan, &config)));
+    let last_reload = Arc::new(Mutex::new(None));
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let api = http::ApiSetup {
-        rules: Arc::new(RwLock::new(rule_infos(&plan, &config))),
+        rules: rules.clone(),
         token: config.http.api_token()?,
-        reloads: None,
-        last_reload: Arc::new(Mutex::new(None)),
+        reloads: config.file.is_some().then_some(reload_tx),
+        last_reload: last_reload.clone(),
         cluster: Some(view.clone()),
+    };
+    let mut hangups = match config.file {
+        Some(_) => Some(tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        )?),
+        None => None,
     };
     let (http_stop, http_stopped) = oneshot::channel::<()>();
     let (http_addr, server) = http::bind(config.http.listen, metrics.clone(), api, async {
@@ -117,6 +126,8 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
         members: Vec::new(),
         member_liveness: Liveness::new(tick * 4),
         claim_liveness: Liveness::new(tick * 4),
+        rules,
+        last_reload,
     };
     tokio::pin!(shutdown);
     loop {
@@ -130,6 +141,18 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
         tokio::select! {
             () = &mut shutdown => break,
             () = tokio::time::sleep(tick) => {}
+            Some(reply) = reload_rx.recv() => {
+                let report = supervisor.reload().await;
+                let _ = reply.send(report);
+            }
+            Some(()) = async {
+                match &mut hangups {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                supervisor.reload().await;
+            }
         }
     }
     tracing::info!("leaving the cluster");
@@ -225,6 +248,9 @@ struct Supervisor {
     /// waiting for the server to expire its keys.
     member_liveness: Liveness<String>,
     claim_liveness: Liveness<u32>,
+    /// What `/api/rules` describes and `GET /api/reload` reports, kept up to date by reloads.
+    rules: SharedRules,
+    last_reload: Arc<Mutex<Option<ReloadReport>>>,
 }
 
 impl Supervisor {
@@ -344,6 +370,12 @@ impl Supervisor {
         if owned.is_empty() {
             return;
         }
+        self.start_term(owned, true).await;
+    }
+
+    /// Starts a term over `owned` (held), keeping the leases alive meanwhile.
+    /// A restart on new rules is not counted as a handover.
+    async fn start_term(&mut self, owned: BTreeSet<u32>, handover: bool) {
         let setup = TermSetup {
             config: self.config.clone(),
             partitions: self.cluster.partitions,
@@ -359,7 +391,7 @@ impl Supervisor {
                     .await;
             }
             Ok(term) => {
-                if self.terms > 0 {
+                if self.terms > 0 && handover {
                     self.metrics.cluster.handovers.inc();
                 }
                 self.terms += 1;
@@ -367,6 +399,35 @@ impl Supervisor {
             }
             Err(err) => tracing::error!(%err, "cannot start serving the partitions; retrying"),
         }
+    }
+
+    /// Reads the config file again (`POST /api/reload`, SIGHUP) and, when only `[rules]`
+    /// changed, restarts the running term on the new rules: its last snapshot is saved, and
+    /// the new term restores it, rules whose definition did not change with their state. A
+    /// restart, not a switch in place, so that the term and every later one (after a handover)
+    /// run the same config; it costs what a handover costs this instance (seconds). Each
+    /// instance reloads on its own: reload them all.
+    async fn reload(&mut self) -> ReloadReport {
+        let report = match crate::app::reread(&self.config) {
+            Ok((mut new, plan, report)) => {
+                new.broker.client_id = self.config.broker.client_id.clone();
+                *self.rules.write().unwrap_or_else(PoisonError::into_inner) =
+                    rule_infos(&plan, &new);
+                self.config = new;
+                if let Some(term) = self.term.take() {
+                    let owned = term.owned.clone();
+                    self.renewing(term.stop(Instant::now() + self.cluster.lease_ttl))
+                        .await;
+                    self.start_term(owned, false).await;
+                }
+                report
+            }
+            Err(error) => ReloadReport {
+                error: Some(error),
+                ..ReloadReport::default()
+            },
+        };
+        crate::app::record_reload(report, &self.metrics, &self.last_reload)
     }
 
     /// Heartbeats the member key and renews every lease.
