@@ -122,6 +122,10 @@ PANELS = [
          (f"max by (instance) ({sel('weir_cluster_replayed_readings')})", "replayed readings: {{instance}}"),
          (f"max by (instance) ({sel('weir_cluster_replay_seconds')})", "replay seconds: {{instance}}"),
      ]),
+    ("Lag per partition (the 10 most behind)", "short",
+     "Readings of each partition in the stream not yet delivered to the instance that owns it; a partition that stays behind points at its owner or its consumer.", [
+         (f"topk(10, max by (partition) ({sel('weir_cluster_partition_lag_messages')}))", "partition {{partition}}"),
+     ]),
     ("Process", None, None, None),
     ("Memory", "bytes", "Resident memory of the weir process.", [
         (f"sum by (instance) ({sel('process_resident_memory_bytes')})", "resident {{instance}}"),

@@ -22,8 +22,12 @@ const ALERTS: &str = concat!(
 );
 
 /// Expressions over metrics whose series appear only with the first occurrence (a sink's dead
-/// letters, labelled by reason). They must still evaluate.
-const MAY_BE_EMPTY: &[&str] = &["weir_sink_dead_letters_total"];
+/// letters, labelled by reason; a cluster instance's partitions, labelled by partition, which
+/// this single weir has none of). They must still evaluate.
+const MAY_BE_EMPTY: &[&str] = &[
+    "weir_sink_dead_letters_total",
+    "weir_cluster_partition_lag_messages",
+];
 
 /// Panels whose queries must return finite numbers, not just series: the ones an operator looks
 /// at first.
