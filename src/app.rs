@@ -77,7 +77,7 @@ pub struct Epoch {
     pub snapshots: mpsc::Sender<Snapshot>,
     /// Where each owned partition stood at each snapshot barrier, for the state store.
     #[cfg(feature = "cluster")]
-    pub checkpoints: Arc<crate::cluster::state::Checkpoints>,
+    pub checkpoints: Arc<crate::model::checkpoints::Checkpoints>,
 }
 
 /// Starts the pipeline and returns once the HTTP endpoint is bound; connecting to the broker

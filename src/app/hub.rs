@@ -195,7 +195,7 @@ impl TermSetup {
         let mut config = self.config;
         config.delivery.state_dir = Some(self.work_dir.clone());
         let (snapshots_tx, snapshots_rx) = mpsc::channel(4);
-        let checkpoints = Arc::new(state::Checkpoints::default());
+        let checkpoints = Arc::new(crate::model::checkpoints::Checkpoints::default());
         let epoch = Epoch {
             metrics: self.metrics.clone(),
             owned: first_unapplied,

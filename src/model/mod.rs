@@ -1,6 +1,7 @@
 //! What flows through weir, and the ports it flows through: shapes every layer above may use,
 //! importing nothing of the runtime.
 
+pub mod checkpoints;
 pub mod event;
 pub mod fence;
 pub mod message;

@@ -17,10 +17,10 @@
 //! ([`Checkpoints`]). Without owned partitions (a single `weir run` over the whole stream),
 //! one consumer reads every partition and the stream sequence is the LSN.
 
-use crate::cluster::state::Checkpoints;
 use crate::config::cluster::split_subject;
 use crate::config::ClusterConfig;
 use crate::metrics::{Connection, Metrics, WarnLimit};
+use crate::model::checkpoints::Checkpoints;
 use crate::model::port::{AckToken, Acked, Acker, Closed, Delivery, Incoming, Source};
 use crate::model::trace::{self, TraceContext};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
