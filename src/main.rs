@@ -325,10 +325,12 @@ fn main() -> ExitCode {
         Command::Test { dir, update } => return golden(&dir, update),
         _ => {}
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = runtime_threads() {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cannot start the async runtime: {err}");
@@ -342,6 +344,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One runtime thread on a machine of two cores or fewer, unless `TOKIO_WORKER_THREADS` says
+/// otherwise (tokio reads it when this returns `None`). There a gateway shares its cores with
+/// the broker, and keeping every hand-off (source, workers, sink, MQTT client) on one thread
+/// saves the cross-thread wake-ups that most of a reading's CPU goes to (README, "Runtime
+/// threads"). Larger machines keep a thread per core, so several workers can use them.
+fn runtime_threads() -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores <= 2).then_some(1)
 }
 
 fn exit_with(result: anyhow::Result<()>) -> ExitCode {
