@@ -196,7 +196,7 @@ impl WindowSpec {
         out.events.push(DerivedEvent {
             id: EventId::derive(&[
                 self.rule.name.as_bytes(),
-                origin.device.as_bytes(),
+                origin.device().as_bytes(),
                 b"late",
                 &reading.ts.to_be_bytes(),
                 &reading.seq.unwrap_or(0).to_be_bytes(),
@@ -210,7 +210,7 @@ impl WindowSpec {
                 watermark,
                 values,
             },
-            cause: Some(cause_of(reading)),
+            cause: Some(Cause::of(reading)),
             arrival: Some(reading.arrival),
         });
     }
@@ -222,7 +222,7 @@ impl WindowSpec {
         &self,
         key: i64,
         pane: &Pane,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         cause: Option<&Reading<'_>>,
         closed_by: WindowClose,
         out: &mut Output,
@@ -246,7 +246,7 @@ impl WindowSpec {
         out.events.push(DerivedEvent {
             id: EventId::derive(&[
                 self.rule.name.as_bytes(),
-                origin.device.as_bytes(),
+                origin.device().as_bytes(),
                 b"window",
                 &key.to_be_bytes(),
             ]),
@@ -262,18 +262,9 @@ impl WindowSpec {
                 closed_by,
                 update: pane.updates,
             },
-            cause: cause.map(cause_of),
+            cause: cause.map(Cause::of),
             arrival: cause.map(|r| r.arrival),
         });
-    }
-}
-
-fn cause_of(reading: &Reading<'_>) -> Cause {
-    Cause {
-        topic: reading.origin.topic.clone(),
-        ts: reading.ts,
-        seq: reading.seq,
-        trace: reading.trace.cloned(),
     }
 }
 
@@ -340,7 +331,7 @@ impl<A: Assigner> TimeWindows<A> {
     fn advance(
         &self,
         state: &mut TimeWindowsState,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         cause: Option<&Reading<'_>>,
         watermark: i64,
         closed_by: WindowClose,
@@ -442,7 +433,7 @@ impl<A: Assigner> Operator for TimeWindows<A> {
     fn on_tick(
         &self,
         state: &mut TimeWindowsState,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         now_ms: i64,
         out: &mut Output,
     ) {
@@ -463,7 +454,7 @@ impl<A: Assigner> Operator for TimeWindows<A> {
         );
     }
 
-    fn on_close(&self, state: &mut TimeWindowsState, origin: &Arc<Origin>, out: &mut Output) {
+    fn on_close(&self, state: &mut TimeWindowsState, origin: &Origin, out: &mut Output) {
         if !self.spec.flush_on_shutdown {
             return;
         }

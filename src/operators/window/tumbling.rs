@@ -186,7 +186,7 @@ mod tests {
         op.on_reading(&mut s1, &reading(&d1, 1_000, &[Some(2.0)]), &mut out);
         op.on_reading(&mut s1, &reading(&d1, 10_000, &[Some(3.0)]), &mut out);
         assert_eq!(out.events.len(), 1);
-        assert_eq!(&*out.events[0].origin.device, "d1");
+        assert_eq!(out.events[0].origin.device(), "d1");
     }
 
     #[test]
