@@ -37,6 +37,7 @@ use crate::model::event::{Cause, DerivedEvent, EventBody, EventId, WindowClose};
 use aggregates::{Accumulators, Basic};
 use condition::WindowView;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -306,8 +307,11 @@ pub struct TimeWindows<A> {
 /// Per-device state of [`TimeWindows`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimeWindowsState {
-    /// Open panes and fired ones kept for lateness, ordered by start.
-    panes: Vec<Pane>,
+    /// Open panes and fired ones kept for lateness, ordered by start. A tumbling window holds
+    /// one pane but for a moment at each boundary, so one is kept inline (no allocation of its
+    /// own), and the panes move back inline once one is left (see `advance`). Written as a plain
+    /// sequence, as the `Vec` it was.
+    panes: SmallVec<[Pane; 1]>,
     /// Newest event time seen minus the out-of-orderness; `None` before any reading.
     watermark: Option<i64>,
     /// Wall-clock arrival of the device's latest reading: what the idle timer measures from.
@@ -351,6 +355,11 @@ impl<A: Assigner> TimeWindows<A> {
             .panes
             .retain(|p| !p.fired || p.end.saturating_add(lateness) > watermark);
         out.open_windows_delta -= (before - state.panes.len()) as i64;
+        if state.panes.spilled() && state.panes.len() <= 1 {
+            // Back inline: a tumbling window passes two panes at each boundary, and a heap
+            // buffer kept for them would cost every device 128 bytes more for good.
+            state.panes.shrink_to_fit();
+        }
     }
 }
 
