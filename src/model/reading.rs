@@ -86,25 +86,34 @@ impl Origin {
         &self.0.header.header
     }
 
-    /// Span `i` of the text: 0 is the topic, `1 + n` segment `n`.
+    /// Span `i` of the text: 0 is the topic, `1 + n` segment `n`. On the hot path (several
+    /// calls per reading and per event), so each span is read as one word and checked once.
     #[inline]
     fn text(&self, i: usize) -> &str {
-        let head = self.head();
+        let inner = &*self.0;
+        let (head, bytes) = (&inner.header.header, &inner.slice);
         let spans = usize::from(head.segments) + 1;
-        let bytes = &self.0.slice;
+        // A span is (start, end) as little-endian halves of one word.
         let (start, end, text) = if head.wide {
-            let at = i * 8;
-            let word = |at: usize| {
-                u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-                    as usize
-            };
-            (word(at), word(at + 4), spans * 8)
+            let span = bytes
+                .get(i * 8..i * 8 + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes);
+            (
+                (span & 0xffff_ffff) as usize,
+                (span >> 32) as usize,
+                spans * 8,
+            )
         } else {
-            let at = i * 4;
-            let half = |at: usize| usize::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
-            (half(at), half(at + 2), spans * 4)
+            let span = bytes
+                .get(i * 4..i * 4 + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, u32::from_le_bytes);
+            ((span & 0xffff) as usize, (span >> 16) as usize, spans * 4)
         };
-        let bytes = &bytes[text + start..text + end];
+        let Some(bytes) = bytes.get(text + start..text + end) else {
+            return "";
+        };
         // SAFETY: the text is the bytes of `&str`s copied whole (the topic, then whole segment
         // values), and each span is either a whole appended value or the range of a `&str` that
         // was a sub-slice of the topic, so it starts and ends on character boundaries. The buffer
