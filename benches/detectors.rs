@@ -33,17 +33,17 @@ struct Input {
     discrete: [DiscreteSlot; 1],
 }
 
-fn origins() -> Vec<Arc<Origin>> {
+fn origins() -> Vec<Origin> {
     (0..DEVICES)
         .map(|d| {
-            let device = format!("dev-{d:04}");
-            Arc::new(Origin {
-                topic: format!("sensors/plant-1/{device}/telemetry").into(),
-                device: device.as_str().into(),
-                names: vec!["site".to_owned(), "device".to_owned()].into(),
-                segments: vec!["plant-1".into(), device.as_str().into()].into_boxed_slice(),
-                device_index: 1,
-            })
+            let topic = format!("sensors/plant-1/dev-{d:04}/telemetry");
+            let captures = ["plant-1", &topic[16..24]];
+            Origin::new(
+                vec!["site".to_owned(), "device".to_owned()].into(),
+                1,
+                &topic,
+                &captures,
+            )
         })
         .collect()
 }

@@ -1,7 +1,9 @@
 //! Bytes of state per device, measured in-process: a worker takes two readings from each of
 //! 100,000 devices (so each has state in every rule and an open window), with the example's
 //! rules, with each rule alone, and with none (what any device costs: its topic, origin, tables
-//! and dedup window). Each case runs in a fresh process so freed memory of one does not hide
+//! and dedup window). The last case sends a third reading 10 s on, so every device has crossed
+//! a window boundary (its first window fired, the next is open): what a device costs once it
+//! has run for a while. Each case runs in a fresh process so freed memory of one does not hide
 //! the growth of the next.
 //!
 //! Run: `cargo bench --bench memory [-- --devices 100000]`. Target (issue 7): RSS <= 64 MB at
@@ -77,14 +79,26 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const CASES: [(&str, &[&str]); 4] = [
-    ("both rules (overheat, climate)", &["overheat", "climate"]),
-    ("overheat (hysteresis) alone", &["overheat"]),
+/// (name, rules, readings per device). Readings are 1 s apart, but the third is 10 s after the
+/// first: in the next window.
+const CASES: [(&str, &[&str], i64); 5] = [
+    (
+        "both rules (overheat, climate)",
+        &["overheat", "climate"],
+        2,
+    ),
+    ("overheat (hysteresis) alone", &["overheat"], 2),
     (
         "climate (tumbling, 2 metrics x 4 aggregates) alone",
         &["climate"],
+        2,
     ),
-    ("no rules: topic, origin, tables, dedup", &[]),
+    ("no rules: topic, origin, tables, dedup", &[], 2),
+    (
+        "both rules, after a window boundary (3rd reading)",
+        &["overheat", "climate"],
+        3,
+    ),
 ];
 
 fn rss_bytes() -> usize {
@@ -112,15 +126,15 @@ fn plan(rules: &[&str]) -> Plan {
 
 /// Runs one case in this process and prints its three figures per device.
 fn measure(case: usize, devices: usize) {
-    let (name, rules) = CASES[case];
+    let (name, rules, readings) = CASES[case];
     let mut worker = Worker::new(Arc::new(plan(rules)), Arc::new(Metrics::new()));
     let mut out = Vec::with_capacity(1024);
     let (requested, chunks, rss) = (REQUESTED.load(Relaxed), CHUNKS.load(Relaxed), rss_bytes());
     let arrival = Instant::now();
     let ts0: i64 = 1_732_600_000_000;
-    for step in 0..2 {
+    for step in 0..readings {
         for device in 0..devices {
-            let ts = ts0 + step * 1000;
+            let ts = ts0 + if step < 2 { step * 1000 } else { 10_000 };
             let payload = format!(
                 r#"{{"ts":{ts},"seq":{step},"temperature":{:.1},"humidity":41.5,"battery":3.9}}"#,
                 26.0 + (device % 80) as f64 / 10.0

@@ -7,7 +7,6 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir::config::{Aggregate, OnShutdown, WindowConfig};
 use weir::decode::{Origin, Reading};
@@ -59,17 +58,17 @@ fn basic() -> Vec<Aggregate> {
     ]
 }
 
-fn origins() -> Vec<Arc<Origin>> {
+fn origins() -> Vec<Origin> {
     (0..DEVICES)
         .map(|d| {
-            let device: Arc<str> = format!("dev-{d:05}").into();
-            Arc::new(Origin {
-                topic: format!("sensors/plant-1/{device}/telemetry").into(),
-                device: device.clone(),
-                names: vec!["site".to_owned(), "device".to_owned()].into(),
-                segments: vec!["plant-1".into(), device].into_boxed_slice(),
-                device_index: 1,
-            })
+            let topic = format!("sensors/plant-1/dev-{d:05}/telemetry");
+            let captures = ["plant-1", &topic[16..25]];
+            Origin::new(
+                vec!["site".to_owned(), "device".to_owned()].into(),
+                1,
+                &topic,
+                &captures,
+            )
         })
         .collect()
 }

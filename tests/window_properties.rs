@@ -6,7 +6,6 @@
 
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weir::config::{Aggregate, OnShutdown, WindowConfig};
 use weir::decode::{Origin, Reading};
@@ -20,15 +19,14 @@ const DEVICES: usize = 3;
 /// (count, sum, min, max) of one window.
 type Rollup = (u64, f64, f64, f64);
 
-fn origin(device: usize) -> Arc<Origin> {
-    let name: Arc<str> = format!("d{device}").into();
-    Arc::new(Origin {
-        topic: format!("sensors/s1/{name}/telemetry").into(),
-        device: name.clone(),
-        names: vec!["site".to_owned(), "device".to_owned()].into(),
-        segments: vec!["s1".into(), name].into_boxed_slice(),
-        device_index: 1,
-    })
+fn origin(device: usize) -> Origin {
+    let name = format!("d{device}");
+    Origin::new(
+        vec!["site".to_owned(), "device".to_owned()].into(),
+        1,
+        &format!("sensors/s1/{name}/telemetry"),
+        &["s1", &name],
+    )
 }
 
 fn operator(out_of_orderness: i64, lateness: i64) -> Tumbling {
@@ -94,7 +92,7 @@ fn engine(
     let mut rollups = BTreeMap::new();
     for event in &out.events {
         if let EventBody::Window { start, metrics, .. } = &event.body {
-            let device: usize = event.origin.device[1..].parse().unwrap();
+            let device: usize = event.origin.device()[1..].parse().unwrap();
             let m = &metrics[0];
             rollups.insert((device, *start), (m.count, m.sum, m.min, m.max));
         }

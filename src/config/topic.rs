@@ -275,12 +275,21 @@ impl TopicTemplate {
 
     /// Appends the rendered topic to `out`; `segments` are the input topic's captured values.
     pub fn render_into<S: AsRef<str>>(&self, segments: &[S], rule: &str, out: &mut String) {
+        self.render_with(|i| segments.get(i).map(AsRef::as_ref), rule, out);
+    }
+
+    /// As [`render_into`](Self::render_into), with captured value `i` from `segment(i)` (an
+    /// origin keeps its values as ranges of its topic, not as a slice).
+    pub fn render_with<'s>(
+        &self,
+        segment: impl Fn(usize) -> Option<&'s str>,
+        rule: &str,
+        out: &mut String,
+    ) {
         for piece in &self.pieces {
             match piece {
                 Piece::Literal(text) => out.push_str(text),
-                Piece::Segment(index) => {
-                    out.push_str(segments.get(*index).map(AsRef::as_ref).unwrap_or(""))
-                }
+                Piece::Segment(index) => out.push_str(segment(*index).unwrap_or("")),
                 Piece::Rule => out.push_str(rule),
             }
         }

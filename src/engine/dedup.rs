@@ -1,9 +1,10 @@
 //! Recognising redelivered readings per device, in little memory: a sliding window over the
 //! device's sequence numbers (the anti-replay window of IPsec), or, for payloads without one, a
-//! short ring of payload hashes. 24 bytes per device, plus the ring where there is one.
+//! short ring of payload hashes. 16 bytes per device, plus the ring where there is one.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 
 /// How far below the highest sequence number a reading is still checked against the window.
 /// Further below is taken as the device having restarted its counter, not as a duplicate.
@@ -12,17 +13,38 @@ pub const SEQ_WINDOW: u64 = 64;
 /// What one device's recent readings were.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "RecentRecord", into = "RecentRecord")]
-pub struct Recent {
-    /// The highest sequence number seen.
+pub struct Recent(Seen);
+
+/// Two words: the sequence window inline, for the devices that send sequence numbers (bit 0 of
+/// `bits` is set once one was seen, so the window is never zero, and zero there tells the other
+/// variant apart); anything else boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Seq {
+        /// The highest sequence number seen.
+        highest: u64,
+        /// A bitmap of the window below `highest`: bit `i` set means `highest - i` was seen.
+        bits: NonZeroU64,
+    },
+    /// Nothing seen yet (`None`), or payload hashes (with a sequence window too, if the device
+    /// also sent sequence numbers).
+    Other(Option<Box<Mixed>>),
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen::Other(None)
+    }
+}
+
+/// A device's window when it has payload hashes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Mixed {
     highest: u64,
-    /// A bitmap of the window below `highest`: bit `i` set means `highest - i` was seen. Bit 0 is
-    /// set once a sequence number was seen, so no bit set means none was.
+    /// As in [`Seen::Seq`]; zero when no sequence number was seen.
     bits: u64,
-    /// Hashes of recent payloads without a sequence number, oldest first. Boxed (8 bytes when
-    /// absent, against 32 for an empty `VecDeque`): a device whose readings have a sequence
-    /// number never needs it.
-    #[allow(clippy::box_collection)]
-    hashes: Option<Box<VecDeque<u64>>>,
+    /// Hashes of recent payloads without a sequence number, oldest first.
+    hashes: VecDeque<u64>,
 }
 
 /// How a [`Recent`] is written in snapshots: its layout before it was packed, so snapshots of
@@ -38,29 +60,54 @@ impl From<RecentRecord> for Recent {
         let (highest, bits) = record
             .seq
             .map_or((0, 0), |(highest, bits)| (highest, bits | 1));
-        Self {
-            highest,
-            bits,
-            hashes: (!record.hashes.is_empty()).then(|| Box::new(record.hashes)),
-        }
+        Self(match NonZeroU64::new(bits) {
+            Some(bits) if record.hashes.is_empty() => Seen::Seq { highest, bits },
+            _ if record.hashes.is_empty() => Seen::Other(None),
+            _ => Seen::Other(Some(Box::new(Mixed {
+                highest,
+                bits,
+                hashes: record.hashes,
+            }))),
+        })
     }
 }
 
 impl From<Recent> for RecentRecord {
     fn from(recent: Recent) -> Self {
+        let (highest, bits) = recent.window();
         Self {
-            seq: (recent.bits != 0).then_some((recent.highest, recent.bits)),
-            hashes: recent.hashes.map(|hashes| *hashes).unwrap_or_default(),
+            seq: (bits != 0).then_some((highest, bits)),
+            hashes: match recent.0 {
+                Seen::Other(Some(mixed)) => mixed.hashes,
+                _ => VecDeque::new(),
+            },
         }
     }
 }
 
 impl Recent {
+    /// The sequence window as (highest, bits); bits is zero if no sequence number was seen.
+    fn window(&self) -> (u64, u64) {
+        match &self.0 {
+            Seen::Seq { highest, bits } => (*highest, bits.get()),
+            Seen::Other(None) => (0, 0),
+            Seen::Other(Some(mixed)) => (mixed.highest, mixed.bits),
+        }
+    }
+
+    fn set_window(&mut self, highest: u64, bits: NonZeroU64) {
+        match &mut self.0 {
+            Seen::Other(Some(mixed)) => (mixed.highest, mixed.bits) = (highest, bits.get()),
+            seen => *seen = Seen::Seq { highest, bits },
+        }
+    }
+
     /// Records `seq`; true if it was already seen (a redelivery).
     pub fn seen_seq(&mut self, seq: u64) -> bool {
-        let (highest, bits) = (self.highest, self.bits);
+        let (highest, bits) = self.window();
+        let one = NonZeroU64::MIN;
         if bits == 0 {
-            (self.highest, self.bits) = (seq, 1);
+            self.set_window(seq, one);
             return false;
         }
         if seq > highest {
@@ -70,35 +117,50 @@ impl Recent {
             } else {
                 bits << shift
             };
-            (self.highest, self.bits) = (seq, bits | 1);
+            self.set_window(seq, one | bits);
             return false;
         }
         let back = highest - seq;
         if back >= SEQ_WINDOW {
             // Far below the window: the device restarted its counter. Start a new window.
-            (self.highest, self.bits) = (seq, 1);
+            self.set_window(seq, one);
             return false;
         }
         let bit = 1u64 << back;
         if bits & bit != 0 {
             return true;
         }
-        self.bits = bits | bit;
+        self.set_window(highest, one | bits | bit);
         false
     }
 
     /// Records a payload hash; true if it is among the last `horizon` ones.
     pub fn seen_hash(&mut self, hash: u64, horizon: usize) -> bool {
-        let hashes = self.hashes.get_or_insert_with(Box::default);
-        if hashes.contains(&hash) {
-            return true;
+        if let Seen::Other(Some(mixed)) = &mut self.0 {
+            return remember(&mut mixed.hashes, hash, horizon);
         }
-        if hashes.len() >= horizon.max(1) {
-            hashes.pop_front();
-        }
-        hashes.push_back(hash);
-        false
+        let (highest, bits) = self.window();
+        let mut mixed = Box::new(Mixed {
+            highest,
+            bits,
+            hashes: VecDeque::new(),
+        });
+        let seen = remember(&mut mixed.hashes, hash, horizon);
+        self.0 = Seen::Other(Some(mixed));
+        seen
     }
+}
+
+/// Records `hash` in a ring of the last `horizon`; true if it was there already.
+fn remember(hashes: &mut VecDeque<u64>, hash: u64, horizon: usize) -> bool {
+    if hashes.contains(&hash) {
+        return true;
+    }
+    if hashes.len() >= horizon.max(1) {
+        hashes.pop_front();
+    }
+    hashes.push_back(hash);
+    false
 }
 
 #[cfg(test)]
@@ -165,6 +227,24 @@ mod tests {
         };
         let restored: Recent = ciborium::from_reader(&cbor(&empty)[..]).unwrap();
         assert_eq!(restored, Recent::default());
+        let seq_only = Unpacked {
+            seq: Some((9, 0b101)),
+            hashes: VecDeque::new(),
+        };
+        let restored: Recent = ciborium::from_reader(&cbor(&seq_only)[..]).unwrap();
+        assert_eq!(cbor(&restored), cbor(&seq_only));
+        assert_eq!(std::mem::size_of::<Recent>(), 16);
+    }
+
+    #[test]
+    fn a_device_with_both_keeps_its_window_when_hashes_start() {
+        let mut recent = Recent::default();
+        assert!(!recent.seen_seq(10));
+        assert!(!recent.seen_hash(1, 4));
+        assert!(recent.seen_seq(10));
+        assert!(!recent.seen_seq(11));
+        assert!(recent.seen_hash(1, 4));
+        assert!(recent.seen_seq(11));
     }
 
     #[test]

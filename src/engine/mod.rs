@@ -78,17 +78,12 @@ impl ExpectedDevice {
     /// The origin the device's events carry until it publishes (then its real topic's).
     pub fn origin(&self, plan: &Plan) -> Origin {
         let input = &plan.inputs[self.input];
-        Origin {
-            topic: input.pattern.fill(&self.segments).into(),
-            device: self.device(plan).into(),
-            names: input.names.clone(),
-            segments: self
-                .segments
-                .iter()
-                .map(|s| Arc::from(s.as_str()))
-                .collect(),
-            device_index: input.device_index,
-        }
+        Origin::new(
+            input.names.clone(),
+            input.device_index,
+            &input.pattern.fill(&self.segments),
+            &self.segments,
+        )
     }
 }
 
@@ -132,9 +127,8 @@ impl RulePlan {
     pub fn in_scope(&self, origin: &Origin) -> bool {
         self.scope.iter().all(|(index, values)| {
             origin
-                .segments
-                .get(*index)
-                .is_some_and(|segment| values.iter().any(|v| v == segment))
+                .segment(*index)
+                .is_some_and(|segment| values.iter().any(|v| **v == *segment))
         })
     }
 

@@ -14,8 +14,9 @@ use crate::model::message::RawMessage;
 use crate::operators::window::LateReason;
 use crate::operators::{Operator, Output};
 use crate::route::Outgoing;
+use hashbrown::HashTable;
 use prometheus::{IntCounter, IntGauge};
-use std::collections::{HashMap, HashSet};
+use std::hash::Hasher as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -82,6 +83,10 @@ impl std::hash::Hasher for FxHasher {
         self.add(u64::from(n));
     }
 
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
     fn write_usize(&mut self, n: usize) {
         self.add(n as u64);
     }
@@ -98,22 +103,34 @@ impl FxHasher {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
-type FastSet<K> = HashSet<K, std::hash::BuildHasherDefault<FxHasher>>;
+/// The hash of a topic in the topic table.
+fn topic_hash(topic: &str) -> u64 {
+    let mut hasher = FxHasher::default();
+    hasher.write(topic.as_bytes());
+    hasher.finish()
+}
 
-/// Distinct topic segment values (other than device ids) kept for sharing: values beyond this
-/// start the set afresh, so it stays small when every device has a value of its own.
-const MAX_SHARED_LABELS: usize = 4096;
+/// The hash of a device id of an input in the device table.
+fn device_hash(input: u16, id: &str) -> u64 {
+    let mut hasher = FxHasher::default();
+    hasher.write_u16(input);
+    hasher.write(id.as_bytes());
+    hasher.finish()
+}
 
 /// Dense per-worker device number; indexes the rules' state vectors.
 type DeviceId = usize;
+
+/// A device number as the tables store it: 4 bytes. A worker never holds 2^32 devices (each
+/// costs a few hundred bytes).
+type Entry = u32;
 
 /// A rule's operator with the per-device states of this worker's devices.
 trait RuleRunner: Send {
     fn on_reading(&mut self, device: DeviceId, reading: &Reading<'_>, out: &mut Output);
     fn wants_ticks(&self) -> bool;
-    fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output);
-    fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output);
+    fn on_tick(&mut self, device: DeviceId, origin: &Origin, now_ms: i64, out: &mut Output);
+    fn on_close(&mut self, device: DeviceId, origin: &Origin, out: &mut Output);
     /// The device's state as CBOR, if it has any.
     fn save(&self, device: DeviceId) -> Option<Vec<u8>>;
     /// Replaces the device's state with a saved one.
@@ -190,13 +207,13 @@ impl<O: Operator> RuleRunner for Keyed<O> {
         self.operator.wants_ticks()
     }
 
-    fn on_tick(&mut self, device: DeviceId, origin: &Arc<Origin>, now_ms: i64, out: &mut Output) {
+    fn on_tick(&mut self, device: DeviceId, origin: &Origin, now_ms: i64, out: &mut Output) {
         if let Some(state) = self.states.get_mut(device) {
             self.operator.on_tick(state, origin, now_ms, out);
         }
     }
 
-    fn on_close(&mut self, device: DeviceId, origin: &Arc<Origin>, out: &mut Output) {
+    fn on_close(&mut self, device: DeviceId, origin: &Origin, out: &mut Output) {
         if let Some(state) = self.states.get_mut(device) {
             self.operator.on_close(state, origin, out);
         }
@@ -246,20 +263,19 @@ pub struct Worker {
     plan: Arc<Plan>,
     metrics: Arc<Metrics>,
     runners: Vec<Box<dyn RuleRunner>>,
-    /// Topic -> (device, origin); a cache, so parsing a topic and building its origin happens
-    /// once per topic. Cleared when it reaches its cap (it is rebuilt as readings arrive).
-    origins: FastSet<Cached>,
-    /// Per input, device id -> dense device number; capped at `max_devices_per_worker` in
-    /// all. The key is the device's `Origin::device` (and its device segment): one copy per
-    /// device id.
-    devices: Vec<FastMap<Arc<str>, DeviceId>>,
-    /// Segment values other than the device (sites, lines), shared by the origins that have
-    /// them; bounded by [`MAX_SHARED_LABELS`].
-    labels: FastSet<Arc<str>>,
-    /// The latest origin of each device, for flushing at close.
-    device_origins: Vec<Arc<Origin>>,
-    /// The input of each device.
-    device_inputs: Vec<usize>,
+    /// The device whose latest topic a topic is, so parsing a topic and building its origin
+    /// happens once per topic. Holds bare device numbers, found by their origins' topics:
+    /// exactly one entry per device, under its latest origin's topic and input (kept so by
+    /// [`Worker::index`] and [`Worker::unindex`] wherever `device_origins` changes).
+    topics: HashTable<Entry>,
+    /// The device number of (input, device id), found the same way by the origin's device
+    /// segment: one entry per device, and the id is stored only in the origin.
+    devices: HashTable<Entry>,
+    /// The latest origin of each device: what the tables find devices by, and what flushing at
+    /// close names.
+    device_origins: Vec<Origin>,
+    /// The input of each device (inputs are numbered by `u16`, as in snapshots).
+    device_inputs: Vec<u16>,
     /// What each device's recent readings were, to recognise redeliveries.
     recent: Vec<Recent>,
     /// Set when a known device is heard from again; the eviction sweep clears it and takes the
@@ -306,9 +322,8 @@ impl Worker {
         let decoded = decode_buffers(&plan);
         Self {
             runners,
-            origins: FastSet::default(),
-            devices: vec![FastMap::default(); plan.inputs.len()],
-            labels: FastSet::default(),
+            topics: HashTable::new(),
+            devices: HashTable::new(),
             device_origins: Vec::new(),
             device_inputs: Vec::new(),
             recent: Vec::new(),
@@ -353,9 +368,9 @@ impl Worker {
             if Plan::shard(expected.input, name, workers) != index {
                 continue;
             }
-            let device = match self.devices[expected.input].get(name) {
-                Some(device) => *device,
-                None => match self.register(expected.input, Arc::new(expected.origin(&plan))) {
+            let device = match self.find_device(expected.input, name) {
+                Some(device) => device,
+                None => match self.register(expected.input, expected.origin(&plan)) {
                     Some(device) => device,
                     None => continue,
                 },
@@ -364,9 +379,48 @@ impl Worker {
         }
     }
 
-    /// Registers a new device (`origin.device`) with its per-device tables; at the device limit
+    /// The device number of device `id` of `input`, if it is tracked.
+    fn find_device(&self, input: usize, id: &str) -> Option<DeviceId> {
+        let input = input as u16;
+        let (origins, inputs) = (&self.device_origins, &self.device_inputs);
+        self.devices
+            .find(device_hash(input, id), |&d| {
+                inputs[d as usize] == input && origins[d as usize].device() == id
+            })
+            .map(|&d| d as usize)
+    }
+
+    /// Enters `device` in both tables under its current origin and input.
+    fn index(&mut self, device: DeviceId) {
+        let (origins, inputs) = (&self.device_origins, &self.device_inputs);
+        let origin = &origins[device];
+        let entry = Entry::try_from(device).expect("fewer than 2^32 devices per worker");
+        self.topics
+            .insert_unique(topic_hash(origin.topic()), entry, |&d| {
+                topic_hash(origins[d as usize].topic())
+            });
+        self.devices
+            .insert_unique(device_hash(inputs[device], origin.device()), entry, |&d| {
+                device_hash(inputs[d as usize], origins[d as usize].device())
+            });
+    }
+
+    /// Takes `device` out of both tables (before its origin or input changes).
+    fn unindex(&mut self, device: DeviceId) {
+        let origin = &self.device_origins[device];
+        let is = |&d: &Entry| d as usize == device;
+        if let Ok(entry) = self.topics.find_entry(topic_hash(origin.topic()), is) {
+            entry.remove();
+        }
+        let hash = device_hash(self.device_inputs[device], origin.device());
+        if let Ok(entry) = self.devices.find_entry(hash, is) {
+            entry.remove();
+        }
+    }
+
+    /// Registers a new device (`origin.device()`) with its per-device tables; at the device limit
     /// it takes the place of an idle device (`evict_idle`) or is refused (`None`).
-    fn register(&mut self, input: usize, origin: Arc<Origin>) -> Option<DeviceId> {
+    fn register(&mut self, input: usize, origin: Origin) -> Option<DeviceId> {
         // Every tracked device has one place in `device_origins` (eviction reuses places).
         if self.device_origins.len() >= self.plan.max_devices_per_worker {
             return match self.plan.when_device_limit {
@@ -375,9 +429,9 @@ impl Worker {
             };
         }
         let device = self.device_origins.len();
-        self.devices[input].insert(origin.device.clone(), device);
         self.device_origins.push(origin);
-        self.device_inputs.push(input);
+        self.device_inputs.push(input as u16);
+        self.index(device);
         self.recent.push(Recent::default());
         // A new device earns its second chance only by being heard from again, so a flood of
         // one-shot ids evicts itself before it evicts devices that keep talking.
@@ -388,7 +442,7 @@ impl Worker {
     }
 
     /// Forgets the first device the clock sweep finds idle and gives its place to a new one.
-    fn evict_for(&mut self, input: usize, origin: Arc<Origin>) -> DeviceId {
+    fn evict_for(&mut self, input: usize, origin: Origin) -> DeviceId {
         let count = self.referenced.len();
         let victim = loop {
             let at = self.hand % count;
@@ -398,9 +452,8 @@ impl Worker {
             }
             break at;
         };
-        let old_input = self.device_inputs[victim];
-        self.devices[old_input].remove(&self.device_origins[victim].device);
-        self.devices[input].insert(origin.device.clone(), victim);
+        let old_input = usize::from(self.device_inputs[victim]);
+        self.unindex(victim);
         for (rule, runner) in self.runners.iter_mut().enumerate() {
             runner.reset(victim, &mut self.output);
             if let Some(gauge) = &self.rule_counters[rule].offline {
@@ -412,7 +465,8 @@ impl Worker {
         self.device_origins[victim] = origin;
         self.input_devices[old_input] -= 1;
         self.input_devices[input] += 1;
-        self.device_inputs[victim] = input;
+        self.device_inputs[victim] = input as u16;
+        self.index(victim);
         self.metrics
             .devices_evicted
             .with_label_values(&[&self.plan.inputs[old_input].name])
@@ -421,13 +475,15 @@ impl Worker {
     }
 
     /// The device and origin of a topic, registering a new device if there is room.
-    fn resolve(&mut self, input: usize, topic: &str) -> Result<(DeviceId, Arc<Origin>), Refusal> {
-        if let Some(Cached { origin, device }) = self.origins.get(topic) {
-            // The entry is stale if its device's place was taken by another device since.
-            if Arc::ptr_eq(origin, &self.device_origins[*device]) {
-                self.referenced[*device] = true;
-                return Ok((*device, origin.clone()));
-            }
+    fn resolve(&mut self, input: usize, topic: &str) -> Result<(DeviceId, Origin), Refusal> {
+        let (origins, inputs) = (&self.device_origins, &self.device_inputs);
+        let found = self.topics.find(topic_hash(topic), |&d| {
+            inputs[d as usize] == input as u16 && origins[d as usize].topic() == topic
+        });
+        if let Some(&device) = found {
+            let device = device as usize;
+            self.referenced[device] = true;
+            return Ok((device, self.device_origins[device].clone()));
         }
         let input_plan = &self.plan.inputs[input];
         let captures = input_plan
@@ -435,33 +491,14 @@ impl Worker {
             .captures(topic)
             .ok_or(Refusal::Decode(DecodeError::BadTopic))?;
         let device_index = input_plan.device_index;
-        let known = self.devices[input]
-            .get_key_value(captures[device_index])
-            .map(|(id, device)| (id.clone(), *device));
-        let device_id = known
-            .as_ref()
-            .map_or_else(|| Arc::from(captures[device_index]), |(id, _)| id.clone());
-        let segments = captures
-            .iter()
-            .enumerate()
-            .map(|(i, value)| {
-                if i == device_index {
-                    device_id.clone()
-                } else {
-                    share_label(&mut self.labels, value)
-                }
-            })
-            .collect();
-        let origin = Arc::new(Origin {
-            topic: topic.into(),
-            device: device_id,
-            names: input_plan.names.clone(),
-            segments,
-            device_index,
-        });
-        let device = match known {
-            Some((_, device)) => {
+        // The captures are slices of `topic`, so the origin stores each as a range of it.
+        let origin = Origin::new(input_plan.names.clone(), device_index, topic, &captures);
+        let device = match self.find_device(input, captures[device_index]) {
+            Some(device) => {
+                // A known device on a new topic: its origin, and so its topic entry, changes.
+                self.unindex(device);
                 self.device_origins[device] = origin.clone();
+                self.index(device);
                 self.referenced[device] = true;
                 device
             }
@@ -469,13 +506,6 @@ impl Worker {
                 .register(input, origin.clone())
                 .ok_or(Refusal::DeviceLimit)?,
         };
-        if self.origins.len() >= self.plan.max_devices_per_worker.saturating_mul(2) {
-            self.origins.clear();
-        }
-        self.origins.replace(Cached {
-            origin: origin.clone(),
-            device,
-        });
         Ok((device, origin))
     }
 
@@ -539,7 +569,7 @@ impl Worker {
         &mut self,
         message: &RawMessage,
         device: DeviceId,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         decoded: &Decoded,
         in_pack: bool,
         out: &mut Vec<Outgoing>,
@@ -600,7 +630,7 @@ impl Worker {
                 if let Some(suppressed) = self.window_limit_warnings.allow(message.arrival) {
                     tracing::warn!(
                         rule = %self.plan.rules[rule].name,
-                        device = %origin.device,
+                        device = %origin.device(),
                         suppressed,
                         "a device reached its open-window limit; readings that need a new window are refused (weir_readings_late_total{{reason=\"window_limit\"}}); check the device's clock or raise max_open_windows"
                     );
@@ -725,9 +755,9 @@ impl Worker {
             .iter()
             .enumerate()
             .map(|(device, origin)| DeviceSnapshot {
-                input: self.device_inputs[device] as u16,
-                device: origin.device.to_string(),
-                topic: origin.topic.to_string(),
+                input: self.device_inputs[device],
+                device: origin.device().to_string(),
+                topic: origin.topic().to_string(),
                 rules: self
                     .runners
                     .iter()
@@ -1059,8 +1089,8 @@ fn drain_output(
         tracing::trace!(
             id = %event.id,
             rule = %event.rule,
-            device = %event.origin.device,
-            topic = %event.origin.topic,
+            device = %event.origin.device(),
+            topic = %event.origin.topic(),
             cause_ts = event.cause.as_ref().map(|c| c.ts),
             "derived event"
         );
@@ -1083,7 +1113,8 @@ fn drain_output(
             metrics.tap.offer(TapEvent {
                 id: event.id.to_string(),
                 rule: event.rule.clone(),
-                device: event.origin.device.clone(),
+                // Copied: the tap is for a person watching, a few events a second at most.
+                device: event.origin.device().into(),
                 json,
             });
         }
@@ -1097,49 +1128,8 @@ fn drain_output(
     }
 }
 
-/// An entry of the topic cache, found by its origin's topic (so the topic is stored once, and an
-/// entry is two words).
-struct Cached {
-    origin: Arc<Origin>,
-    device: DeviceId,
-}
-
-impl std::borrow::Borrow<str> for Cached {
-    fn borrow(&self) -> &str {
-        &self.origin.topic
-    }
-}
-
-// Hash and equality are the topic's, as `Borrow<str>` requires.
-impl std::hash::Hash for Cached {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.origin.topic.hash(state);
-    }
-}
-
-impl PartialEq for Cached {
-    fn eq(&self, other: &Self) -> bool {
-        self.origin.topic == other.origin.topic
-    }
-}
-
-impl Eq for Cached {}
-
-/// The shared copy of a topic segment value, added to `labels` if new (starting the set afresh
-/// when it is full).
-fn share_label(labels: &mut FastSet<Arc<str>>, value: &str) -> Arc<str> {
-    if let Some(shared) = labels.get(value) {
-        return shared.clone();
-    }
-    if labels.len() >= MAX_SHARED_LABELS {
-        labels.clear();
-    }
-    let shared: Arc<str> = Arc::from(value);
-    labels.insert(shared.clone());
-    shared
-}
-
 /// Why a message did not reach the rules.
+#[derive(Debug)]
 enum Refusal {
     Decode(DecodeError),
     DeviceLimit,
@@ -1192,21 +1182,37 @@ mod tests {
         for (device, ts) in [("dev-1", 1), ("dev-2", 1), ("dev-1", 2)] {
             worker.process(&reading(device, ts), &mut out);
         }
-        let [one, two] = &worker.device_origins[..] else {
+        let [one, _] = &worker.device_origins.clone()[..] else {
             panic!("two devices");
         };
-        let cached = worker.origins.get(&*one.topic).unwrap();
-        assert!(Arc::ptr_eq(&cached.origin, one), "one origin per topic");
-        let (key, _) = worker.devices[0].get_key_value("dev-1").unwrap();
+        let (found, origin) = worker.resolve(0, one.topic()).unwrap();
+        assert_eq!(found, 0);
+        assert!(Origin::ptr_eq(&origin, one), "one origin per topic");
+        assert_eq!(worker.find_device(0, "dev-1"), Some(0));
+        let topic = one.topic().as_bytes().as_ptr_range();
         assert!(
-            Arc::ptr_eq(key, &one.device),
-            "the table key is the origin's id"
+            topic.contains(&one.device().as_ptr())
+                && topic.contains(&one.segment(0).unwrap().as_ptr()),
+            "the id and the labels are ranges of the topic"
         );
-        assert!(Arc::ptr_eq(&one.segments[one.device_index], &one.device));
-        assert!(
-            Arc::ptr_eq(&one.segments[0], &two.segments[0]),
-            "devices of one site share its name"
-        );
+        assert_eq!((worker.topics.len(), worker.devices.len()), (2, 2));
+    }
+
+    #[test]
+    fn a_device_on_a_new_topic_is_found_by_the_new_one_only() {
+        let mut worker = example_worker(10);
+        let mut out = Vec::new();
+        worker.process(&reading("dev-1", 1), &mut out);
+        let mut moved = reading("dev-1", 2);
+        moved.topic = "sensors/plant-2/dev-1/telemetry".into();
+        worker.process(&moved, &mut out);
+        assert_eq!(worker.device_count(), 1);
+        assert_eq!((worker.topics.len(), worker.devices.len()), (1, 1));
+        assert_eq!(worker.device_origins[0].segment(0), Some("plant-2"));
+        let (device, origin) = worker
+            .resolve(0, "sensors/plant-2/dev-1/telemetry")
+            .unwrap();
+        assert!(device == 0 && Origin::ptr_eq(&origin, &worker.device_origins[0]));
     }
 
     #[test]
@@ -1216,9 +1222,10 @@ mod tests {
         worker.process(&reading("dev-1", 1), &mut out);
         worker.process(&reading("dev-2", 2), &mut out);
         assert_eq!(worker.device_count(), 1);
-        assert!(!worker.devices[0].contains_key("dev-1"));
-        assert_eq!(worker.devices[0].get("dev-2"), Some(&0));
-        assert_eq!(&*worker.device_origins[0].device, "dev-2");
+        assert_eq!(worker.find_device(0, "dev-1"), None);
+        assert_eq!(worker.find_device(0, "dev-2"), Some(0));
+        assert_eq!((worker.topics.len(), worker.devices.len()), (1, 1));
+        assert_eq!(worker.device_origins[0].device(), "dev-2");
     }
 
     #[test]

@@ -108,11 +108,12 @@ pub(crate) mod otlp {
                 start_ns,
                 end_ns,
                 rule: event.rule.clone(),
-                device: event.origin.device.clone(),
+                // Copied: an exported span is encoded with many allocations already.
+                device: event.origin.device().into(),
                 kind: event.body.kind(),
                 event_id: event.id,
                 topic: outgoing.topic.clone(),
-                cause_topic: cause.map(|c| c.topic.clone()),
+                cause_topic: cause.map(|c| c.topic().into()),
             };
             if channel.tx.try_send(span).is_err() {
                 channel.queue_full.inc();

@@ -33,7 +33,7 @@ pub struct DerivedEvent {
     pub rule_index: usize,
     pub rule: Arc<str>,
     /// The device and the topic segments of the reading stream it came from.
-    pub origin: Arc<Origin>,
+    pub origin: Origin,
     /// Event time, ms since the epoch: the reading's for a state change, the window's end for a
     /// window.
     pub ts: i64,
@@ -227,7 +227,9 @@ impl WindowMetric {
 /// The reading that caused an event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cause {
-    pub topic: Arc<str>,
+    /// The reading's origin, for its topic: shared with the reading, so naming the cause costs
+    /// a count increment, not a copy of the topic.
+    pub origin: Origin,
     pub ts: i64,
     pub seq: Option<u64>,
     /// The reading's W3C trace context (MQTT 5), shared by every event it causes.
@@ -235,10 +237,15 @@ pub struct Cause {
 }
 
 impl Cause {
+    /// The topic of the reading that caused the event.
+    pub fn topic(&self) -> &str {
+        self.origin.topic()
+    }
+
     /// The cause naming `reading`.
     pub fn of(reading: &super::reading::Reading<'_>) -> Self {
         Self {
-            topic: reading.origin.topic.clone(),
+            origin: reading.origin.clone(),
             ts: reading.ts,
             seq: reading.seq,
             trace: reading.trace.cloned(),

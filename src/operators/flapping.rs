@@ -14,38 +14,37 @@ pub struct Flapping {
     within_ms: i64,
 }
 
-/// Per-device (per-field) flapping state: recent transition times, bounded by `max_changes + 1`.
+/// Per-device (per-field) flapping state: recent transition times, bounded by `max_changes + 1`,
+/// and whether the device is flapping. One word: every device of a detector carries this state
+/// and most rules have no flapping settings, so it is boxed, and `None` while there are no
+/// changes and the device is not flapping. Written as the plain `{changes, flapping}` it was
+/// before.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlapState {
-    /// Boxed, and `None` rather than empty: every device of a detector carries this state, most
-    /// rules have no flapping settings, and an empty `VecDeque` is 32 bytes. Written as the plain
-    /// sequence it was before.
-    #[serde(with = "changes_as_sequence")]
-    #[allow(clippy::box_collection)]
-    changes: Option<Box<VecDeque<i64>>>,
+#[serde(from = "FlapRecord", into = "FlapRecord")]
+pub struct FlapState(Option<Box<FlapRecord>>);
+
+/// How a [`FlapState`] is written in snapshots, and what its box holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct FlapRecord {
+    changes: VecDeque<i64>,
     flapping: bool,
 }
 
-#[allow(clippy::box_collection)]
-mod changes_as_sequence {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use std::collections::VecDeque;
-
-    pub fn serialize<S: Serializer>(
-        changes: &Option<Box<VecDeque<i64>>>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        match changes {
-            Some(changes) => changes.serialize(serializer),
-            None => VecDeque::<i64>::new().serialize(serializer),
-        }
+impl From<FlapRecord> for FlapState {
+    fn from(record: FlapRecord) -> Self {
+        Self((record.flapping || !record.changes.is_empty()).then(|| Box::new(record)))
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<Box<VecDeque<i64>>>, D::Error> {
-        let changes = VecDeque::<i64>::deserialize(deserializer)?;
-        Ok((!changes.is_empty()).then(|| Box::new(changes)))
+impl From<FlapState> for FlapRecord {
+    fn from(state: FlapState) -> Self {
+        state.0.map(|record| *record).unwrap_or_default()
+    }
+}
+
+impl FlapState {
+    fn is_flapping(&self) -> bool {
+        self.0.as_ref().is_some_and(|record| record.flapping)
     }
 }
 
@@ -70,7 +69,8 @@ impl Flapping {
 
     /// Records a transition at event time `ts`.
     pub fn on_transition(&self, state: &mut FlapState, ts: i64) -> Verdict {
-        let changes = state.changes.get_or_insert_with(Box::default);
+        let record = state.0.get_or_insert_with(Box::default);
+        let changes = &mut record.changes;
         changes.push_back(ts);
         while changes
             .front()
@@ -81,10 +81,10 @@ impl Flapping {
         while changes.len() > self.max_changes + 1 {
             changes.pop_front();
         }
-        if state.flapping {
+        if record.flapping {
             Verdict::Held
         } else if changes.len() > self.max_changes {
-            state.flapping = true;
+            record.flapping = true;
             Verdict::Started {
                 changes: changes.len() as u32,
             }
@@ -96,17 +96,18 @@ impl Flapping {
     /// Called on every reading before its transition is evaluated: true when a flapping device
     /// has held its state for `within` by `ts`, which ends flapping.
     pub fn settles(&self, state: &mut FlapState, ts: i64) -> bool {
-        let quiet = state
+        let Some(record) = state.0.as_ref().filter(|_| state.is_flapping()) else {
+            return false;
+        };
+        let quiet = record
             .changes
-            .as_ref()
-            .and_then(|changes| changes.back())
+            .back()
             .is_none_or(|last| ts.saturating_sub(*last) >= self.within_ms);
-        if state.flapping && quiet {
-            state.flapping = false;
-            state.changes = None;
-            return true;
+        if quiet {
+            // Not flapping, with no changes: the empty state.
+            state.0 = None;
         }
-        false
+        quiet
     }
 }
 

@@ -27,18 +27,122 @@ pub struct Hysteresis {
     flapping: Option<Flapping>,
 }
 
-/// Per-device state.
+/// Per-device state: 32 bytes, its options packed into one byte of flags (every device of the
+/// rule carries it). Written in snapshots as [`HysteresisRecord`], its layout before it was
+/// packed, so snapshots of either version restore in the other.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "HysteresisRecord", into = "HysteresisRecord")]
 pub struct HysteresisState {
-    /// Index into the rule's states; `None` until the device's first reading with this metric.
+    /// Event time of the last reading applied (with [`LAST_TS`]); older readings are ignored.
+    last_ts: i64,
+    /// Since when `pending` has held (with [`PENDING`]).
+    since: i64,
+    flap: FlapState,
+    /// Index into the rule's states (with [`LEVEL`]); unset until the device's first reading
+    /// with this metric.
+    level: u8,
+    /// A state whose condition holds but not yet for `for` (with [`PENDING`]).
+    pending: u8,
+    /// The state last published (with [`PUBLISHED`]; differs from `level` only while
+    /// flapping).
+    published: u8,
+    /// Which of the fields above are set.
+    flags: u8,
+}
+
+const LEVEL: u8 = 1;
+const LAST_TS: u8 = 2;
+const PENDING: u8 = 4;
+const PUBLISHED: u8 = 8;
+
+impl HysteresisState {
+    fn get<T>(&self, flag: u8, value: T) -> Option<T> {
+        (self.flags & flag != 0).then_some(value)
+    }
+
+    fn set(&mut self, flag: u8, set: bool) {
+        if set {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    fn level(&self) -> Option<u8> {
+        self.get(LEVEL, self.level)
+    }
+
+    fn set_level(&mut self, level: u8) {
+        self.level = level;
+        self.set(LEVEL, true);
+    }
+
+    fn last_ts(&self) -> Option<i64> {
+        self.get(LAST_TS, self.last_ts)
+    }
+
+    fn set_last_ts(&mut self, last_ts: Option<i64>) {
+        self.last_ts = last_ts.unwrap_or(0);
+        self.set(LAST_TS, last_ts.is_some());
+    }
+
+    fn pending(&self) -> Option<(u8, i64)> {
+        self.get(PENDING, (self.pending, self.since))
+    }
+
+    fn set_pending(&mut self, pending: Option<(u8, i64)>) {
+        (self.pending, self.since) = pending.unwrap_or((0, 0));
+        self.set(PENDING, pending.is_some());
+    }
+
+    fn published(&self) -> Option<u8> {
+        self.get(PUBLISHED, self.published)
+    }
+
+    fn set_published(&mut self, published: u8) {
+        self.published = published;
+        self.set(PUBLISHED, true);
+    }
+}
+
+/// How a [`HysteresisState`] is written in snapshots: its fields before they were packed.
+#[derive(Serialize, Deserialize)]
+struct HysteresisRecord {
     level: Option<u8>,
-    /// Event time of the last reading applied; older readings are ignored.
     last_ts: Option<i64>,
-    /// A state whose condition holds but not yet for `for`: (state, since).
     pending: Option<(u8, i64)>,
-    /// The state last published (differs from `level` only while flapping).
     published: Option<u8>,
     flap: FlapState,
+}
+
+impl From<HysteresisRecord> for HysteresisState {
+    fn from(record: HysteresisRecord) -> Self {
+        let mut state = Self {
+            flap: record.flap,
+            ..Self::default()
+        };
+        if let Some(level) = record.level {
+            state.set_level(level);
+        }
+        state.set_last_ts(record.last_ts);
+        state.set_pending(record.pending);
+        if let Some(published) = record.published {
+            state.set_published(published);
+        }
+        state
+    }
+}
+
+impl From<HysteresisState> for HysteresisRecord {
+    fn from(state: HysteresisState) -> Self {
+        Self {
+            level: state.level(),
+            last_ts: state.last_ts(),
+            pending: state.pending(),
+            published: state.published(),
+            flap: state.flap,
+        }
+    }
 }
 
 impl Hysteresis {
@@ -149,47 +253,51 @@ impl Operator for Hysteresis {
         };
         // An older reading than one already applied would rewind the state machine; ignore it
         // (counted), since applying it late would emit transitions in the wrong order.
-        if !in_order(&mut state.last_ts, reading.ts, out) {
+        let mut last_ts = state.last_ts();
+        let applies = in_order(&mut last_ts, reading.ts, out);
+        state.set_last_ts(last_ts);
+        if !applies {
             return;
         }
-        let level = state.level.unwrap_or(self.initial);
-        state.level = Some(level);
-        let published = *state.published.get_or_insert(level);
+        let level = state.level().unwrap_or(self.initial);
+        state.set_level(level);
+        let published = state.published().unwrap_or(level);
+        state.set_published(published);
         if let Some(flapping) = &self.flapping {
             if flapping.settles(&mut state.flap, reading.ts) {
                 self.flapping_event("settled", level, 0, reading, out);
                 if published != level {
                     self.state_change(published, level, value, reading, out);
-                    state.published = Some(level);
+                    state.set_published(level);
                 }
             }
         }
         let target = self.target(level, value);
         if target == level {
-            state.pending = None;
+            state.set_pending(None);
             return;
         }
-        let since = match state.pending {
+        let since = match state.pending() {
             Some((pending, since)) if pending == target => since,
             _ => {
-                state.pending = Some((target, reading.ts));
+                state.set_pending(Some((target, reading.ts)));
                 reading.ts
             }
         };
         if reading.ts.saturating_sub(since) < self.hold_ms {
             return;
         }
-        state.pending = None;
-        state.level = Some(target);
+        state.set_pending(None);
+        state.set_level(target);
         let verdict = match &self.flapping {
             Some(flapping) => flapping.on_transition(&mut state.flap, reading.ts),
             None => Verdict::Publish,
         };
         match verdict {
             Verdict::Publish => {
-                let from = state.published.unwrap_or(level);
+                let from = state.published().unwrap_or(level);
                 self.state_change(from, target, value, reading, out);
-                state.published = Some(target);
+                state.set_published(target);
             }
             Verdict::Started { changes } => {
                 self.flapping_event("flapping", target, changes, reading, out)
@@ -436,5 +544,80 @@ mod tests {
         }
         assert_eq!(out.events.len(), 1);
         assert_eq!(out.out_of_order, 1);
+    }
+
+    /// The state's fields before they were packed, as the snapshots of earlier versions hold
+    /// them.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Unpacked {
+        level: Option<u8>,
+        last_ts: Option<i64>,
+        pending: Option<(u8, i64)>,
+        published: Option<u8>,
+        flap: Flap,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Flap {
+        changes: Vec<i64>,
+        flapping: bool,
+    }
+
+    fn cbor(value: &impl Serialize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(value, &mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn snapshots_keep_the_unpacked_layout_both_ways() {
+        let flapping = FlappingConfig {
+            max_changes: 1,
+            within: Duration::from_secs(10),
+        };
+        let op = levels(Duration::from_secs(5), Some(flapping));
+        let origin = origin("d1");
+        let mut state = HysteresisState::default();
+        let mut out = Output::default();
+        assert_eq!(
+            cbor(&state),
+            cbor(&Unpacked {
+                level: None,
+                last_ts: None,
+                pending: None,
+                published: None,
+                flap: Flap {
+                    changes: vec![],
+                    flapping: false
+                },
+            })
+        );
+        // A transition held for `for`, then flapping, then a pending one.
+        for (ts, value) in [
+            (0, 75.0),
+            (6_000, 75.0),
+            (7_000, 10.0),
+            (13_000, 10.0),
+            (14_000, 75.0),
+        ] {
+            op.on_reading(&mut state, &reading(&origin, ts, &[Some(value)]), &mut out);
+        }
+        let unpacked: Unpacked = ciborium::from_reader(&cbor(&state)[..]).unwrap();
+        assert_eq!(
+            unpacked,
+            Unpacked {
+                level: Some(0),
+                last_ts: Some(14_000),
+                pending: Some((1, 14_000)),
+                published: Some(1),
+                flap: Flap {
+                    changes: vec![6_000, 13_000],
+                    flapping: true
+                },
+            }
+        );
+        let restored: HysteresisState = ciborium::from_reader(&cbor(&unpacked)[..]).unwrap();
+        assert_eq!(restored, state);
+        assert_eq!(std::mem::size_of::<HysteresisState>(), 32);
     }
 }

@@ -88,7 +88,7 @@ impl Liveness {
     #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         ts: i64,
         from: Status,
         to: Status,
@@ -169,13 +169,7 @@ impl Operator for Liveness {
         self.timeout_ms.is_some()
     }
 
-    fn on_tick(
-        &self,
-        state: &mut LivenessState,
-        origin: &Arc<Origin>,
-        now_ms: i64,
-        out: &mut Output,
-    ) {
+    fn on_tick(&self, state: &mut LivenessState, origin: &Origin, now_ms: i64, out: &mut Output) {
         if !state.known {
             return;
         }

@@ -61,7 +61,7 @@ impl RuleMeta {
     /// replay of the same readings yields the same ids.
     pub(crate) fn event(
         &self,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         ts: i64,
         key: &[&[u8]],
         body: EventBody,
@@ -72,7 +72,7 @@ impl RuleMeta {
         let mut parts: [&[u8]; 8] = [&[]; 8];
         parts[..4].copy_from_slice(&[
             self.name.as_bytes(),
-            origin.device.as_bytes(),
+            origin.device().as_bytes(),
             body.kind().as_bytes(),
             &ts_bytes,
         ]);
@@ -151,13 +151,7 @@ pub trait Operator: Send + 'static {
     /// Processing-time timer, called periodically for every device with `now_ms` (wall clock,
     /// ms since the epoch, or the virtual clock in replay). Drives what must happen when no
     /// reading arrives at all: idle windows closing, devices going offline.
-    fn on_tick(
-        &self,
-        _state: &mut Self::State,
-        _origin: &Arc<Origin>,
-        _now_ms: i64,
-        _out: &mut Output,
-    ) {
+    fn on_tick(&self, _state: &mut Self::State, _origin: &Origin, _now_ms: i64, _out: &mut Output) {
     }
 
     /// Registers a device the config expects (liveness reports it even if it never sends).
@@ -170,30 +164,29 @@ pub trait Operator: Send + 'static {
     }
 
     /// Flushes what should flush when input ends (shutdown): called once per device.
-    fn on_close(&self, _state: &mut Self::State, _origin: &Arc<Origin>, _out: &mut Output) {}
+    fn on_close(&self, _state: &mut Self::State, _origin: &Origin, _out: &mut Output) {}
 }
 
 /// Builders for operator unit tests.
 #[cfg(test)]
 pub(crate) mod test_support {
     use crate::decode::{Origin, Reading};
-    use std::sync::Arc;
     use std::time::Instant;
 
     /// The origin of `sensors/s1/<device>/telemetry`.
-    pub fn origin(device: &str) -> Arc<Origin> {
-        Arc::new(Origin {
-            topic: format!("sensors/s1/{device}/telemetry").into(),
-            device: device.into(),
-            names: vec!["site".to_owned(), "device".to_owned()].into(),
-            segments: vec!["s1".into(), device.into()].into_boxed_slice(),
-            device_index: 1,
-        })
+    pub fn origin(device: &str) -> Origin {
+        let topic = format!("sensors/s1/{device}/telemetry");
+        Origin::new(
+            vec!["site".to_owned(), "device".to_owned()].into(),
+            1,
+            &topic,
+            &["s1", device],
+        )
     }
 
     /// A reading with discrete values.
     pub fn discrete_reading<'a>(
-        origin: &'a Arc<Origin>,
+        origin: &'a Origin,
         ts: i64,
         discrete: &'a [crate::decode::DiscreteSlot],
     ) -> Reading<'a> {
@@ -227,7 +220,7 @@ pub(crate) mod test_support {
     }
 
     /// A reading at `ts` that arrived at `ts` on the gateway clock.
-    pub fn reading<'a>(origin: &'a Arc<Origin>, ts: i64, values: &'a [Option<f64>]) -> Reading<'a> {
+    pub fn reading<'a>(origin: &'a Origin, ts: i64, values: &'a [Option<f64>]) -> Reading<'a> {
         Reading {
             origin,
             ts,

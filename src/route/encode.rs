@@ -48,7 +48,7 @@ impl Serialize for CauseView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let cause = self.0;
         let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("topic", &*cause.topic)?;
+        map.serialize_entry("topic", cause.topic())?;
         map.serialize_entry("ts", &cause.ts)?;
         if let Some(seq) = cause.seq {
             map.serialize_entry("seq", &seq)?;
@@ -118,7 +118,7 @@ impl Serialize for EventView<'_> {
         map.serialize_entry("id", std::str::from_utf8(&id).unwrap_or_default())?;
         map.serialize_entry("kind", event.body.kind())?;
         map.serialize_entry("rule", &*event.rule)?;
-        map.serialize_entry("device", &*event.origin.device)?;
+        map.serialize_entry("device", event.origin.device())?;
         map.serialize_entry("labels", &Labels(event))?;
         map.serialize_entry("ts", &event.ts)?;
         match &event.body {
@@ -278,7 +278,7 @@ mod tests {
                 value: 31.0,
             },
             cause: Some(Cause {
-                topic: origin.topic.clone(),
+                origin: origin.clone(),
                 ts: 1_732_600_000_000,
                 seq: Some(17),
                 trace: None,

@@ -25,7 +25,7 @@ pub fn write_event(event: &DerivedEvent, out: &mut Vec<u8>) {
     w.raw(b",\"rule\":");
     w.string(&event.rule);
     w.raw(b",\"device\":");
-    w.string(&event.origin.device);
+    w.string(event.origin.device());
     w.raw(b",\"labels\":{");
     for (i, (name, value)) in event.origin.labels().enumerate() {
         if i > 0 {
@@ -40,7 +40,7 @@ pub fn write_event(event: &DerivedEvent, out: &mut Vec<u8>) {
     w.body(&event.body);
     if let Some(cause) = &event.cause {
         w.raw(b",\"cause\":{\"topic\":");
-        w.string(&cause.topic);
+        w.string(cause.topic());
         w.raw(b",\"ts\":");
         w.i64(cause.ts);
         if let Some(seq) = cause.seq {
@@ -360,22 +360,21 @@ mod tests {
     use proptest::prelude::*;
     use std::sync::Arc;
 
-    fn origin(site: &str, device: &str) -> Arc<Origin> {
-        Arc::new(Origin {
-            topic: format!("sensors/{site}/{device}/telemetry").into(),
-            device: device.into(),
-            names: vec!["site".to_owned(), "device".to_owned(), "line".to_owned()].into(),
-            segments: vec![site.into(), device.into(), "l\\1".into()].into_boxed_slice(),
-            device_index: 1,
-        })
+    fn origin(site: &str, device: &str) -> Origin {
+        Origin::new(
+            vec!["site".to_owned(), "device".to_owned(), "line".to_owned()].into(),
+            1,
+            &format!("sensors/{site}/{device}/telemetry"),
+            &[site, device, "l\\1"],
+        )
     }
 
-    fn event(
-        body: EventBody,
-        cause: Option<Cause>,
-        rule: &str,
-        origin: Arc<Origin>,
-    ) -> DerivedEvent {
+    /// An origin that is only a topic, for a cause.
+    fn on_topic(topic: &str) -> Origin {
+        Origin::new(Vec::new().into(), 0, topic, &[] as &[&str])
+    }
+
+    fn event(body: EventBody, cause: Option<Cause>, rule: &str, origin: Origin) -> DerivedEvent {
         DerivedEvent {
             id: EventId(0x0123_4567_89ab_cdef),
             rule_index: 0,
@@ -409,7 +408,7 @@ mod tests {
         // With a sequence number the cause also carries a trace, so both shapes are covered.
         let cause = |seq: Option<u64>| {
             Some(Cause {
-                topic: "sensors/s\"1/d\n1/telemetry".into(),
+                origin: on_topic("sensors/s\"1/d\n1/telemetry"),
                 ts: 17,
                 seq,
                 trace: seq.and_then(|_| {
@@ -552,13 +551,8 @@ mod tests {
 
     #[test]
     fn writes_an_origin_without_labels_as_an_empty_object() {
-        let origin = Arc::new(Origin {
-            topic: "d1".into(),
-            device: "d1".into(),
-            names: vec!["device".to_owned()].into(),
-            segments: vec!["d1".into()].into_boxed_slice(),
-            device_index: 0,
-        });
+        let topic = "d1";
+        let origin = Origin::new(vec!["device".to_owned()].into(), 0, topic, &[topic]);
         let mut event = every_kind().remove(0);
         event.origin = origin;
         assert_same_as_serde(&event);
@@ -578,7 +572,7 @@ mod tests {
                 to: text.as_str().into(),
                 value,
             };
-            let cause = Some(Cause { topic: text.as_str().into(), ts, seq: Some(seq), trace: None });
+            let cause = Some(Cause { origin: on_topic(&text), ts, seq: Some(seq), trace: None });
             let mut event = event(body, cause, &text, origin(&text, &text));
             event.ts = ts;
             assert_same_as_serde(&event);

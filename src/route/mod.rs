@@ -41,7 +41,7 @@ impl Route {
     pub fn apply(&self, event: &DerivedEvent) -> Outgoing {
         let mut topic = String::with_capacity(64);
         self.template
-            .render_into(&event.origin.segments, &event.rule, &mut topic);
+            .render_with(|i| event.origin.segment(i), &event.rule, &mut topic);
         Outgoing {
             topic,
             payload: encode(event, self.format),

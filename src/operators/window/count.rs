@@ -10,7 +10,6 @@ use crate::model::event::WindowClose;
 use crate::operators::{Operator, Output};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 /// A built count-window rule.
 #[derive(Debug, Clone)]
@@ -44,7 +43,7 @@ impl CountWindows {
     fn emit(
         &self,
         state: &mut CountState,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         cause: Option<&Reading<'_>>,
         closed_by: WindowClose,
         out: &mut Output,
@@ -111,13 +110,13 @@ impl Operator for CountWindows {
         self.spec.idle_timeout_ms.is_some()
     }
 
-    fn on_tick(&self, state: &mut CountState, origin: &Arc<Origin>, now_ms: i64, out: &mut Output) {
+    fn on_tick(&self, state: &mut CountState, origin: &Origin, now_ms: i64, out: &mut Output) {
         if state.since_emit > 0 && self.spec.is_idle(state.last_arrival_ms, now_ms) {
             self.emit(state, origin, None, WindowClose::IdleTimeout, out);
         }
     }
 
-    fn on_close(&self, state: &mut CountState, origin: &Arc<Origin>, out: &mut Output) {
+    fn on_close(&self, state: &mut CountState, origin: &Origin, out: &mut Output) {
         if self.spec.flush_on_shutdown && state.since_emit > 0 {
             self.emit(state, origin, None, WindowClose::Shutdown, out);
         }

@@ -37,6 +37,7 @@ use crate::model::event::{Cause, DerivedEvent, EventBody, EventId, WindowClose};
 use aggregates::{Accumulators, Basic};
 use condition::WindowView;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,7 +197,7 @@ impl WindowSpec {
         out.events.push(DerivedEvent {
             id: EventId::derive(&[
                 self.rule.name.as_bytes(),
-                origin.device.as_bytes(),
+                origin.device().as_bytes(),
                 b"late",
                 &reading.ts.to_be_bytes(),
                 &reading.seq.unwrap_or(0).to_be_bytes(),
@@ -210,7 +211,7 @@ impl WindowSpec {
                 watermark,
                 values,
             },
-            cause: Some(cause_of(reading)),
+            cause: Some(Cause::of(reading)),
             arrival: Some(reading.arrival),
         });
     }
@@ -222,7 +223,7 @@ impl WindowSpec {
         &self,
         key: i64,
         pane: &Pane,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         cause: Option<&Reading<'_>>,
         closed_by: WindowClose,
         out: &mut Output,
@@ -246,7 +247,7 @@ impl WindowSpec {
         out.events.push(DerivedEvent {
             id: EventId::derive(&[
                 self.rule.name.as_bytes(),
-                origin.device.as_bytes(),
+                origin.device().as_bytes(),
                 b"window",
                 &key.to_be_bytes(),
             ]),
@@ -262,18 +263,9 @@ impl WindowSpec {
                 closed_by,
                 update: pane.updates,
             },
-            cause: cause.map(cause_of),
+            cause: cause.map(Cause::of),
             arrival: cause.map(|r| r.arrival),
         });
-    }
-}
-
-fn cause_of(reading: &Reading<'_>) -> Cause {
-    Cause {
-        topic: reading.origin.topic.clone(),
-        ts: reading.ts,
-        seq: reading.seq,
-        trace: reading.trace.cloned(),
     }
 }
 
@@ -315,8 +307,11 @@ pub struct TimeWindows<A> {
 /// Per-device state of [`TimeWindows`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimeWindowsState {
-    /// Open panes and fired ones kept for lateness, ordered by start.
-    panes: Vec<Pane>,
+    /// Open panes and fired ones kept for lateness, ordered by start. A tumbling window holds
+    /// one pane but for a moment at each boundary, so one is kept inline (no allocation of its
+    /// own), and the panes move back inline once one is left (see `advance`). Written as a plain
+    /// sequence, as the `Vec` it was.
+    panes: SmallVec<[Pane; 1]>,
     /// Newest event time seen minus the out-of-orderness; `None` before any reading.
     watermark: Option<i64>,
     /// Wall-clock arrival of the device's latest reading: what the idle timer measures from.
@@ -340,7 +335,7 @@ impl<A: Assigner> TimeWindows<A> {
     fn advance(
         &self,
         state: &mut TimeWindowsState,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         cause: Option<&Reading<'_>>,
         watermark: i64,
         closed_by: WindowClose,
@@ -354,12 +349,20 @@ impl<A: Assigner> TimeWindows<A> {
                     .emit(pane.start, pane, origin, cause, closed_by, out);
             }
         }
-        let before = state.panes.len();
         let lateness = self.spec.lateness_ms;
-        state
-            .panes
-            .retain(|p| !p.fired || p.end.saturating_add(lateness) > watermark);
+        let gone = |p: &Pane| p.fired && p.end.saturating_add(lateness) <= watermark;
+        // Most readings move the watermark without closing a window: look before retaining.
+        if !state.panes.iter().any(gone) {
+            return;
+        }
+        let before = state.panes.len();
+        state.panes.retain(|p| !gone(p));
         out.open_windows_delta -= (before - state.panes.len()) as i64;
+        if state.panes.spilled() && state.panes.len() <= 1 {
+            // Back inline: a tumbling window passes two panes at each boundary, and a heap
+            // buffer kept for them would cost every device 128 bytes more for good.
+            state.panes.shrink_to_fit();
+        }
     }
 }
 
@@ -442,7 +445,7 @@ impl<A: Assigner> Operator for TimeWindows<A> {
     fn on_tick(
         &self,
         state: &mut TimeWindowsState,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         now_ms: i64,
         out: &mut Output,
     ) {
@@ -463,7 +466,7 @@ impl<A: Assigner> Operator for TimeWindows<A> {
         );
     }
 
-    fn on_close(&self, state: &mut TimeWindowsState, origin: &Arc<Origin>, out: &mut Output) {
+    fn on_close(&self, state: &mut TimeWindowsState, origin: &Origin, out: &mut Output) {
         if !self.spec.flush_on_shutdown {
             return;
         }

@@ -12,7 +12,6 @@ use crate::decode::{Origin, Reading};
 use crate::model::event::WindowClose;
 use crate::operators::{Operator, Output};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// A built session-window rule.
 #[derive(Debug, Clone)]
@@ -63,7 +62,7 @@ impl SessionWindows {
     fn advance(
         &self,
         state: &mut SessionState,
-        origin: &Arc<Origin>,
+        origin: &Origin,
         cause: Option<&Reading<'_>>,
         watermark: i64,
         closed_by: WindowClose,
@@ -176,13 +175,7 @@ impl Operator for SessionWindows {
         self.spec.idle_timeout_ms.is_some()
     }
 
-    fn on_tick(
-        &self,
-        state: &mut SessionState,
-        origin: &Arc<Origin>,
-        now_ms: i64,
-        out: &mut Output,
-    ) {
+    fn on_tick(&self, state: &mut SessionState, origin: &Origin, now_ms: i64, out: &mut Output) {
         if !self.spec.is_idle(state.last_arrival_ms, now_ms) {
             return;
         }
@@ -206,7 +199,7 @@ impl Operator for SessionWindows {
         );
     }
 
-    fn on_close(&self, state: &mut SessionState, origin: &Arc<Origin>, out: &mut Output) {
+    fn on_close(&self, state: &mut SessionState, origin: &Origin, out: &mut Output) {
         if !self.spec.flush_on_shutdown {
             return;
         }
