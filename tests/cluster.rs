@@ -14,9 +14,9 @@ use common::cluster::{
     Instance,
 };
 use common::nats::NatsServer;
-use common::{temp_dir, wait_until, Publisher, DEADLINE};
+use common::{temp_dir, wait_until, Publisher, TempDir, DEADLINE};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,12 +234,8 @@ fn the_hub_example_passes_weir_check() {
 /// stream holds every event `weir replay` derives, exactly once, in per-device order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_mid_stream_hands_its_partitions_over_and_no_event_is_lost_or_doubled() {
-    let server = server_for_example();
-    let dir = temp_dir("cluster-kill");
+    let (server, dir, init_config) = initialised("cluster-kill");
     let names = ["hub-a", "hub-b", "hub-c"];
-    let init_config = dir.join("init.toml");
-    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
-    weir(&["cluster", "init", "--config"], &init_config);
     let mut instances: Vec<Instance> = names
         .iter()
         .map(|name| Instance::start(&server, &dir, name))
@@ -316,6 +312,17 @@ fn partition_lags(instance: &Instance) -> (Vec<u64>, BTreeMap<u64, u64>) {
     (serving, lags)
 }
 
+/// A NATS server for the example config, a temp dir, and `weir cluster init` run on the
+/// cluster config written there as `init.toml` (returned).
+fn initialised(tag: &str) -> (NatsServer, TempDir, PathBuf) {
+    let server = server_for_example();
+    let dir = temp_dir(tag);
+    let init_config = dir.join("init.toml");
+    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
+    weir(&["cluster", "init", "--config"], &init_config);
+    (server, dir, init_config)
+}
+
 /// Who owns which partition, once the owners settled on `members`; and the partitions whose
 /// owner differs between two such maps.
 fn moved(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
@@ -331,11 +338,7 @@ fn moved(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) ->
 /// `weir replay`, each event once, in per-device order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rescaling_two_three_two_moves_about_a_third_and_loses_nothing() {
-    let server = server_for_example();
-    let dir = temp_dir("cluster-rescale");
-    let init_config = dir.join("init.toml");
-    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
-    weir(&["cluster", "init", "--config"], &init_config);
+    let (server, dir, init_config) = initialised("cluster-rescale");
     let mut a = Instance::start(&server, &dir, "hub-a");
     let mut b = Instance::start(&server, &dir, "hub-b");
     let two = wait_for_owners(&server, &["hub-a", "hub-b"], Duration::from_secs(30)).await;
@@ -396,11 +399,7 @@ async fn rescaling_two_three_two_moves_about_a_third_and_loses_nothing() {
 /// runs again (SIGCONT) it publishes nothing for them: its fence closed while it was stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_owner_resumed_after_its_lease_publishes_nothing_for_the_partitions_it_lost() {
-    let server = server_for_example();
-    let dir = temp_dir("cluster-stale");
-    let init_config = dir.join("init.toml");
-    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
-    weir(&["cluster", "init", "--config"], &init_config);
+    let (server, dir, init_config) = initialised("cluster-stale");
     let mut a = Instance::start(&server, &dir, "hub-a");
     let mut b = Instance::start(&server, &dir, "hub-b");
     wait_for_owners(&server, &["hub-a", "hub-b"], Duration::from_secs(30)).await;
@@ -457,11 +456,7 @@ async fn a_stale_owner_resumed_after_its_lease_publishes_nothing_for_the_partiti
 /// claims expire by themselves by then, and its partitions' previous snapshots stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_stopped_while_nats_is_away_exits_within_its_lease() {
-    let mut server = server_for_example();
-    let dir = temp_dir("cluster-away");
-    let init_config = dir.join("init.toml");
-    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
-    weir(&["cluster", "init", "--config"], &init_config);
+    let (mut server, dir, _) = initialised("cluster-away");
     let lease = Duration::from_secs(4);
     let mut a = Instance::start_with(&server, &dir, "hub-a", lease);
     wait_for_owners(&server, &["hub-a"], Duration::from_secs(30)).await;
@@ -510,11 +505,7 @@ async fn an_instance_stopped_while_nats_is_away_exits_within_its_lease() {
 /// outside `[rules]` is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_switches_the_cluster_to_the_new_rules_and_refuses_other_changes() {
-    let server = server_for_example();
-    let dir = temp_dir("cluster-reload");
-    let init_config = dir.join("init.toml");
-    std::fs::write(&init_config, cluster_config(&server, None)).expect("write config");
-    weir(&["cluster", "init", "--config"], &init_config);
+    let (server, dir, init_config) = initialised("cluster-reload");
     let mut a = Instance::start(&server, &dir, "hub-a");
     wait_for_owners(&server, &["hub-a"], Duration::from_secs(30)).await;
 
