@@ -206,11 +206,7 @@ mod tests {
             seq: Option<(u64, u64)>,
             hashes: VecDeque<u64>,
         }
-        fn cbor(value: &impl Serialize) -> Vec<u8> {
-            let mut bytes = Vec::new();
-            ciborium::into_writer(value, &mut bytes).unwrap();
-            bytes
-        }
+        use crate::operators::test_support::cbor;
         let mut recent = Recent::default();
         for seq in [7, 9] {
             recent.seen_seq(seq);

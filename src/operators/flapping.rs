@@ -123,11 +123,7 @@ mod tests {
             changes: VecDeque<i64>,
             flapping: bool,
         }
-        fn cbor(value: &impl Serialize) -> Vec<u8> {
-            let mut bytes = Vec::new();
-            ciborium::into_writer(value, &mut bytes).unwrap();
-            bytes
-        }
+        use crate::operators::test_support::cbor;
         let mut state = FlapState::default();
         flapping().on_transition(&mut state, 5);
         let unboxed: Unboxed = ciborium::from_reader(&cbor(&state)[..]).unwrap();

@@ -563,11 +563,7 @@ mod tests {
         flapping: bool,
     }
 
-    fn cbor(value: &impl Serialize) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        ciborium::into_writer(value, &mut bytes).unwrap();
-        bytes
-    }
+    use crate::operators::test_support::cbor;
 
     #[test]
     fn snapshots_keep_the_unpacked_layout_both_ways() {

@@ -173,6 +173,13 @@ pub(crate) mod test_support {
     use crate::decode::{Origin, Reading};
     use std::time::Instant;
 
+    /// `value` in CBOR, as snapshots write it: for tests that state layouts stay readable.
+    pub fn cbor(value: &impl serde::Serialize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(value, &mut bytes).expect("CBOR into a Vec");
+        bytes
+    }
+
     /// The origin of `sensors/s1/<device>/telemetry`.
     pub fn origin(device: &str) -> Origin {
         let topic = format!("sensors/s1/{device}/telemetry");

@@ -459,11 +459,7 @@ mod tests {
 
     #[test]
     fn a_basic_window_is_saved_as_a_partial_full_one() {
-        fn cbor(value: &impl Serialize) -> Vec<u8> {
-            let mut bytes = Vec::new();
-            ciborium::into_writer(value, &mut bytes).unwrap();
-            bytes
-        }
+        use crate::operators::test_support::cbor;
         let mut basic = Accumulators::new(true, false, 2);
         basic.add(0, 1, 20.5);
         basic.add(1, 1, 40.0);

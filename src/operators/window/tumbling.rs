@@ -267,11 +267,7 @@ mod tests {
             watermark: Option<i64>,
             last_arrival_ms: i64,
         }
-        fn cbor(value: &impl Serialize) -> Vec<u8> {
-            let mut bytes = Vec::new();
-            ciborium::into_writer(value, &mut bytes).unwrap();
-            bytes
-        }
+        use crate::operators::test_support::cbor;
 
         let op = tumbling(|_| {});
         let mut state = TimeWindowsState::default();
