@@ -76,7 +76,6 @@ pub struct Epoch {
     /// Every snapshot the term writes, for the cluster's state store.
     pub snapshots: mpsc::Sender<Snapshot>,
     /// Where each owned partition stood at each snapshot barrier, for the state store.
-    #[cfg(feature = "cluster")]
     pub checkpoints: Arc<crate::model::checkpoints::Checkpoints>,
 }
 
@@ -98,17 +97,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<Running> {
     let plan = Arc::new(Plan::build(&config)?);
     let (metrics, owned, fence, copies) = match epoch {
-        #[cfg(feature = "cluster")]
         Some(epoch) => (
             epoch.metrics,
             Some((epoch.owned, epoch.checkpoints)),
-            Some(epoch.fence),
-            Some(epoch.snapshots),
-        ),
-        #[cfg(not(feature = "cluster"))]
-        Some(epoch) => (
-            epoch.metrics,
-            Some((epoch.owned, ())),
             Some(epoch.fence),
             Some(epoch.snapshots),
         ),

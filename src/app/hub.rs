@@ -385,7 +385,7 @@ impl Supervisor {
             work_dir: self.work_dir.clone(),
         };
         match self.renewing(setup.start(owned.clone())).await {
-            Ok(term) if self.leases.keys().copied().collect::<BTreeSet<u32>>() != owned => {
+            Ok(term) if !self.leases.keys().eq(owned.iter()) => {
                 tracing::warn!("leases lost while the term started; stopping it");
                 self.renewing(term.stop(Instant::now() + self.cluster.lease_ttl))
                     .await;

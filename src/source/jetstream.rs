@@ -193,12 +193,20 @@ type Read = (
 
 /// The partitions this term owns, and where each stands in the stream.
 struct Owned {
-    /// Per owned partition, the first stream sequence not yet delivered.
-    next: std::collections::BTreeMap<u32, u64>,
-    /// Per owned partition, messages its consumer still has to deliver, and their sum.
-    pending: std::collections::BTreeMap<u32, u64>,
+    partitions: std::collections::BTreeMap<u32, Partition>,
+    /// The partitions' `pending` together.
     lag: u64,
     checkpoints: Arc<Checkpoints>,
+}
+
+/// Where one owned partition stands.
+struct Partition {
+    /// The first stream sequence not yet delivered.
+    next: u64,
+    /// Messages its consumer still has to deliver.
+    pending: u64,
+    /// Its `weir_cluster_partition_lag_messages` series, looked up once per term.
+    lag: prometheus::IntGauge,
 }
 
 /// Reads the `[cluster]` stream.
@@ -273,18 +281,31 @@ impl JetStreamSource {
         };
         let (mut readers, owned) = match owned {
             Some((first_unapplied, checkpoints)) => {
-                let next: std::collections::BTreeMap<u32, u64> = first_unapplied
+                // The last term's partitions lose their lag series; this term's get theirs.
+                metrics.cluster.partition_lag_messages.reset();
+                let partitions: std::collections::BTreeMap<u32, Partition> = first_unapplied
                     .iter()
                     .enumerate()
-                    .filter_map(|(partition, first)| Some((partition as u32, (*first)?)))
+                    .filter_map(|(partition, first)| {
+                        let next = (*first)?;
+                        let lag = metrics
+                            .cluster
+                            .partition_lag_messages
+                            .with_label_values(&[&partition.to_string()]);
+                        let state = Partition {
+                            next,
+                            pending: 0,
+                            lag,
+                        };
+                        Some((partition as u32, state))
+                    })
                     .collect();
-                let readers: Vec<Reader> = next
+                let readers: Vec<Reader> = partitions
                     .iter()
-                    .map(|(&partition, &first)| reader(Some(partition), from_sequence(first)))
+                    .map(|(&partition, state)| reader(Some(partition), from_sequence(state.next)))
                     .collect();
                 let owned = Owned {
-                    next,
-                    pending: std::collections::BTreeMap::new(),
+                    partitions,
                     lag: 0,
                     checkpoints,
                 };
@@ -312,24 +333,18 @@ impl JetStreamSource {
                 "some partitions' consumers could not be made yet; they are tried again as they are read"
             );
         }
+        let pending: u64 = readers.iter().map(|reader| reader.pending_at_start).sum();
         let mut owned = owned;
         if let Some(owned) = &mut owned {
-            owned.pending = readers
-                .iter()
-                .filter_map(|reader| Some((reader.partition?, reader.pending_at_start)))
-                .collect();
-            owned.lag = owned.pending.values().sum();
+            for reader in &readers {
+                if let Some(state) = reader.partition.and_then(|p| owned.partitions.get_mut(&p)) {
+                    state.pending = reader.pending_at_start;
+                    state.lag.set(gauge_value(state.pending));
+                }
+            }
+            owned.lag = pending;
         }
-        let pending: u64 = readers.iter().map(|reader| reader.pending_at_start).sum();
-        metrics
-            .cluster
-            .lag_messages
-            .set(i64::try_from(pending).unwrap_or(i64::MAX));
-        // The last term's partitions lose their series; this term's get theirs.
-        metrics.cluster.partition_lag_messages.reset();
-        for (partition, pending) in owned.iter().flat_map(|owned| &owned.pending) {
-            partition_lag(&metrics, *partition, *pending);
-        }
+        metrics.cluster.lag_messages.set(gauge_value(pending));
         metrics.set_connected(Connection::Source, true);
         metrics.set_subscribed(readers.len());
         tracing::info!(
@@ -390,7 +405,9 @@ impl JetStreamSource {
         // barrier); the whole stream is read in order, and its sequence is the LSN.
         let position = match (&mut self.owned, read, sequence) {
             (Some(owned), Some(partition), Some(sequence)) => {
-                owned.next.insert(partition, sequence + 1);
+                if let Some(state) = owned.partitions.get_mut(&partition) {
+                    state.next = sequence + 1;
+                }
                 None
             }
             (Some(_), _, _) => None,
@@ -437,19 +454,19 @@ impl JetStreamSource {
     fn caught_up(&mut self, partition: Option<u32>, pending: u64, delivered: bool) {
         let lag = match (&mut self.owned, partition) {
             (Some(owned), Some(partition)) => {
-                let before = owned.pending.insert(partition, pending).unwrap_or(0);
-                if before != pending {
-                    partition_lag(&self.metrics, partition, pending);
-                    owned.lag = owned.lag + pending - before;
+                if let Some(state) = owned.partitions.get_mut(&partition) {
+                    if state.pending != pending {
+                        owned.lag = owned.lag + pending - state.pending;
+                        state.pending = pending;
+                        state.lag.set(gauge_value(pending));
+                    }
                 }
                 owned.lag
             }
             _ => pending,
         };
         let cluster = &self.metrics.cluster;
-        cluster
-            .lag_messages
-            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        cluster.lag_messages.set(gauge_value(lag));
         if delivered {
             self.read += 1;
             self.last_read = Instant::now();
@@ -478,13 +495,9 @@ impl JetStreamSource {
     }
 }
 
-/// Sets `weir_cluster_partition_lag_messages{partition}`.
-fn partition_lag(metrics: &Metrics, partition: u32, pending: u64) {
-    metrics
-        .cluster
-        .partition_lag_messages
-        .with_label_values(&[&partition.to_string()])
-        .set(i64::try_from(pending).unwrap_or(i64::MAX));
+/// A count as a gauge's value.
+fn gauge_value(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 /// The stream keeps every reading and a restart resumes from the snapshot's sequence, so there
@@ -520,7 +533,11 @@ impl Source for JetStreamSource {
 
     fn checkpoint(&mut self, lsn: u64) {
         if let Some(owned) = &self.owned {
-            let positions: Arc<[(u32, u64)]> = owned.next.iter().map(|(&p, &n)| (p, n)).collect();
+            let positions: Arc<[(u32, u64)]> = owned
+                .partitions
+                .iter()
+                .map(|(&partition, state)| (partition, state.next))
+                .collect();
             owned.checkpoints.mark(lsn, positions);
         }
     }
