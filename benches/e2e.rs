@@ -20,7 +20,8 @@
 //!
 //! Run: `cargo bench --bench e2e` (options after `--`: `--secs 5 --rate 20000 --flat 400000
 //! --devices 1000 --broker 127.0.0.1:1883 --big-devices 100000`; `--big-devices 0` skips the
-//! memory phase). `WEIR_E2E_BIN=path` runs another build of weir instead of this one. A short
+//! memory phase). `WEIR_E2E_BIN=path` runs another build of weir instead of this one, and
+//! `WEIR_E2E_READ_PAUSE=200us` sets the example's `pipeline.read_pause`. A short
 //! run: `cargo bench --bench e2e -- --secs 3 --flat 200000` (about a minute after the build).
 //! Targets: issues 7 and 15, README `## Performance`.
 //!
@@ -320,6 +321,13 @@ fn weir_config(dir: &Path, qos: u8) -> PathBuf {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
             .expect("config/example.toml");
+    let example = match std::env::var("WEIR_E2E_READ_PAUSE") {
+        Ok(pause) => example.replace(
+            r#"read_pause = "100us""#,
+            &format!("read_pause = {pause:?}"),
+        ),
+        Err(_) => example,
+    };
     let config = if qos == 0 {
         example
             .replace(r#"mode = "at_least_once""#, r#"mode = "at_most_once""#)

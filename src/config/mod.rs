@@ -57,7 +57,7 @@ pub use error::{ConfigError, Located};
 pub use http::HttpConfig;
 pub use inputs::{Format, InputConfig, TimeConfig, TimeUnit};
 pub use observability::ObservabilityConfig;
-pub use pipeline::{DeviceLimitPolicy, PipelineConfig};
+pub use pipeline::{DeviceLimitPolicy, Layout, PipelineConfig};
 pub use rules::{
     Aggregate, AnomalyConfig, ChangeConfig, DeadbandConfig, FlappingConfig, HysteresisConfig,
     LevelConfig, LivenessConfig, OnShutdown, OutputConfig, Outputs, RateOfChangeConfig, RuleConfig,
@@ -257,11 +257,13 @@ impl Config {
         }
     }
 
-    /// Worker count after resolving 0 to the number of cores.
-    pub fn worker_count(&self) -> usize {
-        match self.pipeline.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
+    /// Worker count after resolving 0: one per core as tasks, one inline (where more would
+    /// share the one core anyway).
+    pub fn worker_count(&self, inline: bool) -> usize {
+        match (self.pipeline.workers, inline) {
+            (0, true) => 1,
+            (0, false) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            (n, _) => n,
         }
     }
 

@@ -5,6 +5,7 @@
 //! are processed in order by one worker and the workers use the cores in parallel.
 
 pub mod dedup;
+pub mod layout;
 pub mod snapshot;
 
 /// Every `reason` label the engine's stages can report, for [`Metrics::register_labels`].
@@ -17,6 +18,7 @@ pub const REASONS: crate::metrics::Reasons = crate::metrics::Reasons {
 pub mod worker;
 
 pub use crate::model::message::RawMessage;
+pub use layout::Workers;
 pub use worker::{Reload, SinkInput, Worker, WorkerInput};
 
 use crate::config::topic::{TopicPattern, TopicTemplate};

@@ -856,9 +856,65 @@ impl Worker {
         self.recent[device] = saved.recent.clone();
     }
 
-    /// The worker loop: reads batches from the source, sends routed messages to the sink, answers
-    /// snapshot barriers, and, when the source closes its channel, flushes open windows (or, with
-    /// a state dir, leaves them to the final snapshot).
+    /// Applies one input from intake: processes a message (its events join `out`), or
+    /// answers a snapshot barrier (after handing `out` to the sinks, so the snapshot follows
+    /// every event derived before it), or switches rules. False when a sink is gone.
+    pub async fn take(
+        &mut self,
+        input: WorkerInput,
+        sinks: &[mpsc::Sender<SinkInput>],
+        out: &mut Vec<Outgoing>,
+    ) -> bool {
+        match input {
+            WorkerInput::Message(message) => self.process_contained(&message, out),
+            WorkerInput::Barrier(lsn) => {
+                if !send_all(sinks, out).await {
+                    return false;
+                }
+                let mut devices = self.snapshot();
+                let rules = self.plan.fingerprints();
+                for to in sinks {
+                    let devices = std::mem::take(&mut devices);
+                    let rules = rules.clone();
+                    let barrier = SinkInput::Barrier {
+                        lsn,
+                        devices,
+                        rules,
+                    };
+                    if to.send(barrier).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+            WorkerInput::Reload(reload) => self.reload(&reload, out),
+        }
+        true
+    }
+
+    /// Runs the processing-time timers now and hands their events to the sinks; false when a
+    /// sink is gone.
+    pub async fn run_timers(
+        &mut self,
+        sinks: &[mpsc::Sender<SinkInput>],
+        out: &mut Vec<Outgoing>,
+    ) -> bool {
+        self.tick(crate::model::time::wall_clock_ms(), out);
+        send_all(sinks, out).await
+    }
+
+    /// Ends the worker as input ends: flushes open windows (or, with a state dir, leaves them to
+    /// the final snapshot) and hands what is left to the sinks.
+    pub async fn finish(mut self, sinks: &[mpsc::Sender<SinkInput>], out: &mut Vec<Outgoing>) {
+        if !self.plan.durable_state {
+            self.close(out);
+        }
+        self.report_stats();
+        send_all(sinks, out).await;
+    }
+
+    /// The worker loop of the task layout ([`super::layout`]): reads batches from the source,
+    /// takes them, sends routed messages to the sinks, and runs the timers; ends with
+    /// [`Worker::finish`] when the source closes its channel.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<WorkerInput>,
@@ -867,8 +923,7 @@ impl Worker {
         let sink = &sinks[..];
         let mut batch = Vec::with_capacity(256);
         let mut out = Vec::with_capacity(256);
-        let mut ticks = tokio::time::interval(TICK_INTERVAL);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = timer_interval();
         loop {
             tokio::select! {
                 received = input.recv_many(&mut batch, 256) => {
@@ -876,23 +931,8 @@ impl Worker {
                         break;
                     }
                     for item in batch.drain(..) {
-                        match item {
-                            WorkerInput::Message(message) => self.process_contained(&message, &mut out),
-                            WorkerInput::Barrier(lsn) => {
-                                if !send_all(sink, &mut out).await {
-                                    return;
-                                }
-                                let mut devices = self.snapshot();
-                                let rules = self.plan.fingerprints();
-                                for to in sink {
-                                    let devices = std::mem::take(&mut devices);
-                                    let rules = rules.clone();
-                                    if to.send(SinkInput::Barrier { lsn, devices, rules }).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                            WorkerInput::Reload(reload) => self.reload(&reload, &mut out),
+                        if !self.take(item, sink, &mut out).await {
+                            return;
                         }
                     }
                 }
@@ -902,12 +942,15 @@ impl Worker {
                 return;
             }
         }
-        if !self.plan.durable_state {
-            self.close(&mut out);
-        }
-        self.report_stats();
-        send_all(sink, &mut out).await;
+        self.finish(sink, &mut out).await;
     }
+}
+
+/// The interval of the processing-time timers ([`TICK_INTERVAL`]); a late tick is not made up.
+pub(super) fn timer_interval() -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval(TICK_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// One runner per rule of `plan`, with no device state yet.
@@ -978,7 +1021,7 @@ fn rule_counters(plan: &Plan, metrics: &Metrics) -> Vec<RuleCounters> {
 }
 
 /// Sends each message of `out` to its sink and clears `out`; false when a sink is gone.
-async fn send_all(sinks: &[mpsc::Sender<SinkInput>], out: &mut Vec<Outgoing>) -> bool {
+pub(super) async fn send_all(sinks: &[mpsc::Sender<SinkInput>], out: &mut Vec<Outgoing>) -> bool {
     for message in out.drain(..) {
         // The sinks are fixed while weir runs (a reload may change only rules), so the index is
         // always in range; the broker's sink takes anything that is not.

@@ -13,7 +13,7 @@
 pub mod jetstream;
 pub mod mqtt;
 
-use crate::engine::{Plan, RawMessage, Reload, WorkerInput};
+use crate::engine::{Plan, RawMessage, Reload, WorkerInput, Workers};
 use crate::metrics::Metrics;
 use crate::model::port::{AckBatch, Acked, Acker, Delivery, LogCommand, Source};
 use crate::model::time::wall_clock_ms;
@@ -37,16 +37,18 @@ pub struct SourceOptions {
     /// New rules from the reloader, passed to every worker between two messages; the sender
     /// hears back once every worker has them queued.
     pub reloads: mpsc::Receiver<(Arc<Reload>, oneshot::Sender<()>)>,
+    /// `pipeline.read_pause` with inline workers on one runtime thread ([`pause_reading`]).
+    pub read_pause: Option<Duration>,
 }
 
 /// Runs intake from `source` until `shutdown` resolves, then takes a final snapshot barrier,
-/// flushes the log and its acks, closes the source, and returns (dropping the worker channels
-/// so the workers end).
+/// flushes the log and its acks, closes the source, and returns (ending the workers: closing
+/// their channels, or finishing them here when they run inline).
 pub async fn run<S: Source>(
     mut source: S,
     options: SourceOptions,
     plan: Arc<Plan>,
-    workers: Vec<mpsc::Sender<WorkerInput>>,
+    mut workers: Workers,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -56,6 +58,7 @@ pub async fn run<S: Source>(
         acks,
         snapshot_interval,
         mut reloads,
+        read_pause,
     } = options;
     let acker = acks.map(|acks| tokio::spawn(run_acker(acks, source.acker(), metrics.clone())));
     let received: Vec<_> = plan
@@ -78,10 +81,14 @@ pub async fn run<S: Source>(
     });
     tokio::pin!(shutdown);
     // Messages already received are collected and handed to the workers together when the
-    // source would wait, so a worker wakes once per socket read, not once per message (a
-    // cross-thread wake-up costs more than processing a reading).
+    // source would wait, so a worker task wakes once per socket read, not once per message (a
+    // cross-thread wake-up costs more than processing a reading); inline workers process them
+    // then, and their events go to the sinks together.
     let mut pending: Vec<(usize, RawMessage)> = Vec::with_capacity(MAX_READY);
     let mut ready_in_a_row = 0;
+    // Whether readings arrive faster than one per BUSY: then a pause before reading again
+    // saves more wake-ups than it costs.
+    let mut busy = false;
     'intake: loop {
         let ready = if ready_in_a_row < MAX_READY {
             source.try_next()
@@ -95,15 +102,26 @@ pub async fn run<S: Source>(
             }
             None => {
                 ready_in_a_row = 0;
-                if !hand_over(&mut pending, &workers).await {
+                let handed = !pending.is_empty();
+                let Some(events) = hand_over(&mut pending, &mut workers).await else {
                     break;
+                };
+                if let (true, true, Some(pause)) = (handed, busy, read_pause) {
+                    pause_reading(pause, events > 0).await;
                 }
+                let waiting_since = Instant::now();
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
+                    () = workers.timers_due() => {
+                        if !workers.run_timers().await {
+                            break;
+                        }
+                        continue;
+                    }
                     () = next_snapshot(&mut snapshots) => {
                         source.checkpoint(next_lsn);
-                        if !barrier(next_lsn, &log, &workers).await {
+                        if !barrier(next_lsn, &log, &mut workers).await {
                             break;
                         }
                         continue;
@@ -113,12 +131,15 @@ pub async fn run<S: Source>(
                         if snapshot_at.is_some() {
                             source.checkpoint(next_lsn);
                         }
-                        if !pass_reload(reload, done, &workers, snapshot_at).await {
+                        if !pass_reload(reload, done, &mut workers, snapshot_at).await {
                             break;
                         }
                         continue;
                     }
-                    delivery = source.next() => delivery,
+                    delivery = source.next() => {
+                        busy = waiting_since.elapsed() < BUSY;
+                        delivery
+                    }
                 }
             }
         };
@@ -174,7 +195,7 @@ pub async fn run<S: Source>(
                 ));
             }
             Delivery::Lost => {
-                if !hand_over(&mut pending, &workers).await {
+                if hand_over(&mut pending, &mut workers).await.is_none() {
                     break;
                 }
             }
@@ -185,12 +206,12 @@ pub async fn run<S: Source>(
     // Shutdown: what was received goes to the workers, then a final barrier (so the last snapshot
     // covers everything received); then make the log durable and send its acks before the
     // source closes.
-    hand_over(&mut pending, &workers).await;
+    let _ = hand_over(&mut pending, &mut workers).await;
     if snapshots.is_some() {
         source.checkpoint(next_lsn);
-        barrier(next_lsn, &log, &workers).await;
+        barrier(next_lsn, &log, &mut workers).await;
     }
-    drop(workers);
+    workers.finish().await;
     let mut acks_sent = None;
     if let Some(log) = &log {
         let (done_tx, done_rx) = oneshot::channel();
@@ -206,25 +227,38 @@ pub async fn run<S: Source>(
     tracing::info!("source stopped");
 }
 
+/// Readings that come within this long of intake starting to wait are arriving fast enough
+/// for [`pause_reading`] to pay: at most one wake-up per millisecond is left to save otherwise.
+const BUSY: Duration = Duration::from_millis(1);
+
+/// Lets the sinks send what the last read derived (when it derived anything), then holds the
+/// runtime's one thread for `pause` before intake reads again, so the readings that arrive meanwhile are
+/// read with one wake-up instead of one each: a wake-up costs more CPU than processing a reading
+/// (README, "Where the CPU goes"). The thread sleeps outside the runtime on purpose: waiting in
+/// the runtime (epoll) would wake it for every segment that arrives. So it is only for one
+/// runtime thread, where nothing else could run meanwhile except what the sleep delays by at
+/// most `pause` (1 ms at most, `pipeline.read_pause`).
+async fn pause_reading(pause: Duration, derived: bool) {
+    if derived {
+        tokio::task::yield_now().await;
+    }
+    std::thread::sleep(pause);
+}
+
 /// Deliveries taken from the source without waiting before the collected messages are handed
 /// over (and shutdown and snapshot ticks are looked at again).
 const MAX_READY: usize = 256;
 
-/// Sends the collected messages to their workers, in receive order; false when a worker is gone.
-async fn hand_over(
-    pending: &mut Vec<(usize, RawMessage)>,
-    workers: &[mpsc::Sender<WorkerInput>],
-) -> bool {
+/// Sends the collected messages to their workers, in receive order (inline workers process them
+/// and hand their events to the sinks): how many events inline workers handed on, or `None`
+/// when a worker or a sink is gone.
+async fn hand_over(pending: &mut Vec<(usize, RawMessage)>, workers: &mut Workers) -> Option<usize> {
     for (shard, message) in pending.drain(..) {
-        if workers[shard]
-            .send(WorkerInput::Message(message))
-            .await
-            .is_err()
-        {
-            return false;
+        if !workers.send(shard, WorkerInput::Message(message)).await {
+            return None;
         }
     }
-    true
+    workers.flush().await
 }
 
 /// The next snapshot tick; never, without a state dir.
@@ -238,22 +272,13 @@ async fn next_snapshot(interval: &mut Option<tokio::time::Interval>) {
 }
 
 /// Asks every worker for its state as of `lsn` (and starts a new log segment there).
-async fn barrier(
-    lsn: u64,
-    log: &Option<mpsc::Sender<LogCommand>>,
-    workers: &[mpsc::Sender<WorkerInput>],
-) -> bool {
+async fn barrier(lsn: u64, log: &Option<mpsc::Sender<LogCommand>>, workers: &mut Workers) -> bool {
     if let Some(log) = log {
         if log.send(LogCommand::Rotate(lsn)).await.is_err() {
             return false;
         }
     }
-    for worker in workers {
-        if worker.send(WorkerInput::Barrier(lsn)).await.is_err() {
-            return false;
-        }
-    }
-    true
+    workers.broadcast(|| WorkerInput::Barrier(lsn)).await
 }
 
 /// Queues new rules to every worker at this point of the input, then (with a state dir,
@@ -262,17 +287,14 @@ async fn barrier(
 async fn pass_reload(
     reload: Arc<Reload>,
     done: oneshot::Sender<()>,
-    workers: &[mpsc::Sender<WorkerInput>],
+    workers: &mut Workers,
     snapshot_at: Option<(u64, &Option<mpsc::Sender<LogCommand>>)>,
 ) -> bool {
-    for worker in workers {
-        if worker
-            .send(WorkerInput::Reload(reload.clone()))
-            .await
-            .is_err()
-        {
-            return false;
-        }
+    if !workers
+        .broadcast(|| WorkerInput::Reload(reload.clone()))
+        .await
+    {
+        return false;
     }
     let _ = done.send(());
     match snapshot_at {
