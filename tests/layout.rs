@@ -1,13 +1,13 @@
 //! The two pipeline layouts (`pipeline.layout`) through a real Mosquitto, on one runtime thread as
 //! on a small gateway: workers inline in the intake task, with the read pause at its longest,
-//! derive exactly the events that worker tasks derive; they run their processing-time timers;
-//! and they keep open state across a restart (the final snapshot barrier).
+//! derive exactly the events that worker tasks derive, and they run their processing-time
+//! timers. (That they keep open windows across a restart is in `tests/pipeline.rs`.)
 
 mod common;
 
 use common::{
-    at_most_once_config, config_from_text, example_config, start_weir_with, wait_until, Message,
-    Mosquitto, Publisher, Subscriber, DEADLINE, T0,
+    at_most_once_config, config_from_text, start_weir_with, wait_until, Message, Mosquitto,
+    Publisher, Subscriber, DEADLINE, T0,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -157,43 +157,6 @@ async fn inline_workers_run_their_timers_while_no_reading_arrives() {
     assert_eq!(
         (&offline["to"], &offline["reason"]),
         (&json!("offline"), &json!("timeout"))
-    );
-    weir.stop().await.expect("weir stops cleanly");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn inline_workers_keep_open_windows_across_a_restart() {
-    let broker = Mosquitto::start();
-    let mut config = example_config(&broker, "inline-restart");
-    config.pipeline.layout = Layout::Inline;
-    let mut rollups = Subscriber::start(&broker, "rollups/#").await;
-    let mut device = Publisher::start(&broker).await;
-    let reading = |step: i64, temperature: f64| json!({"ts": T0 + 3_000 * step, "seq": step + 1, "temperature": temperature, "humidity": 40.0});
-
-    let weir = start_weir_with(config.clone()).await;
-    device.reading("s1", "d1", reading(0, 20.0)).await;
-    device.reading("s1", "d1", reading(1, 22.0)).await;
-    let decoded = weir.metrics.clone();
-    assert!(
-        wait_until(DEADLINE, || decoded
-            .readings_decoded
-            .with_label_values(&["telemetry"])
-            .get()
-            == 2)
-        .await
-    );
-    // The window is open at shutdown: with a state dir the final barrier saves it.
-    weir.stop().await.expect("weir stops cleanly");
-    rollups.assert_quiet().await;
-
-    let weir = start_weir_with(config).await;
-    device.reading("s1", "d1", reading(2, 24.0)).await;
-    device.reading("s1", "d1", reading(4, 30.0)).await;
-    let closed = rollups.take(1).await;
-    assert_eq!(
-        closed[0].json()["metrics"]["temperature"],
-        json!({"count": 3, "min": 20.0, "max": 24.0, "avg": 22.0}),
-        "the rollup must include the readings from before the restart"
     );
     weir.stop().await.expect("weir stops cleanly");
 }

@@ -9,6 +9,7 @@ use common::{
     telemetry_topic, wait_until, Message, Mosquitto, Publisher, Subscriber, DEADLINE, T0,
 };
 use serde_json::{json, Value};
+use weir::config::Layout;
 
 const ALERTS: &str = "alerts/+/+/overheat";
 const ROLLUPS: &str = "rollups/+/+/climate";
@@ -369,8 +370,21 @@ async fn metrics_endpoint_serves_valid_prometheus_text_and_health_checks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_windows_survive_a_restart_with_the_state_dir() {
+    open_windows_survive_a_restart(Layout::Tasks, "survive").await;
+}
+
+/// With inline workers the final snapshot barrier is taken by intake itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn open_windows_survive_a_restart_with_inline_workers() {
+    open_windows_survive_a_restart(Layout::Inline, "survive-inline").await;
+}
+
+/// Two readings open a window, weir stops (saving it), and after a restart two more close it:
+/// the rollup covers all three readings of the window.
+async fn open_windows_survive_a_restart(layout: Layout, tag: &str) {
     let broker = Mosquitto::start();
-    let config = example_config(&broker, "survive");
+    let mut config = example_config(&broker, tag);
+    config.pipeline.layout = layout;
     let weir = start_weir_with(config.clone()).await;
     let mut rollups = Subscriber::start(&broker, ROLLUPS).await;
     let mut device = Publisher::start(&broker).await;

@@ -49,6 +49,19 @@ pub struct Inline {
     ticks: tokio::time::Interval,
 }
 
+impl Inline {
+    /// The workers, and where their events go, borrowed apart.
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut [Worker],
+        &[mpsc::Sender<SinkInput>],
+        &mut Vec<Outgoing>,
+    ) {
+        (&mut self.workers, &self.sinks, &mut self.out)
+    }
+}
+
 impl Workers {
     /// `workers` run inline, handing their events to `sinks`.
     pub fn inline(workers: Vec<Worker>, sinks: Vec<mpsc::Sender<SinkInput>>) -> Self {
@@ -79,12 +92,7 @@ impl Workers {
         match self {
             Workers::Tasks(senders) => senders[shard].send(input).await.is_ok(),
             Workers::Inline(inline) => {
-                let Inline {
-                    workers,
-                    sinks,
-                    out,
-                    ..
-                } = &mut **inline;
+                let (workers, sinks, out) = inline.parts();
                 workers[shard].take(input, sinks, out).await
             }
         }
@@ -130,12 +138,7 @@ impl Workers {
         match self {
             Workers::Tasks(_) => true,
             Workers::Inline(inline) => {
-                let Inline {
-                    workers,
-                    sinks,
-                    out,
-                    ..
-                } = &mut **inline;
+                let (workers, sinks, out) = inline.parts();
                 for worker in workers {
                     if !worker.run_timers(sinks, out).await {
                         return false;
