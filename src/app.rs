@@ -299,7 +299,7 @@ pub async fn start_with(config: Config, epoch: Option<Epoch>) -> anyhow::Result<
         // Pausing holds the runtime's thread: only where that thread is all there is. Logged
         // inputs are acked once durable, and the broker stops sending when its window of
         // unacked messages is full (Mosquitto: 20), so there a pause would hold up their acks
-        // and the broker with them (the e2e bench: 16.9k/s of 20k/s, p50 0.66 s).
+        // and the broker with them.
         read_pause: (inline
             && !logged
             && crate::engine::layout::one_runtime_thread()

@@ -232,12 +232,12 @@ pub async fn run<S: Source>(
 const BUSY: Duration = Duration::from_millis(1);
 
 /// Lets the sinks send what the last read derived (when it derived anything), then holds the
-/// runtime's one thread for `pause` before intake reads again, so the readings that arrive meanwhile are
-/// read with one wake-up instead of one each: a wake-up costs more CPU than processing a reading
-/// (README, "Where the CPU goes"). The thread sleeps outside the runtime on purpose: waiting in
-/// the runtime (epoll) would wake it for every segment that arrives. So it is only for one
-/// runtime thread, where nothing else could run meanwhile except what the sleep delays by at
-/// most `pause` (1 ms at most, `pipeline.read_pause`).
+/// runtime's one thread for `pause` before intake reads again, so that the readings arriving
+/// meanwhile are read with one wake-up instead of one each: a wake-up costs more CPU than
+/// processing a reading (README, "Run to completion"). The thread sleeps outside the runtime on
+/// purpose: waiting in the runtime (epoll) would wake it for every segment that arrives. So it
+/// is only for one runtime thread, where the sleep delays the other tasks by at most `pause`
+/// (1 ms at most, `pipeline.read_pause`).
 async fn pause_reading(pause: Duration, derived: bool) {
     if derived {
         tokio::task::yield_now().await;
