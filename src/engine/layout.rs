@@ -4,10 +4,10 @@
 //! before the next read, with no hand-off and no wake-up between tasks.
 //!
 //! Inline is the layout for one runtime thread (the default on machines of two cores or fewer):
-//! there a worker task could never run beside intake anyway, and handing a reading to it cost
-//! more CPU than processing it (issue 15; README, "Pipeline layout"). Its bound is intake
-//! itself: while the workers process a read, the socket is not read, so backpressure reaches the
-//! broker as it does when a worker's channel is full.
+//! there a worker task could never run beside intake anyway, so handing it a reading is only
+//! overhead, and intake can pause between reads (README, "Run to completion", measures both).
+//! Its bound is intake itself: while the workers process a read, the socket is not read, so
+//! backpressure reaches the broker as it does when a worker's channel is full.
 
 use super::worker::{send_all, timer_interval, SinkInput, Worker, WorkerInput};
 use crate::config::Layout;
