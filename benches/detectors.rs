@@ -22,6 +22,9 @@ use weir::operators::{
     Stuck,
 };
 
+#[path = "common/origins.rs"]
+mod common_origins;
+
 const DEVICES: usize = 1000;
 const READINGS: usize = 10_000;
 const T0: i64 = 1_732_600_000_000;
@@ -34,18 +37,7 @@ struct Input {
 }
 
 fn origins() -> Vec<Origin> {
-    (0..DEVICES)
-        .map(|d| {
-            let topic = format!("sensors/plant-1/dev-{d:04}/telemetry");
-            let captures = ["plant-1", &topic[16..24]];
-            Origin::new(
-                vec!["site".to_owned(), "device".to_owned()].into(),
-                1,
-                &topic,
-                &captures,
-            )
-        })
-        .collect()
+    common_origins::origins(DEVICES, 4)
 }
 
 /// Readings 1 s apart per device: temperature wandering 20..100, a door changing now and then.

@@ -15,6 +15,9 @@ use weir::operators::{
     CountWindows, Hopping, Operator, Output, RuleMeta, SessionWindows, Tumbling,
 };
 
+#[path = "common/origins.rs"]
+mod common_origins;
+
 const DEVICES: usize = 10_000;
 /// Seconds of event time per device per iteration.
 const STEPS: usize = 30;
@@ -59,18 +62,7 @@ fn basic() -> Vec<Aggregate> {
 }
 
 fn origins() -> Vec<Origin> {
-    (0..DEVICES)
-        .map(|d| {
-            let topic = format!("sensors/plant-1/dev-{d:05}/telemetry");
-            let captures = ["plant-1", &topic[16..25]];
-            Origin::new(
-                vec!["site".to_owned(), "device".to_owned()].into(),
-                1,
-                &topic,
-                &captures,
-            )
-        })
-        .collect()
+    common_origins::origins(DEVICES, 5)
 }
 
 /// (device, ts, value) in arrival order: each second, every device sends one reading; with
